@@ -1,0 +1,80 @@
+"""Provenance recorded with every row: the card, the driver, library versions, git commit, date.
+
+Reads versions from package metadata, so the parent process can describe the environment of a
+row (a timeout, a crash) without importing torch.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import subprocess
+import sys
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+from bench import nvml
+
+PACKAGES = {
+    "torch": "torch",
+    "transformers": "transformers",
+    "peft": "peft",
+    "bitsandbytes": "bitsandbytes",
+    "accelerate": "accelerate",
+    "liger_kernel": "liger-kernel",
+    "flash_attn": "flash-attn",
+    "deepspeed": "deepspeed",
+}
+
+
+def package_version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def git_commit() -> tuple[str | None, bool | None]:
+    """(commit, dirty) of the ftmem checkout; FTMEM_GIT_COMMIT stands in where .git did not travel."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=root, capture_output=True, text=True, check=True, timeout=10,
+            ).stdout.strip()
+        )
+        return commit, dirty
+    except (OSError, subprocess.SubprocessError):
+        commit = os.environ.get("FTMEM_GIT_COMMIT")
+        return commit, (None if commit is None else os.environ.get("FTMEM_GIT_DIRTY") == "1")
+
+
+def collect(cuda_runtime: str | None = None) -> dict:
+    """The `env` object of a row. `cuda_runtime` is torch.version.cuda where torch is imported."""
+    commit, dirty = git_commit()
+    gpu = nvml.device_info()
+    env = {
+        "gpu_name": gpu.get("name"),
+        "gpu_total_bytes": gpu.get("total_bytes"),
+        "gpu_count": gpu.get("count"),
+        "driver": gpu.get("driver"),
+        "cuda": cuda_runtime,
+        "cuda_driver_api": gpu.get("cuda_driver"),
+    }
+    env.update({key: package_version(dist) for key, dist in PACKAGES.items()})
+    env.update(
+        python=platform.python_version(),
+        platform=platform.platform(),
+        hostname=socket.gethostname(),
+        executable=sys.executable,
+        git_commit=commit,
+        git_dirty=dirty,
+        started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    return env

@@ -1,0 +1,204 @@
+"""The measurement routine of one cell. It runs inside a fresh worker process (bench.worker).
+
+On CUDA, in order:
+1. NVML device baseline, then the CUDA context alone: `context_bytes` is NVML's figure for this
+   process before any tensor exists (the device delta where the driver hides per-process figures).
+2. The budget, if any: the caching allocator is capped at budget - context bytes with
+   torch.cuda.set_per_process_memory_fraction, so the budget means what nvidia-smi would show.
+3. Build the model (peaks reset before; the build peak recorded).
+4. The first optimizer step (its own peak), then the other warm-up steps.
+5. gc.collect, empty_cache, synchronize, reset peaks; the measured steps, each timed.
+An NVML thread samples the process's and the device's memory through all of it.
+On CPU the same steps run and the process's peak RSS stands in for the CUDA figures.
+An OOM is data: the row says in which phase, what was asked for and what was in use.
+"""
+
+from __future__ import annotations
+
+import gc
+import re
+import resource
+import statistics
+import time
+from typing import Any
+
+import psutil
+import torch
+
+from bench import build, nvml, train
+from bench.spec import CellSpec
+
+_OOM_SIZE = re.compile(r"Tried to allocate ([\d.]+) (GiB|MiB|KiB|B)")
+_UNITS = {"GiB": 2**30, "MiB": 2**20, "KiB": 2**10, "B": 1}
+#: Where the allocated peak up to an OOM goes: the field of the phase that failed.
+_PHASE_PEAK_FIELD = {
+    "build": "build_peak_allocated_bytes",
+    "first_step": "first_step_peak_allocated_bytes",
+    "steady": "peak_allocated_bytes",
+}
+
+
+class Unavailable(RuntimeError):
+    """The cell asks for a feature this machine lacks (flash-attn, liger-kernel, bitsandbytes)."""
+
+
+def is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "CUBLAS_STATUS_ALLOC_FAILED" in text)
+
+
+def oom_requested_bytes(message: str) -> int | None:
+    match = _OOM_SIZE.search(message)
+    return None if match is None else int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+class CellRun:
+    """State of one cell's measurement; `values` collects the result fields as they are measured."""
+
+    def __init__(self, spec: CellSpec):
+        self.spec = spec
+        self.device = torch.device(spec.device)
+        self.cuda = self.device.type == "cuda"
+        self.phase = "setup"
+        self.values: dict[str, Any] = {}
+
+    # -- phases ------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        missing = build.unavailable_features(self.spec)
+        if missing:
+            self.values["unavailable"] = missing
+            raise Unavailable(f"not available on this machine: {', '.join(missing)}")
+        torch.manual_seed(self.spec.seed)
+        if self.cuda:
+            self._cuda_context_and_budget()
+        else:
+            self.values["baseline_rss_bytes"] = psutil.Process().memory_info().rss
+        model = self._build()
+        self._train(model)
+        return self.values
+
+    def _cuda_context_and_budget(self) -> None:
+        before = nvml.device_used_bytes()
+        torch.cuda.set_device(self.device.index or 0)
+        torch.cuda.synchronize()
+        time.sleep(0.05)
+        process = nvml.process_used_bytes()
+        after = nvml.device_used_bytes()
+        device_delta = None if before is None or after is None else after - before
+        self.values["nvml_baseline_device_bytes"] = before
+        self.values["context_bytes"] = process if process is not None else device_delta
+        budget = self.spec.budget_bytes
+        if budget is not None:
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            cap = budget - (self.values["context_bytes"] or 0)
+            if cap <= 0 or budget > total:
+                raise ValueError(f"budget {budget} bytes cannot be emulated on a card of {total} bytes")
+            torch.cuda.set_per_process_memory_fraction(cap / total, self.device)
+            self.values["budget_bytes"] = budget
+
+    def _build(self):
+        self.phase = "build"
+        self._reset_peaks()
+        start = time.perf_counter()
+        model = build.build_model(self.spec, self.device)
+        self._sync()
+        self.values["build_time_s"] = time.perf_counter() - start
+        if self.cuda:
+            self.values["build_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
+            self.values["build_peak_reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)
+        self.values.update(build.model_state(model))
+        config = getattr(model, "config", None)
+        self.values["attn_impl_used"] = getattr(config, "_attn_implementation", None)
+        return model
+
+    def _train(self, model) -> None:
+        spec = self.spec
+        optimizer = train.make_optimizer(spec, model)
+        batches = train.make_batches(spec, model.config.vocab_size, self.device)
+        stepper = train.Stepper(spec, model, optimizer, self.device)
+
+        self.phase = "first_step"
+        self._reset_peaks()
+        self.values["startup_to_first_step_s"] = time.time() - psutil.Process().create_time()
+        self.values["first_step_time_s"] = self._timed(stepper, batches)
+        if self.cuda:
+            self.values["first_step_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
+            self.values["first_step_peak_reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)
+        for _ in range(spec.warmup_steps - 1):
+            self._timed(stepper, batches)
+
+        self.phase = "steady"
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+        self._reset_peaks()
+        times = [self._timed(stepper, batches) for _ in range(spec.steps)]
+        if self.cuda:
+            self.values["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
+            self.values["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)
+        median = statistics.median(times)
+        self.values.update(
+            step_times_s=times,
+            step_time_s=median,
+            tokens_per_s=spec.tokens_per_step / median,
+            final_loss=stepper.last_loss,
+            optimizer_state_bytes=build.optimizer_state_bytes(optimizer),
+        )
+        if self.values.get("budget_bytes") is not None:
+            self.values["fits_budget"] = True
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _timed(self, stepper: train.Stepper, batches) -> float:
+        self._sync()
+        start = time.perf_counter()
+        stepper.step(batches)
+        self._sync()
+        return time.perf_counter() - start
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def _reset_peaks(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def record_oom(self, exc: BaseException) -> None:
+        self.values["oom_phase"] = self.phase
+        self.values["oom_requested_bytes"] = oom_requested_bytes(str(exc))
+        if self.cuda:
+            self.values["oom_allocated_bytes"] = torch.cuda.memory_allocated(self.device)
+            self.values["oom_reserved_bytes"] = torch.cuda.memory_reserved(self.device)
+            peak_field = _PHASE_PEAK_FIELD.get(self.phase)
+            if peak_field is not None:
+                self.values[peak_field] = torch.cuda.max_memory_allocated(self.device)
+        if self.spec.budget_bytes is not None:
+            self.values["budget_bytes"] = self.spec.budget_bytes
+            self.values["fits_budget"] = False
+
+    def finish(self) -> None:
+        if not self.cuda:
+            self.values["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure(spec: CellSpec) -> tuple[str, str | None, dict[str, Any]]:
+    """Run the cell; return (status, error message, measured values). Never raises for a cell failure."""
+    cell = CellRun(spec)
+    status, error = "ok", None
+    with nvml.PeakSampler() as sampler:
+        try:
+            cell.run()
+        except Exception as exc:  # a failed cell is a row, not a crash
+            error = f"{type(exc).__name__}: {exc}"[:2000]
+            if is_oom(exc):
+                status = "oom"
+                cell.record_oom(exc)
+            else:
+                status = "error"
+            del exc
+    cell.finish()
+    cell.values["nvml_peak_process_bytes"] = sampler.peak_process_bytes
+    cell.values["nvml_peak_device_bytes"] = sampler.peak_device_bytes
+    return status, error, cell.values

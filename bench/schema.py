@@ -1,0 +1,85 @@
+"""The result row: one JSON object per cell, the schema every other part of ftmem builds on.
+
+Every row has every field below (null where it does not apply), so a results file is
+self-describing and `analysis/` can load any row without the code that wrote it. Bytes are raw
+integers; times are seconds. `status` is separate from the numbers: an `oom` row still carries
+what was measured up to the failure. Bump SCHEMA_VERSION on any incompatible change.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+STATUSES = ("ok", "oom", "error", "timeout", "invalid", "skipped")
+
+#: field -> description. The order is the order of the keys in a written row.
+FIELDS: dict[str, str] = {
+    "schema_version": "version of this schema",
+    "cell_id": "sha256[:16] of the spec's canonical JSON (CellSpec.cell_id)",
+    "spec": "the cell's spec, field by field (bench.spec.CellSpec)",
+    "status": "ok | oom (CUDA out of memory) | error | timeout | invalid (rejected spec) | skipped (OOM pruning)",
+    "error": "message of the failure (status other than ok), else null",
+    "implied_by": "skipped rows: cell_id of the OOM cell that implies this one would OOM",
+    "repeat": "repeat index of this cell in its sweep (0 for the first run)",
+    "budget_bytes": "memory cap in bytes (card name -> nvidia-smi MiB; number -> 10^9 bytes), null if none",
+    "fits_budget": "true if the cell ran every step under the cap, false if it hit OOM under it, null without a cap",
+    "oom_phase": "build | first_step | steady: the phase that ran out of memory",
+    "oom_requested_bytes": "bytes the failing allocation asked for (parsed from torch's message)",
+    "oom_allocated_bytes": "torch.cuda.memory_allocated() when the OOM was caught",
+    "oom_reserved_bytes": "torch.cuda.memory_reserved() when the OOM was caught",
+    "context_bytes": "NVML process memory after CUDA context creation, before any tensor (the baseline)",
+    "build_peak_allocated_bytes": "torch max_memory_allocated while building the model (weights, quantization)",
+    "build_peak_reserved_bytes": "torch max_memory_reserved while building the model",
+    "first_step_peak_allocated_bytes": "max_memory_allocated over the first optimizer step (peaks reset before it)",
+    "first_step_peak_reserved_bytes": "max_memory_reserved over the first optimizer step",
+    "peak_allocated_bytes": "max_memory_allocated over the measured (steady-state) steps: the headline figure",
+    "peak_reserved_bytes": "max_memory_reserved over the measured steps (allocated + caching-allocator slack)",
+    "nvml_peak_process_bytes": "peak NVML memory of this process over the whole cell (context + reserved + non-torch)",
+    "nvml_peak_device_bytes": "peak NVML used memory of the whole device over the whole cell",
+    "nvml_baseline_device_bytes": "NVML used memory of the device before the cell's process touched CUDA",
+    "peak_rss_bytes": "CPU cells: peak resident set size of the process (ru_maxrss)",
+    "baseline_rss_bytes": "CPU cells: resident set size before the model was built",
+    "param_bytes": "bytes of all parameters (packed bytes + quantization constants for 4/8-bit)",
+    "n_params": "number of parameters, counted as the unquantized model has them",
+    "trainable_param_bytes": "bytes of the trainable parameters",
+    "n_trainable_params": "number of trainable parameters",
+    "grad_bytes": "bytes of the gradients of the trainable parameters (their dtype)",
+    "optimizer_state_bytes": "bytes of the tensors in optimizer.state after the measured steps",
+    "buffer_bytes": "bytes of the model's buffers (rotary tables)",
+    "step_time_s": "median wall time of one measured optimizer step (grad_accum micro-batches)",
+    "step_times_s": "wall time of each measured step",
+    "tokens_per_s": "tokens per optimizer step / step_time_s",
+    "first_step_time_s": "wall time of the first (warm-up) step, compilation included",
+    "build_time_s": "wall time of building the model",
+    "startup_to_first_step_s": "process start to the start of the first training step",
+    "cell_wall_time_s": "wall time of the cell as the parent saw it (process start to row)",
+    "final_loss": "loss of the last measured micro-batch (random weights: a sanity value only)",
+    "attn_impl_used": "attention implementation the model really ran with",
+    "unavailable": "features asked for that this machine lacks (e.g. flash_attention_2)",
+    "env": "provenance: gpu_name, gpu_total_bytes, gpu_count, driver, cuda, torch, transformers, peft, "
+    "bitsandbytes, accelerate, liger_kernel, flash_attn, python, platform, hostname, git_commit, git_dirty, started_at",
+}
+
+
+def new_row(spec_dict: dict[str, Any], cell_id: str, status: str = "ok", **values: Any) -> dict[str, Any]:
+    """A row with every schema field present, in schema order."""
+    if status not in STATUSES:
+        raise ValueError(f"status {status!r} is not one of {STATUSES}")
+    unknown = set(values) - set(FIELDS)
+    if unknown:
+        raise KeyError(f"fields not in the result schema: {sorted(unknown)}")
+    row: dict[str, Any] = dict.fromkeys(FIELDS)
+    row.update(schema_version=SCHEMA_VERSION, cell_id=cell_id, spec=spec_dict, status=status, repeat=0)
+    row.update(values)
+    return row
+
+
+def check_row(row: dict[str, Any]) -> list[str]:
+    """Problems with a row (missing or unknown fields, bad status); empty when it is well formed."""
+    problems = [f"missing field {k!r}" for k in FIELDS if k not in row]
+    problems += [f"unknown field {k!r}" for k in row if k not in FIELDS]
+    if row.get("status") not in STATUSES:
+        problems.append(f"status {row.get('status')!r} not in {STATUSES}")
+    return problems

@@ -1,0 +1,257 @@
+"""The cell spec: one frozen object holding every knob that changes training memory.
+
+A spec is validated when it is built (`CellSpec.create` or `from_dict`), serialised verbatim
+into its result row, and identified by `cell_id`, a hash of its canonical JSON. Fields that do
+not apply to a method are normalised to None (LoRA fields for full fine-tuning, quantization
+fields for unquantized methods), so two specs that train the same way share one id.
+This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from bench.cards import CARD_MIB, budget_bytes
+from bench.models import ARCHITECTURES, LINEAR_PROJECTIONS, UnknownModelError, architecture
+
+METHODS = ("full", "lora", "qlora", "lora8bit")
+PRECISIONS = ("fp32", "fp16_mixed", "bf16_mixed", "bf16")
+OPTIMIZERS = (
+    "adamw",
+    "adamw_fused",
+    "adamw_foreach",
+    "adamw_8bit",
+    "paged_adamw_8bit",
+    "paged_adamw_32bit",
+    "sgd",
+)
+BNB_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+ATTN_IMPLS = ("eager", "sdpa", "flash_attention_2")
+QUANT_TYPES = ("nf4", "fp4")
+COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
+DEVICES = ("cuda", "cpu")
+LORA_METHODS = ("lora", "qlora", "lora8bit")
+KBIT_METHODS = ("qlora", "lora8bit")
+
+
+class SpecError(ValueError):
+    """An invalid spec: the message names the key, the value and what is allowed."""
+
+    def __init__(self, key: str, value: Any, allowed: str):
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"{key}: {value!r} is not allowed; {allowed}")
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": text}, **kw)
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    """One cell of a grid. Every field is part of the cell's identity (`cell_id`)."""
+
+    model: str = _help("shipped architecture name (`ftmem models`) or a local checkpoint folder")
+    method: str = _help("full | lora | qlora (4-bit base) | lora8bit (LLM.int8 base)")
+    seq_len: int = _help("tokens per sequence")
+    batch_size: int = _help("sequences per micro-batch")
+    precision: str = _help(
+        "fp32 | fp16_mixed / bf16_mixed (autocast, fp32 trainable/master weights) | bf16 (pure)",
+        "bf16_mixed",
+    )
+    grad_accum: int = _help("micro-batches per optimizer step", 1)
+    lora_r: int | None = _help("LoRA rank", 8)
+    lora_alpha: int | None = _help("LoRA alpha", 16)
+    lora_targets: tuple[str, ...] | None = _help("projections given adapters", LINEAR_PROJECTIONS)
+    lora_dropout: float | None = _help("LoRA dropout (a dropout mask per target costs memory)", 0.0)
+    quant_type: str | None = _help("qlora: nf4 | fp4", "nf4")
+    double_quant: bool | None = _help("qlora: quantize the absmax constants too", False)
+    quant_compute_dtype: str | None = _help("qlora: bnb_4bit_compute_dtype, bf16 | fp16 | fp32", "bf16")
+    kbit_fp32_upcast: bool | None = _help(
+        "qlora/lora8bit: cast the non-quantized modules to fp32 as prepare_model_for_kbit_training does",
+        True,
+    )
+    optimizer: str = _help("adamw (torch default) | adamw_fused | adamw_foreach | bitsandbytes | sgd", "adamw")
+    gradient_checkpointing: bool = _help("recompute activations in backward", False)
+    gc_reentrant: bool | None = _help("reentrant checkpointing (torch.utils.checkpoint)", False)
+    attn_impl: str = _help("eager | sdpa | flash_attention_2", "sdpa")
+    compile: bool = _help("torch.compile each decoder layer", False)
+    fused_ce: bool = _help("liger-kernel fused linear cross-entropy", False)
+    budget_gb: float | str | None = _help("memory cap: decimal GB (10^9) or a card name", None)
+    warmup_steps: int = _help("optimizer steps before measuring", 1)
+    steps: int = _help("measured optimizer steps", 3)
+    seed: int = _help("seed of the random weights and tokens", 0)
+    device: str = _help("cuda | cpu", "cuda")
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def create(cls, **kwargs: Any) -> CellSpec:
+        """Build, normalise and validate a spec; raises SpecError naming the key on bad input."""
+        known = {f.name for f in fields(cls)}
+        for key in kwargs:
+            if key not in known:
+                raise SpecError(key, kwargs[key], f"unknown key; allowed keys: {', '.join(sorted(known))}")
+        for key in ("model", "method", "seq_len", "batch_size"):
+            if key not in kwargs:
+                raise SpecError(key, None, "this key is required")
+        if isinstance(kwargs.get("lora_targets"), list):
+            kwargs["lora_targets"] = tuple(kwargs["lora_targets"])
+        spec = cls(**kwargs)
+        _check_types(spec)
+        spec = dataclasses.replace(spec, **_normalised(spec))
+        validate(spec)
+        return spec
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CellSpec:
+        return cls.create(**data)
+
+    # -- identity ----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        if out["lora_targets"] is not None:
+            out["lora_targets"] = list(out["lora_targets"])
+        return out
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @property
+    def cell_id(self) -> str:
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]
+
+    @property
+    def budget_bytes(self) -> int | None:
+        return budget_bytes(self.budget_gb)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.seq_len * self.batch_size * self.grad_accum
+
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "model": (str,),
+    "method": (str,),
+    "seq_len": (int,),
+    "batch_size": (int,),
+    "precision": (str,),
+    "grad_accum": (int,),
+    "lora_r": (int, type(None)),
+    "lora_alpha": (int, float, type(None)),
+    "lora_targets": (tuple, type(None)),
+    "lora_dropout": (int, float, type(None)),
+    "quant_type": (str, type(None)),
+    "double_quant": (bool, type(None)),
+    "quant_compute_dtype": (str, type(None)),
+    "kbit_fp32_upcast": (bool, type(None)),
+    "optimizer": (str,),
+    "gradient_checkpointing": (bool,),
+    "gc_reentrant": (bool, type(None)),
+    "attn_impl": (str,),
+    "compile": (bool,),
+    "fused_ce": (bool,),
+    "budget_gb": (int, float, str, type(None)),
+    "warmup_steps": (int,),
+    "steps": (int,),
+    "seed": (int,),
+    "device": (str,),
+}
+
+
+def _check_types(spec: CellSpec) -> None:
+    for f in fields(spec):
+        value = getattr(spec, f.name)
+        allowed = _TYPES[f.name]
+        bad_bool = isinstance(value, bool) and bool not in allowed
+        if bad_bool or not isinstance(value, allowed):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise SpecError(f.name, value, f"expected {names}")
+
+
+def _normalised(spec: CellSpec) -> dict[str, Any]:
+    """Fields that do not apply to this spec's method set to None (one id per real configuration)."""
+    out: dict[str, Any] = {}
+    if spec.method not in LORA_METHODS:
+        out.update(lora_r=None, lora_alpha=None, lora_targets=None, lora_dropout=None)
+    if spec.method != "qlora":
+        out.update(quant_type=None, double_quant=None, quant_compute_dtype=None)
+    if spec.method not in KBIT_METHODS:
+        out.update(kbit_fp32_upcast=None)
+    if not spec.gradient_checkpointing:
+        out.update(gc_reentrant=None)
+    if isinstance(spec.budget_gb, int) and not isinstance(spec.budget_gb, bool):
+        out.update(budget_gb=float(spec.budget_gb))
+    return out
+
+
+def _one_of(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise SpecError(key, value, f"allowed: {', '.join(allowed)}")
+
+
+def _positive(spec: CellSpec, *keys: str, minimum: int = 1) -> None:
+    for key in keys:
+        if getattr(spec, key) < minimum:
+            raise SpecError(key, getattr(spec, key), f"must be >= {minimum}")
+
+
+def validate(spec: CellSpec) -> None:
+    """Reject values out of range and impossible combinations, naming key, value and what is allowed."""
+    _one_of("method", spec.method, METHODS)
+    _one_of("precision", spec.precision, PRECISIONS)
+    _one_of("optimizer", spec.optimizer, OPTIMIZERS)
+    _one_of("attn_impl", spec.attn_impl, ATTN_IMPLS)
+    _one_of("device", spec.device, DEVICES)
+    _positive(spec, "seq_len", "batch_size", "grad_accum", "steps")
+    _positive(spec, "warmup_steps", "seed", minimum=0)
+    try:
+        arch = architecture(spec.model)
+    except UnknownModelError:
+        raise SpecError("model", spec.model, f"allowed: {', '.join(ARCHITECTURES)} or a folder holding config.json") from None
+    if spec.seq_len > arch["max_position_embeddings"]:
+        raise SpecError("seq_len", spec.seq_len, f"must be <= max_position_embeddings {arch['max_position_embeddings']}")
+    if spec.budget_gb is not None:
+        try:
+            budget_bytes(spec.budget_gb)
+        except ValueError:
+            raise SpecError("budget_gb", spec.budget_gb, f"a positive number of GB (10^9 bytes) or a card: {', '.join(CARD_MIB)}") from None
+    if spec.method in LORA_METHODS:
+        _validate_lora(spec)
+    if spec.method == "qlora":
+        _one_of("quant_type", spec.quant_type, QUANT_TYPES)
+        _one_of("quant_compute_dtype", spec.quant_compute_dtype, COMPUTE_DTYPES)
+    _validate_combinations(spec)
+
+
+def _validate_lora(spec: CellSpec) -> None:
+    if spec.lora_r is None or spec.lora_r < 1:
+        raise SpecError("lora_r", spec.lora_r, "must be an integer >= 1 for LoRA methods")
+    if spec.lora_alpha is None or spec.lora_alpha <= 0:
+        raise SpecError("lora_alpha", spec.lora_alpha, "must be > 0 for LoRA methods")
+    if not spec.lora_targets:
+        raise SpecError("lora_targets", spec.lora_targets, f"a non-empty subset of {', '.join(LINEAR_PROJECTIONS)}")
+    for target in spec.lora_targets:
+        _one_of("lora_targets", target, LINEAR_PROJECTIONS)
+    if spec.lora_dropout is None or not 0 <= spec.lora_dropout < 1:
+        raise SpecError("lora_dropout", spec.lora_dropout, "must be in [0, 1)")
+
+
+def _validate_combinations(spec: CellSpec) -> None:
+    if spec.attn_impl == "flash_attention_2" and spec.precision == "fp32":
+        raise SpecError("attn_impl", spec.attn_impl, "flash_attention_2 needs fp16 or bf16: precision fp16_mixed, bf16_mixed or bf16, not fp32")
+    if spec.device == "cpu":
+        cpu_rules = {
+            "optimizer": (spec.optimizer in BNB_OPTIMIZERS, "bitsandbytes 8-bit and paged optimizers need device cuda"),
+            "attn_impl": (spec.attn_impl == "flash_attention_2", "flash_attention_2 needs device cuda"),
+            "fused_ce": (spec.fused_ce, "liger fused cross-entropy (Triton) needs device cuda"),
+            "budget_gb": (spec.budget_gb is not None, "a memory budget is emulated on device cuda only"),
+            "precision": (spec.precision == "fp16_mixed", "fp16 autocast with GradScaler needs device cuda"),
+        }
+        for key, (broken, why) in cpu_rules.items():
+            if broken:
+                raise SpecError(key, getattr(spec, key), why)
+    if spec.method in KBIT_METHODS and spec.precision == "fp32" and spec.quant_compute_dtype not in (None, "fp32"):
+        raise SpecError("quant_compute_dtype", spec.quant_compute_dtype, "precision fp32 needs quant_compute_dtype fp32")
