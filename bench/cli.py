@@ -114,7 +114,7 @@ def _extra_commands() -> list:
         try:
             found.append(importlib.import_module(module).register)
         except ModuleNotFoundError as exc:
-            if exc.name != module:
+            if exc.name not in (module, module.split(".")[0]):
                 raise
     return found
 
