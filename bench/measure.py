@@ -59,7 +59,8 @@ class CellRun:
 
     def __init__(self, spec: CellSpec):
         self.spec = spec
-        self.device = torch.device(spec.device)
+        # An explicit index: the budget and peak APIs need one ("cuda" means the first visible device).
+        self.device = torch.device("cuda", 0) if spec.device == "cuda" else torch.device(spec.device)
         self.cuda = self.device.type == "cuda"
         self.phase = "setup"
         self.values: dict[str, Any] = {}
@@ -81,7 +82,7 @@ class CellRun:
 
     def _cuda_context_and_budget(self) -> None:
         before = nvml.device_used_bytes()
-        torch.cuda.set_device(self.device.index or 0)
+        torch.cuda.set_device(self.device)
         torch.cuda.synchronize()
         time.sleep(0.05)
         process = nvml.process_used_bytes()
