@@ -22,6 +22,7 @@ FIELDS: dict[str, str] = {
     "status": "ok | oom (CUDA out of memory) | error | timeout | invalid (rejected spec) | skipped (OOM pruning)",
     "error": "message of the failure (status other than ok), else null",
     "implied_by": "skipped rows: cell_id of the OOM cell that implies this one would OOM",
+    "sweep": "sweep rows: {name, file, claims}: the sweep and the guide claim ids (C1-C20) the cell tests",
     "repeat": "repeat index of this cell in its sweep (0 for the first run)",
     "budget_bytes": "memory cap in bytes (card name -> nvidia-smi MiB; number -> 10^9 bytes), null if none",
     "fits_budget": "true if the cell ran every step under the cap, false if it hit OOM under it, null without a cap",

@@ -163,12 +163,43 @@ _TYPES: dict[str, tuple[type, ...]] = {
 
 def _check_types(spec: CellSpec) -> None:
     for f in fields(spec):
-        value = getattr(spec, f.name)
-        allowed = _TYPES[f.name]
-        bad_bool = isinstance(value, bool) and bool not in allowed
-        if bad_bool or not isinstance(value, allowed):
-            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
-            raise SpecError(f.name, value, f"expected {names}")
+        check_field(f.name, getattr(spec, f.name))
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "method": METHODS,
+    "precision": PRECISIONS,
+    "optimizer": OPTIMIZERS,
+    "attn_impl": ATTN_IMPLS,
+    "device": DEVICES,
+    "quant_type": QUANT_TYPES,
+    "quant_compute_dtype": COMPUTE_DTYPES,
+}
+FIELD_NAMES = tuple(_TYPES)
+
+
+def check_field(key: str, value: Any) -> None:
+    """Check one field on its own (known key, type, allowed value); combinations are not checked."""
+    if key not in _TYPES:
+        raise SpecError(key, value, f"unknown key; allowed keys: {', '.join(sorted(_TYPES))}")
+    if key == "lora_targets" and isinstance(value, list):
+        value = tuple(value)
+    allowed = _TYPES[key]
+    if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
+        names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+        raise SpecError(key, value, f"expected {names}")
+    if key in _CHOICES and value is not None:
+        _one_of(key, value, _CHOICES[key])
+    if key == "lora_targets" and value is not None:
+        for target in value:
+            _one_of(key, target, LINEAR_PROJECTIONS)
+    if key in ("seq_len", "batch_size", "grad_accum", "steps") and value < 1:
+        raise SpecError(key, value, "must be >= 1")
+    if key == "budget_gb" and value is not None:
+        try:
+            budget_bytes(value)
+        except ValueError:
+            raise SpecError(key, value, f"a positive number of GB (10^9 bytes) or a card: {', '.join(CARD_MIB)}") from None
 
 
 def _normalised(spec: CellSpec) -> dict[str, Any]:

@@ -1,0 +1,99 @@
+"""`ftmem sweep FILE`: run (or --dry-run) a sweep with a progress bar; the last line is a JSON summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from bench.cards import gib
+from bench.runner import DEFAULT_TIMEOUT_S
+from bench.store import ResultsLocked, read_rows
+from bench.sweep import SweepError, load_sweep
+from bench.sweep_run import Plan, Shard, make_plan, run_sweep
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("sweep", help="run every cell of a sweep file, resuming where it stopped")
+    parser.add_argument("file", help="sweep YAML file (sweeps/*.yaml)")
+    parser.add_argument("--out", help="results JSONL file (default results/<sweep name>.jsonl)")
+    parser.add_argument("--dry-run", action="store_true", help="list the cells and counts; run nothing")
+    parser.add_argument("--retry-failed", action="store_true", help="run error and timeout cells again")
+    parser.add_argument("--no-prune", action="store_true", help="run cells that a smaller OOM cell implies")
+    parser.add_argument("--shard", help="i/n: run only this machine's share of the cells")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="wall-clock limit per cell, s")
+    parser.set_defaults(func=cmd_sweep)
+
+
+def _predicted_gib(spec) -> str:
+    try:
+        from analysis.predict import predict
+    except ImportError:
+        return "-"
+    try:
+        return f"{gib(predict(spec.to_dict()).peak_allocated_bytes):.1f}"
+    except Exception:  # a prediction is a hint in a dry run, never a failure
+        return "?"
+
+
+def print_plan(plan: Plan, console: Console) -> None:
+    table = Table(title=f"sweep {plan.sweep.name}: {len(plan.todo)} to run, {len(plan.done)} done, "
+                        f"{len(plan.invalid)} invalid")
+    for col in ("cell_id", "rep", "method", "seq", "batch", "GC", "attn", "budget", "claims", "pred. GiB", "fits?"):
+        table.add_column(col)
+    for cell, repeat in plan.todo:
+        s = cell.spec
+        predicted = _predicted_gib(s)
+        fits = "-"
+        if s.budget_bytes is not None and predicted not in ("-", "?"):
+            fits = "yes" if float(predicted) * 2**30 <= s.budget_bytes else "[red]OOM?[/red]"
+        table.add_row(cell.cell_id, str(repeat), s.method, str(s.seq_len), str(s.batch_size),
+                      "on" if s.gradient_checkpointing else "off", s.attn_impl, str(s.budget_gb or "-"),
+                      ",".join(cell.claims), predicted, fits)
+    console.print(table)
+    for cell, _ in plan.invalid:
+        console.print(f"[yellow]invalid[/yellow] {cell.cell_id}: {cell.invalid_reason}")
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    console = Console(stderr=True)
+    try:
+        sweep = load_sweep(args.file)
+        shard = Shard.parse(args.shard) if args.shard else None
+    except (SweepError, ValueError) as exc:
+        console.print(f"[red]ftmem sweep: error:[/red] {exc}")
+        return 2
+    out = args.out or str(Path("results") / f"{sweep.name}.jsonl")
+    if args.dry_run:
+        plan = make_plan(sweep, read_rows(out), shard, args.retry_failed)
+        print_plan(plan, Console())
+        print(json.dumps({"sweep": sweep.name, "to_run": len(plan.todo), "done": len(plan.done),
+                          "invalid": len(plan.invalid)}))
+        return 0
+    counts: Counter[str] = Counter()
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), TextColumn("{task.fields[last]}"), console=console) as progress:
+        task = progress.add_task(sweep.name, total=None, last="")
+
+        def on_plan(plan: Plan) -> None:
+            progress.update(task, total=len(plan.todo) + len(plan.invalid))
+
+        def on_row(row: dict, done: int, total: int) -> None:
+            counts[row["status"]] += 1
+            peak = row.get("peak_allocated_bytes") or row.get("peak_rss_bytes")
+            shown = f"{gib(peak):.2f} GiB" if peak else "-"
+            progress.update(task, completed=done, last=f"last: {row['cell_id']} {row['status']} peak {shown}")
+
+        try:
+            run_sweep(sweep, out, shard, args.retry_failed, not args.no_prune, args.timeout,
+                      on_plan=on_plan, on_row=on_row)
+        except ResultsLocked as exc:
+            console.print(f"[red]ftmem sweep: error:[/red] {exc}")
+            return 2
+    print(json.dumps({"sweep": sweep.name, "out": out, **counts}))
+    return 0
