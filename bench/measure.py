@@ -16,8 +16,10 @@ An OOM is data: the row says in which phase, what was asked for and what was in 
 from __future__ import annotations
 
 import gc
+import os
 import re
 import resource
+import signal
 import statistics
 import time
 from typing import Any
@@ -101,6 +103,7 @@ class CellRun:
 
     def _build(self):
         self.phase = "build"
+        self._fault()
         self._reset_peaks()
         start = time.perf_counter()
         model = build.build_model(self.spec, self.device)
@@ -121,6 +124,7 @@ class CellRun:
         stepper = train.Stepper(spec, model, optimizer, self.device)
 
         self.phase = "first_step"
+        self._fault()
         self._reset_peaks()
         self.values["startup_to_first_step_s"] = time.time() - psutil.Process().create_time()
         self.values["first_step_time_s"] = self._timed(stepper, batches)
@@ -131,6 +135,7 @@ class CellRun:
             self._timed(stepper, batches)
 
         self.phase = "steady"
+        self._fault()
         gc.collect()
         if self.cuda:
             torch.cuda.empty_cache()
@@ -147,10 +152,22 @@ class CellRun:
             final_loss=stepper.last_loss,
             optimizer_state_bytes=build.optimizer_state_bytes(optimizer),
         )
-        if self.values.get("budget_bytes") is not None:
-            self.values["fits_budget"] = True
 
     # -- helpers -----------------------------------------------------------------------------
+    def _fault(self) -> None:
+        """Test hook: FTMEM_TEST_FAULT=<kind>:<phase> fails this phase (oom, error, hang or crash)."""
+        kind, _, phase = os.environ.get("FTMEM_TEST_FAULT", "").partition(":")
+        if phase != self.phase:
+            return
+        if kind == "oom":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by FTMEM_TEST_FAULT)")
+        if kind == "error":
+            raise RuntimeError("injected failure (FTMEM_TEST_FAULT)")
+        if kind == "hang":
+            time.sleep(3600)
+        if kind == "crash":  # as the kernel's OOM killer or a segfault would end it
+            os.kill(os.getpid(), signal.SIGKILL)
+
     def _timed(self, stepper: train.Stepper, batches) -> float:
         self._sync()
         start = time.perf_counter()
@@ -179,9 +196,19 @@ class CellRun:
             self.values["budget_bytes"] = self.spec.budget_bytes
             self.values["fits_budget"] = False
 
-    def finish(self) -> None:
+    def finish(self, status: str, nvml_peak_process_bytes: int | None) -> None:
+        """CPU: the peak RSS. Under a budget: the verdict, which NVML must confirm.
+
+        The allocator cap leaves out memory allocated outside torch after the context baseline
+        (lazily loaded kernels, library handles); NVML sees it, as a real card's limit would.
+        """
         if not self.cuda:
             self.values["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        budget = self.spec.budget_bytes
+        if budget is not None and status == "ok":
+            self.values["budget_bytes"] = budget
+            over = nvml_peak_process_bytes is not None and nvml_peak_process_bytes > budget
+            self.values["fits_budget"] = not over
 
 
 def measure(spec: CellSpec) -> tuple[str, str | None, dict[str, Any]]:
@@ -199,7 +226,7 @@ def measure(spec: CellSpec) -> tuple[str, str | None, dict[str, Any]]:
             else:
                 status = "error"
             del exc
-    cell.finish()
+    cell.finish(status, sampler.peak_process_bytes)
     cell.values["nvml_peak_process_bytes"] = sampler.peak_process_bytes
     cell.values["nvml_peak_device_bytes"] = sampler.peak_device_bytes
     return status, error, cell.values

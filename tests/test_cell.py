@@ -1,0 +1,76 @@
+"""Real cells of a tiny Qwen3 on CPU, each in a fresh process through bench.runner."""
+
+import pytest
+
+from bench.runner import run_cell
+from bench.schema import FIELDS, SCHEMA_VERSION, check_row
+from bench.spec import CellSpec
+from tests.conftest import TINY
+
+
+def _run(method, timeout_s=120, **changes):
+    spec = CellSpec.create(**{**TINY, "method": method, **changes})
+    return spec, run_cell(spec, timeout_s=timeout_s)
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_real_cell_runs_and_records_a_complete_row(method):
+    spec, row = _run(method, precision="fp32" if method == "full" else "bf16_mixed")
+    assert row["status"] == "ok", row["error"]
+    assert check_row(row) == [] and row["schema_version"] == SCHEMA_VERSION
+    assert CellSpec.from_dict(row["spec"]) == spec and row["cell_id"] == spec.cell_id
+    assert row["peak_rss_bytes"] > row["baseline_rss_bytes"] > 0
+    assert row["step_time_s"] > 0 and row["tokens_per_s"] > 0 and len(row["step_times_s"]) == spec.steps
+    assert row["param_bytes"] > 0 and row["n_params"] >= 229_760
+    assert row["env"]["torch"] and row["env"]["python"] and row["env"]["started_at"]
+    trainable = row["n_trainable_params"]
+    if method == "full":
+        # AdamW: exp_avg and exp_avg_sq like the params, plus a 4-byte step counter per tensor.
+        extra = row["optimizer_state_bytes"] - 2 * row["trainable_param_bytes"]
+        assert trainable == 229_760 and 0 <= extra <= 4 * 32
+    else:
+        # LoRA r=8 on the seven projections of two layers: far fewer than the base.
+        assert 0 < trainable < 50_000
+
+
+def test_qlora_uses_4bit_base_and_the_fp32_upcast_costs_memory():
+    _, up = _run("qlora", kbit_fp32_upcast=True)
+    _, plain = _run("qlora", kbit_fp32_upcast=False)
+    _, lora = _run("lora")
+    assert up["status"] == plain["status"] == lora["status"] == "ok"
+    # Upcast: embeddings and lm_head go from bf16 to fp32 (2 x 1024 x 64 x 2 extra bytes at least).
+    assert up["param_bytes"] - plain["param_bytes"] >= 2 * 1024 * 64 * 2
+    # 4-bit linear layers take less than their bf16 copies.
+    assert plain["param_bytes"] < lora["param_bytes"]
+
+
+@pytest.mark.parametrize("phase", ["build", "first_step", "steady"])
+def test_oom_is_a_row_with_its_phase(monkeypatch, phase):
+    monkeypatch.setenv("FTMEM_TEST_FAULT", f"oom:{phase}")
+    _, row = _run("lora")
+    assert row["status"] == "oom" and row["oom_phase"] == phase
+    assert row["oom_requested_bytes"] == 2 * 2**30
+    assert "out of memory" in row["error"]
+
+
+def test_error_is_a_row_with_the_message(monkeypatch):
+    monkeypatch.setenv("FTMEM_TEST_FAULT", "error:first_step")
+    _, row = _run("lora")
+    assert row["status"] == "error" and "injected failure" in row["error"]
+    assert row["build_time_s"] is not None  # what was measured before the failure is kept
+
+
+def test_timeout_kills_the_cell_and_still_writes_a_row(monkeypatch):
+    monkeypatch.setenv("FTMEM_TEST_FAULT", "hang:build")
+    spec, row = _run("lora", timeout_s=15)
+    assert row["status"] == "timeout" and "15" in row["error"]
+    assert row["cell_id"] == spec.cell_id and row["env"]["python"]
+    assert 15 <= row["cell_wall_time_s"] < 60
+    assert set(row) == set(FIELDS)
+
+
+def test_a_killed_worker_gives_an_error_row(monkeypatch):
+    # A worker killed outright (segfault, kernel OOM killer) writes no row: the parent does.
+    monkeypatch.setenv("FTMEM_TEST_FAULT", "crash:first_step")
+    _, row = _run("lora")
+    assert row["status"] == "error" and "exited with code -9" in row["error"]

@@ -1,0 +1,101 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bench.sweep import SweepError, expand, load_sweep, parse_sweep
+
+BASE = {"model": "qwen3-tiny", "method": "lora", "seq_len": 32, "batch_size": 1, "device": "cpu"}
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cells(data):
+    return expand(parse_sweep({"name": "t", **data}, "t.yaml"))
+
+
+def test_axes_are_crossed():
+    out = cells({"base": BASE, "axes": {"seq_len": [32, 64], "batch_size": [1, 2, 4]}})
+    assert sorted((c.spec.seq_len, c.spec.batch_size) for c in out) == [
+        (32, 1), (32, 2), (32, 4), (64, 1), (64, 2), (64, 4)]
+
+
+def test_zip_varies_together_and_crosses_with_axes():
+    out = cells({"base": BASE, "zip": [{"seq_len": [32, 64], "batch_size": [4, 2]}],
+                 "axes": {"gradient_checkpointing": [False, True]}})
+    assert sorted((c.spec.seq_len, c.spec.batch_size, c.spec.gradient_checkpointing) for c in out) == [
+        (32, 4, False), (32, 4, True), (64, 2, False), (64, 2, True)]
+
+
+def test_include_and_exclude():
+    out = cells({"base": BASE, "axes": {"batch_size": [1, 2]}, "exclude": [{"batch_size": 2}],
+                 "include": [{"method": "qlora", "lora_r": 64}]})
+    assert sorted((c.spec.method, c.spec.batch_size, c.spec.lora_r) for c in out) == [
+        ("lora", 1, 8), ("qlora", 1, 64)]
+
+
+def test_budgets_become_an_axis_of_named_cards():
+    base = {**BASE, "device": "cuda"}
+    out = cells({"base": base, "budgets": ["rtx4090-24gb", 40]})
+    assert sorted(str(c.spec.budget_gb) for c in out) == ["40.0", "rtx4090-24gb"]
+    assert {c.spec.budget_bytes for c in out} == {24564 * 2**20, 40 * 10**9}
+
+
+def test_grids_merge_base_and_claims_and_dedupe():
+    out = cells({"base": BASE, "claims": ["C0"], "grids": [
+        {"claims": ["C1"], "axes": {"batch_size": [1, 2]}},
+        {"claims": ["C2"], "base": {"batch_size": 2}},
+    ]})
+    by_batch = {c.spec.batch_size: c for c in out}
+    assert set(by_batch) == {1, 2}
+    assert by_batch[2].claims == ("C0", "C1", "C2") and by_batch[1].claims == ("C0", "C1")
+
+
+def test_impossible_combination_is_an_invalid_cell_not_an_error():
+    out = cells({"base": BASE, "axes": {"attn_impl": ["sdpa", "flash_attention_2"]}})
+    invalid = [c for c in out if c.spec is None]
+    assert len(invalid) == 1 and "flash_attention_2 needs device cuda" in invalid[0].invalid_reason
+    assert len(invalid[0].cell_id) == 16
+
+
+@pytest.mark.parametrize("data, where, allowed", [
+    ({"name": "t", "base": BASE, "axis": {}}, "t.yaml: axis", "allowed: name"),
+    ({"name": "t", "base": {**BASE, "metod": "lora"}}, "t.yaml: base.metod", "unknown key"),
+    ({"name": "t", "base": BASE, "axes": {"method": ["lora", "lorra"]}}, "t.yaml: axes.method[1]", "allowed: full"),
+    ({"name": "t", "base": BASE, "axes": {"seq_len": ["long"]}}, "t.yaml: axes.seq_len[0]", "expected int"),
+    ({"name": "t", "base": BASE, "axes": {"seq_len": 32}}, "t.yaml: axes.seq_len", "non-empty list"),
+    ({"name": "t", "base": BASE, "budgets": ["rtx9090"]}, "t.yaml: budgets[0]", "rtx4090-24gb"),
+    ({"name": "t", "base": BASE, "zip": [{"seq_len": [1, 2], "batch_size": [1]}]}, "t.yaml: zip[0]", "equal lengths"),
+    ({"name": "t", "base": BASE, "repeats": 0}, "t.yaml: repeats", "integer >= 1"),
+    ({"base": BASE}, "t.yaml: name", "non-empty string"),
+    ({"name": "t", "grids": [{"axes": {"steps": [0]}}]}, "t.yaml: grids[0].axes.steps[0]", ">= 1"),
+    ({"name": "t", "grids": [{"bogus": 1}]}, "t.yaml: grids[0].bogus", "unknown key"),
+    ({"name": "t", "include": [{"method": "x"}]}, "t.yaml: include[0].method", "allowed"),
+])
+def test_validation_errors_name_file_key_path_and_allowed(data, where, allowed):
+    with pytest.raises(SweepError) as err:
+        parse_sweep(data, "t.yaml")
+    assert str(err.value).startswith(where) and allowed in str(err.value)
+
+
+def test_unreadable_and_malformed_files(tmp_path):
+    with pytest.raises(SweepError, match="cannot read"):
+        load_sweep(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(SweepError, match="bad.yaml: not valid YAML"):
+        load_sweep(bad)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_sweep_parses_and_expands(path):
+    sweep = load_sweep(path)
+    out = expand(sweep)
+    assert out and sweep.name == yaml.safe_load(path.read_text())["name"]
+    assert len({c.cell_id for c in out}) == len(out)
+
+
+def test_guide_sweep_cites_claims_on_every_cell():
+    out = expand(load_sweep(ROOT / "sweeps" / "qwen3-14b-guide.yaml"))
+    assert all(c.claims for c in out)
+    cited = {claim for c in out for claim in c.claims}
+    assert {"C1", "C3", "C5", "C6", "C7", "C8", "C9", "C10", "C12", "C15", "C16", "C17"} <= cited

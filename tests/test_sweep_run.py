@@ -1,0 +1,140 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bench.runner import failure_row
+from bench.store import ResultsLocked, acquire, append_row, read_rows
+from bench.sweep import parse_sweep
+from bench.sweep_run import Shard, make_plan, run_sweep
+from bench.schema import new_row
+
+BASE = {"model": "qwen3-tiny", "method": "lora", "seq_len": 32, "batch_size": 1, "device": "cpu"}
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def sweep_of(axes, repeats=1):
+    return parse_sweep({"name": "t", "base": BASE, "axes": axes, "repeats": repeats}, "t.yaml")
+
+
+def fake_runner(oom_over_tokens=None, calls=None):
+    """Stands in for bench.runner.run_cell: OOM when seq*batch exceeds a threshold."""
+    def run(spec, timeout_s, repeat=0):
+        if calls is not None:
+            calls.append(spec.cell_id)
+        big = oom_over_tokens is not None and spec.seq_len * spec.batch_size > oom_over_tokens
+        return new_row(spec.to_dict(), spec.cell_id, status="oom" if big else "ok", repeat=repeat,
+                       peak_allocated_bytes=None if big else spec.seq_len * spec.batch_size)
+    return run
+
+
+def test_oom_pruning_skips_larger_cells_and_names_the_cause(tmp_path):
+    out = tmp_path / "r.jsonl"
+    calls = []
+    sweep = sweep_of({"seq_len": [32, 64, 128], "batch_size": [1, 2]})
+    rows = run_sweep(sweep, str(out), runner=fake_runner(oom_over_tokens=64, calls=calls))
+    by_size = {(r["spec"]["seq_len"], r["spec"]["batch_size"]): r for r in rows}
+    assert by_size[(64, 2)]["status"] == "oom"
+    skipped = by_size[(128, 2)]
+    assert skipped["status"] == "skipped" and skipped["implied_by"] in {by_size[(128, 1)]["cell_id"], by_size[(64, 2)]["cell_id"]}
+    assert len(calls) == 5 and len(read_rows(out)) == 6
+
+
+def test_no_prune_runs_everything(tmp_path):
+    calls = []
+    sweep = sweep_of({"seq_len": [32, 64, 128], "batch_size": [1, 2]})
+    run_sweep(sweep, str(tmp_path / "r.jsonl"), prune=False, runner=fake_runner(64, calls))
+    assert len(calls) == 6
+
+
+def test_resume_skips_done_cells_and_retry_failed_reruns_errors(tmp_path):
+    out = tmp_path / "r.jsonl"
+    sweep = sweep_of({"seq_len": [32, 64]}, repeats=2)
+    first = run_sweep(sweep, str(out), runner=fake_runner())
+    assert len(first) == 4 and {r["repeat"] for r in first} == {0, 1}
+    assert run_sweep(sweep, str(out), runner=fake_runner()) == []
+    # An error row is done unless --retry-failed.
+    spec = make_plan(sweep, []).todo[0][0].spec
+    append_row(out, {**failure_row(spec, "error", "boom"), "repeat": 0})
+    assert run_sweep(sweep, str(out), runner=fake_runner()) == []
+    again = run_sweep(sweep, str(out), retry_failed=True, runner=fake_runner())
+    assert [r["cell_id"] for r in again] == [spec.cell_id] and again[0]["status"] == "ok"
+
+
+def test_shards_partition_the_cells():
+    sweep = sweep_of({"seq_len": [32, 64, 128, 256], "batch_size": [1, 2, 3]})
+    ids = [{c.cell_id for c, _ in make_plan(sweep, [], Shard(i, 3)).todo} for i in range(3)]
+    assert sum(len(s) for s in ids) == 12 and set.union(*ids) == {c.cell_id for c, _ in make_plan(sweep, []).todo}
+    assert not (ids[0] & ids[1]) and not (ids[1] & ids[2])
+    with pytest.raises(ValueError, match="0 <= i < n"):
+        Shard.parse("3/3")
+    with pytest.raises(ValueError, match="i/n"):
+        Shard.parse("half")
+
+
+def test_invalid_cells_get_rows_and_do_not_stop_the_sweep(tmp_path):
+    sweep = sweep_of({"attn_impl": ["sdpa", "flash_attention_2"]})
+    rows = run_sweep(sweep, str(tmp_path / "r.jsonl"), runner=fake_runner())
+    assert sorted(r["status"] for r in rows) == ["invalid", "ok"]
+    assert all(r["sweep"]["name"] == "t" for r in rows)
+
+
+def test_truncated_last_line_is_tolerated_and_repaired(tmp_path):
+    out = tmp_path / "r.jsonl"
+    sweep = sweep_of({"seq_len": [32, 64]})
+    run_sweep(sweep, str(out), runner=fake_runner())
+    with open(out, "a") as f:
+        f.write('{"cell_id": "abc", "sta')  # a write cut short by a crash
+    assert len(read_rows(out)) == 2
+    append_row(out, {"cell_id": "x", "status": "ok"})
+    assert [r["cell_id"] for r in read_rows(out)][-1] == "x" and len(read_rows(out)) == 3
+
+
+def test_malformed_line_in_the_middle_is_an_error(tmp_path):
+    out = tmp_path / "r.jsonl"
+    out.write_text('{"a": 1}\nnot json\n{"b": 2}\n')
+    with pytest.raises(ValueError, match="r.jsonl:2"):
+        read_rows(out)
+
+
+def test_lock_keeps_a_second_runner_out(tmp_path):
+    out = tmp_path / "r.jsonl"
+    held = acquire(out)
+    try:
+        with pytest.raises(ResultsLocked, match="in use"):
+            run_sweep(sweep_of({"seq_len": [32]}), str(out), runner=fake_runner())
+    finally:
+        held.release()
+    assert len(run_sweep(sweep_of({"seq_len": [32]}), str(out), runner=fake_runner())) == 1
+
+
+def test_kill_9_mid_cell_loses_only_that_cell(tmp_path):
+    """A real sweep of tiny CPU cells, killed with SIGKILL while a cell runs, then resumed."""
+    sweep_file = tmp_path / "s.yaml"
+    sweep_file.write_text(yaml.safe_dump({"name": "kill", "base": {**BASE, "steps": 1},
+                                          "axes": {"seq_len": [16, 32, 48]}}))
+    out = tmp_path / "r.jsonl"
+    cmd = [sys.executable, "-m", "bench.cli", "sweep", str(sweep_file), "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(read_rows(out)) < 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # the second cell is now running
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = read_rows(out)
+    assert 1 <= len(before) < 3
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = read_rows(out)
+    assert len(rows) == 3 and len({r["cell_id"] for r in rows}) == 3
+    assert all(r["status"] == "ok" for r in rows)
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["ok"] == 3 - len(before)
