@@ -1,0 +1,184 @@
+"""How far the predictor is from the measured rows: relative error of peak_allocated per family, and the
+fit / OOM verdict under each row's budget. Imports no torch.
+
+Rows: every results/**/*.jsonl row measured on CUDA for a Qwen3 architecture. Errors use the `ok` rows;
+verdicts use the ok and oom rows that ran under a budget. A verdict counts as correct when it matches,
+and rows whose measured peak lies within 3% of the budget are reported apart as too close to call
+(the prediction's own error is of that order).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from analysis.predict import CALIBRATION, fits_budget, predict
+from bench.models import UnknownModelError, architecture
+
+CLOSE_CALL = 0.03
+START, END = "<!-- accuracy:start -->", "<!-- accuracy:end -->"
+FLAG_FAMILIES = ("optimizer", "fused_ce", "compile", "kbit_fp32_upcast")
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of one JSONL file; a truncated last line (a write cut short) is skipped."""
+    lines = Path(path).read_text(encoding="utf-8").split("\n")
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if number < len(lines):  # only the last line, not newline-terminated, may be cut short
+                raise ValueError(f"{path}:{number}: not a JSON row ({exc.msg})") from None
+    return rows
+
+
+def is_qwen3(model: str) -> bool:
+    """A shipped Qwen3 architecture, or a checkpoint folder here whose config says qwen3."""
+    try:
+        return architecture(model).get("model_type") == "qwen3"
+    except (UnknownModelError, OSError, ValueError):
+        return False
+
+
+def load_rows(results_dir: str | Path = "results") -> list[dict[str, Any]]:
+    """Every CUDA row of a Qwen3 model under results_dir/**.jsonl (any status)."""
+    rows = []
+    for path in sorted(Path(results_dir).glob("**/*.jsonl")):
+        for row in read_jsonl(path):
+            spec = row.get("spec") or {}
+            if spec.get("device") == "cuda" and is_qwen3(spec.get("model", "")):
+                rows.append(row)
+    return rows
+
+
+def _measured_fits(row: dict[str, Any]) -> bool | None:
+    if row["status"] == "ok":
+        return True
+    return False if row["status"] == "oom" else None
+
+
+def cell_key(spec: dict[str, Any]) -> str:
+    """A cell's identity without its budget: budgeted and unbudgeted runs of one cell share it."""
+    return json.dumps({k: v for k, v in spec.items() if k != "budget_gb"}, sort_keys=True)
+
+
+def measured_peaks(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """Steady peak allocated of each cell that ran to the end, with or without a budget."""
+    return {cell_key(r["spec"]): r["peak_allocated_bytes"] for r in rows
+            if r["status"] == "ok" and r.get("peak_allocated_bytes")}
+
+
+def evaluate(row: dict[str, Any], peaks: dict[str, int] | None = None) -> dict[str, Any] | None:
+    """One row against its prediction: relative error (ok rows) and verdicts (rows with a budget)."""
+    measured_fit = _measured_fits(row)
+    if measured_fit is None:
+        return None
+    pred = predict(row["spec"])
+    spec, budget = row["spec"], row.get("budget_bytes")
+    out = {**{k: spec.get(k) for k in ("model", "method", "gradient_checkpointing", "attn_impl",
+                                       "seq_len", "batch_size", *FLAG_FAMILIES)},
+           "status": row["status"], "predicted": pred.peak_allocated_bytes, "measured": None, "rel_error": None,
+           "budget": budget, "predicted_fit": None, "measured_fit": None, "close_call": None}
+    if row["status"] == "ok" and row.get("peak_allocated_bytes"):
+        out["measured"] = row["peak_allocated_bytes"]
+        out["rel_error"] = (pred.peak_allocated_bytes - out["measured"]) / out["measured"]
+    if budget:
+        peak = (peaks or {}).get(cell_key(spec)) or out["measured"]
+        out.update(predicted_fit=fits_budget(pred, budget), measured_fit=measured_fit,
+                   close_call=close_call(peak, pred.peak_allocated_bytes, row, budget))
+    return out
+
+
+def close_call(measured_peak: int | None, predicted_peak: int, row: dict[str, Any], budget: int) -> bool:
+    """Peak (allocated + the context the cap leaves room for) within 3% of the budget. The measured peak
+    comes from the row or from an unbudgeted run of the same cell; an OOM row without one has no full
+    peak, so the predicted peak decides (reported apart, as close calls, not hidden)."""
+    context = row.get("context_bytes") or CALIBRATION["cuda_context_bytes"]
+    peak = (measured_peak if measured_peak is not None else predicted_peak) + context
+    return abs(peak - budget) <= CLOSE_CALL * budget
+
+
+def evaluations(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """One line per usable row (see `evaluate`)."""
+    peaks = measured_peaks(rows)
+    evaluated = [e for e in (evaluate(row, peaks) for row in rows) if e is not None]
+    return pd.DataFrame(evaluated)
+
+
+def _family_stats(frame: pd.DataFrame) -> dict[str, Any]:
+    """Median / p95 / max of |relative error|, the median signed error, and the verdict counts
+    (clear cases, and close calls within 3% of the budget apart)."""
+    err = frame["rel_error"].dropna().astype(float)
+    absolute = err.abs()
+    verdicts = frame[frame["budget"].notna()]
+    close = verdicts["close_call"].astype(bool)
+    right = verdicts["predicted_fit"] == verdicts["measured_fit"]
+    some = len(err) > 0
+    return {
+        "n": int(len(err)), "median": absolute.median() if some else np.nan,
+        "p95": absolute.quantile(0.95) if some else np.nan, "max": absolute.max() if some else np.nan,
+        "bias": err.median() if some else np.nan, "n_verdicts": int((~close).sum()),
+        "verdicts_correct": int((right & ~close).sum()), "close_calls": int(close.sum()),
+        "close_calls_correct": int((right & close).sum()),
+    }
+
+
+def accuracy_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per family: method x gradient checkpointing x attention, then one line per flag value, then all."""
+    if frame.empty:
+        return pd.DataFrame(columns=["family", "n", "median", "p95", "max", "bias", "n_verdicts",
+                                     "verdicts_correct", "close_calls", "close_calls_correct"])
+    lines = []
+    for key, group in frame.groupby(["method", "gradient_checkpointing", "attn_impl"], dropna=False):
+        method, gc, attn = key
+        lines.append({"family": f"{method} / GC {'on' if gc else 'off'} / {attn}", **_family_stats(group)})
+    for flag in FLAG_FAMILIES:
+        for value, group in frame.groupby(flag, dropna=True):
+            lines.append({"family": f"{flag}={value}", **_family_stats(group)})
+    lines.append({"family": "all", **_family_stats(frame)})
+    return pd.DataFrame(lines)
+
+
+def accuracy(results_dir: str | Path = "results") -> pd.DataFrame:
+    """The accuracy table of every measured Qwen3 CUDA row under results_dir."""
+    return accuracy_table(evaluations(load_rows(results_dir)))
+
+
+def _pct(value: float) -> str:
+    return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{100 * value:.2f}%"
+
+
+def accuracy_markdown(df: pd.DataFrame) -> str:
+    """The table as Markdown: |relative error| of peak allocated (median, p95, max), signed median, verdicts."""
+    head = ("| family | rows | median abs err | p95 abs err | max abs err | median signed err | "
+            "fit/OOM verdicts correct | close calls (<3%) correct |\n|---|---:|---:|---:|---:|---:|---:|---:|\n")
+    body = "".join(
+        f"| {r.family} | {r.n} | {_pct(r.median)} | {_pct(r.p95)} | {_pct(r.max)} | {_pct(r.bias)} | "
+        f"{r.verdicts_correct}/{r.n_verdicts} | {r.close_calls_correct}/{r.close_calls} |\n"
+        for r in df.itertuples()
+    )
+    note = ("\nRelative error = (predicted - measured) / measured steady-state `peak_allocated_bytes`; "
+            "verdict = predicted allocated + CUDA context <= budget, against the row's ok / oom status; "
+            "close calls: the cell's peak (measured, else predicted) within 3% of the budget.\n")
+    return head + body + note
+
+
+def write_readme_section(readme_path: str | Path, markdown: str) -> bool:
+    """Replace the text between the accuracy markers of README.md; do nothing (False) without them."""
+    path = Path(readme_path)
+    if not path.exists():
+        return False
+    text = path.read_text(encoding="utf-8")
+    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.DOTALL)
+    if not pattern.search(text):
+        return False
+    path.write_text(pattern.sub(lambda _: f"{START}\n{markdown.strip()}\n{END}", text, count=1), encoding="utf-8")
+    return True

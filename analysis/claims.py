@@ -1,0 +1,475 @@
+"""The guide's claims (claims.yaml) judged against measured rows.
+
+Each claim implies a configuration (filters on spec columns) and asserts something about memory;
+a verdict comes only from rows: supported, refuted, marginal (within 5% of the budget), not
+measured (no row answers it yet) or not measurable (not a memory claim). Every verdict carries
+the figures behind it: which rows, the measured GiB, the budget GiB, and whether the budget was
+emulated by capping a larger GPU. Never imports torch.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from analysis.load import describe_spec, is_present, row_ref, spec_key
+from bench.cards import CARD_MIB, GB, GIB, MIB
+from bench.models import architecture, linear_shapes, parameter_counts
+from bench.spec import CellSpec, SpecError
+
+CLAIMS_FILE = Path(__file__).with_name("claims.yaml")
+VERDICTS = ("supported", "marginal", "refuted", "not measured", "not measurable")
+#: A footprint within this fraction of a budget (either side) is marginal, not a clear fit or miss.
+MARGIN = 0.05
+#: A saving within this many percentage points of the claimed range's edge is marginal.
+SAVING_MARGIN_PCT = 2.0
+#: Fields that change with a flag (None when it is off), so a pair may differ in them too.
+DEPENDENT = {"gradient_checkpointing": ("gc_reentrant",)}
+TUPLE_COLUMNS = ("lora_targets",)
+_RANK = {"refuted": 0, "marginal": 1, "supported": 2}
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One claim of the guide, as claims.yaml states it."""
+
+    id: str
+    table: str
+    method: str
+    guide_figure: str
+    statement: str
+    config: dict[str, Any]
+    checks: tuple[dict[str, Any], ...]
+    others: tuple[str, ...] = ()
+    example: dict[str, Any] = field(default_factory=dict)
+    assumes: str = ""
+
+
+@dataclass(frozen=True)
+class Guide:
+    """Everything claims.yaml holds: default filters, the claims, other published predictions."""
+
+    defaults: dict[str, Any]
+    claims: tuple[Claim, ...]
+    predictions: dict[str, dict[str, Any]]
+
+    def claim(self, claim_id: str) -> Claim:
+        return next(c for c in self.claims if c.id == claim_id)
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """The verdict of one assertion of a claim and the figures it rests on."""
+
+    kind: str
+    verdict: str
+    summary: str
+    rows: tuple[str, ...] = ()
+    measured_gib: float | None = None
+    budget_gib: float | None = None
+    headline: str = ""
+
+
+@dataclass(frozen=True)
+class ClaimResult:
+    """A claim's overall verdict (from its checks) with every check's figures."""
+
+    claim: Claim
+    verdict: str
+    checks: tuple[CheckResult, ...]
+
+    @property
+    def figures(self) -> str:
+        if len(self.checks) == 1:
+            return self.checks[0].summary
+        return "; ".join(f"[{c.kind} {c.verdict}] {c.summary}" for c in self.checks)
+
+    @property
+    def headline(self) -> str:
+        """The figure that decided the verdict, in a few words (README and summary tables)."""
+        decisive = [c for c in self.checks if c.verdict == self.verdict and c.headline]
+        return decisive[0].headline if decisive else ""
+
+    @property
+    def rows(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(r for c in self.checks for r in c.rows))
+
+
+def load_guide(path: str | Path = CLAIMS_FILE) -> Guide:
+    """Read claims.yaml; a claim with a check kind this module cannot judge is an error."""
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    claims = tuple(_claim(entry) for entry in data["claims"])
+    for claim in claims:
+        for check in claim.checks:
+            if check["kind"] not in _CHECKS:
+                raise ValueError(f"{path}: {claim.id}: unknown check kind {check['kind']!r}; allowed: {', '.join(_CHECKS)}")
+    return Guide(defaults=data.get("defaults") or {}, claims=claims, predictions=data.get("predictions") or {})
+
+
+def _claim(entry: dict[str, Any]) -> Claim:
+    return Claim(
+        id=entry["id"], table=entry["table"], method=entry["method"], guide_figure=entry["guide_figure"],
+        statement=" ".join(entry["statement"].split()), config=dict(entry.get("config") or {}),
+        checks=tuple(entry["checks"]), others=tuple(entry.get("others") or ()),
+        example=dict(entry.get("example") or {}), assumes=" ".join((entry.get("assumes") or "").split()),
+    )
+
+
+# -- matching rows -------------------------------------------------------------------------------
+def condition_mask(column: pd.Series, condition: Any) -> pd.Series:
+    """Rows whose value meets a filter: a value, a list (any of), or {min, max}."""
+    if column.name in TUPLE_COLUMNS and isinstance(condition, list):
+        wanted = set(condition)
+        return column.map(lambda v: isinstance(v, tuple) and set(v) == wanted).astype(bool)
+    if isinstance(condition, dict):
+        mask = pd.Series(True, index=column.index)
+        if condition.get("min") is not None:
+            mask &= column.ge(condition["min"]).fillna(False).astype(bool)
+        if condition.get("max") is not None:
+            mask &= column.le(condition["max"]).fillna(False).astype(bool)
+        return mask
+    values = condition if isinstance(condition, list) else [condition]
+    return column.astype(object).isin(values).astype(bool)
+
+
+def match_rows(frame: pd.DataFrame, filters: dict[str, Any]) -> pd.DataFrame:
+    """The rows of `frame` meeting every filter; a filter on a column no row has matches none."""
+    mask = pd.Series(True, index=frame.index)
+    for name, condition in filters.items():
+        if name not in frame.columns:
+            return frame.iloc[0:0]
+        mask &= condition_mask(frame[name], condition)
+    return frame[mask]
+
+
+def claim_rows(frame: pd.DataFrame, guide: Guide, claim: Claim, check: dict[str, Any] | None = None) -> pd.DataFrame:
+    """Rows of the configuration a claim (and one of its checks) implies."""
+    filters = {**guide.defaults, **claim.config, **((check or {}).get("config") or {})}
+    return match_rows(frame, filters)
+
+
+# -- budgets and fits ----------------------------------------------------------------------------
+def budget_of(check: dict[str, Any]) -> tuple[int, str]:
+    """Bytes and label of a check's budget: a card's nvidia-smi total, or decimal GB."""
+    if "card" in check:
+        return CARD_MIB[check["card"]] * MIB, check["card"]
+    return int(check["gb"] * GB), f"{check['gb']:g} GB"
+
+
+def fit_verdict(footprint: int, budget: int) -> str:
+    """Supported below 95% of the budget, refuted above 105%, marginal between."""
+    if footprint <= budget * (1 - MARGIN):
+        return "supported"
+    return "marginal" if footprint <= budget * (1 + MARGIN) else "refuted"
+
+
+@dataclass(frozen=True)
+class ConfigFit:
+    """How one configuration (rows equal but for their budget) stands against a budget."""
+
+    verdict: str
+    row: dict[str, Any]
+    text: str
+    pressure: float  # footprint (an OOM: its cap, a lower bound) over the budget
+
+
+def config_fit(rows: pd.DataFrame, budget: int, label: str) -> ConfigFit | None:
+    """One configuration's verdict: an OOM under at least this much memory refutes; else its
+    largest measured footprint (NVML, else reserved, else allocated) against the budget."""
+    ok = rows[(rows["status"] == "ok") & rows["footprint_bytes"].notna()]
+    largest = float(ok["footprint_bytes"].max()) if len(ok) else 0.0
+    oom = rows[(rows["status"] == "oom") & rows["cap_bytes"].ge(budget).fillna(False).astype(bool)]
+    if len(oom):
+        row = oom.sort_values("cap_bytes").iloc[-1].to_dict()
+        text = (f"{describe_spec(row['spec'])}: OOM under {row['cap_bytes'] / GIB:.2f} GiB (>= {label} "
+                f"{budget / GIB:.2f} GiB){_where(row)}")
+        return ConfigFit("refuted", row, text, max(float(row["cap_bytes"]), largest) / budget)
+    if ok.empty:
+        return None
+    row = ok.sort_values("footprint_bytes").iloc[-1].to_dict()
+    text = (f"{describe_spec(row['spec'])}: {row['footprint_basis']} peak {row['footprint_gib']:.2f} GiB vs {label} "
+            f"{budget / GIB:.2f} GiB ({largest / budget - 1:+.0%}){_where(row)}")
+    return ConfigFit(fit_verdict(int(largest), budget), row, text, largest / budget)
+
+
+def _where(row: dict[str, Any]) -> str:
+    """Where a figure was measured: the row, the GPU, and whether its budget was emulated."""
+    gpu, budget = row.get("env_gpu_name"), row.get("budget_gb")
+    if row.get("budget_emulated"):
+        how = f"budget {budget} emulated on {gpu}"
+    else:
+        how = f"on {gpu}, capped at {budget}" if is_present(budget) else f"on {gpu}, no cap"
+    return f" [{row_ref(row)}, {how}]"
+
+
+def config_fits(rows: pd.DataFrame, budget: int, label: str) -> list[ConfigFit]:
+    """config_fit of every configuration among `rows` that has an ok or OOM row."""
+    keys = rows["spec"].map(lambda s: spec_key(s, drop=("budget_gb",)))
+    fits = [config_fit(group, budget, label) for _, group in rows.groupby(keys, sort=True)]
+    return [f for f in fits if f is not None]
+
+
+def _invert(verdict: str) -> str:
+    return {"supported": "refuted", "refuted": "supported"}.get(verdict, verdict)
+
+
+def check_fits(rows: pd.DataFrame, check: dict[str, Any]) -> CheckResult:
+    """fits_budget / min_memory: the best (over any) or worst (over all) configuration decides;
+    expect false asserts that no configuration fits; `covers` names values that must be measured
+    before an 'all' verdict can hold (a recommendation for batch 1-4 needs batch 4 measured)."""
+    budget, label = budget_of(check)
+    expect = check.get("expect", True)
+    over = check.get("over", "any" if expect else "all")
+    fits = config_fits(rows, budget, label)
+    if not fits:
+        return CheckResult(check["kind"], "not measured", f"no ok or OOM row of this configuration for {label}",
+                           budget_gib=budget / GIB)
+    verdicts = [f.verdict if expect else _invert(f.verdict) for f in fits]
+    # Ties go to a configuration with a measured peak (an OOM only bounds it), then to the one with the
+    # most room (any) or the least (all); expect false flips the room.
+    sign, pick = (-1 if expect else 1), (max if over == "any" else min)
+    has_peak = [(1 if pick is max else -1) * (f.row["status"] == "ok") for f in fits]
+    deciding = pick(range(len(fits)), key=lambda i: (_RANK[verdicts[i]], has_peak[i], sign * fits[i].pressure))
+    verdict, row = verdicts[deciding], fits[deciding].row
+    fitting = sum(f.verdict == "supported" for f in fits)
+    summary = f"{fits[deciding].text}; {fitting} of {_count(len(fits), 'configuration')} fit {label} with 5% to spare"
+    missing = uncovered([f.row for f in fits], check.get("covers") or {})
+    if missing and verdict != "refuted":
+        verdict, summary = "not measured", f"{summary}; not measured yet: {missing}"
+    measured = float(row["footprint_gib"]) if row["status"] == "ok" else None  # an OOM row's peak is partial
+    headline = f"{'OOM' if measured is None else f'{measured:.1f} GiB'} vs {label} {budget / GIB:.1f} GiB"
+    return CheckResult(check["kind"], verdict, summary, tuple(row_ref(f.row) for f in fits),
+                       measured, budget / GIB, headline)
+
+
+def uncovered(rows: list[dict[str, Any]], covers: dict[str, list[Any]]) -> str:
+    """The values a check must see measured that no row has, e.g. 'batch_size 4'; '' if none."""
+    missing = [f"{name} {value}" for name, values in covers.items() for value in values
+               if not any(row["spec"].get(name) == value for row in rows)]
+    return ", ".join(missing)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+# -- memory figures ------------------------------------------------------------------------------
+def figure_verdict(row: dict[str, Any], low: float | None, high: float | None) -> str | None:
+    """A row against a stated range of bytes: an ok row by its footprint, an OOM row as a lower
+    bound (it needed more than its cap); None where the row says nothing about the range."""
+    if row["status"] == "oom":
+        cap = row["cap_bytes"]
+        if high is not None and cap > high * (1 + MARGIN):
+            return "refuted"
+        return "supported" if high is None and low is not None and cap >= low else None
+    value = row["footprint_bytes"]
+    if (low is None or value >= low) and (high is None or value <= high):
+        return "supported"
+    near = (low is None or value >= low * (1 - MARGIN)) and (high is None or value <= high * (1 + MARGIN))
+    return "marginal" if near else "refuted"
+
+
+def check_memory_figure(rows: pd.DataFrame, check: dict[str, Any]) -> CheckResult:
+    """memory_figure: some measured configuration shows process memory in the stated range."""
+    low = None if check.get("min_gb") is None else check["min_gb"] * GB
+    high = None if check.get("max_gb") is None else check["max_gb"] * GB
+    stated = _range_text(check.get("min_gb"), check.get("max_gb"), "GB")
+    usable = rows[((rows["status"] == "ok") & rows["footprint_bytes"].notna())
+                  | ((rows["status"] == "oom") & rows["cap_bytes"].notna())]
+    judged = [(figure_verdict(r, low, high), r) for r in usable.to_dict("records")]
+    judged = [(v, r) for v, r in judged if v is not None]
+    if not judged:
+        return CheckResult("memory_figure", "not measured", f"no row of this configuration speaks to {stated}")
+    verdict, row = max(judged, key=lambda vr: _RANK[vr[0]])
+    summary = f"guide {stated}; {_spread(usable)}; deciding {_figure_text(row)}"
+    measured = None if row["status"] == "oom" else float(row["footprint_gib"])
+    headline = (f"needs > {row['cap_bytes'] / GB:.0f} GB (OOM)" if measured is None
+                else f"{row['footprint_bytes'] / GB:.1f} GB") + f" vs guide {stated}"
+    return CheckResult("memory_figure", verdict, summary, tuple(row_ref(r) for _, r in judged), measured,
+                       headline=headline)
+
+
+def _spread(rows: pd.DataFrame) -> str:
+    """The ok rows' footprints in GB, e.g. '3 ok rows at 30.1-36.2 GB'."""
+    ok = [float(v) / GB for v in rows.loc[rows["status"] == "ok", "footprint_bytes"]]
+    if not ok:
+        return "OOM rows only"
+    spread = f"{min(ok):.1f}-{max(ok):.1f}" if min(ok) != max(ok) else f"{ok[0]:.1f}"
+    return f"{_count(len(ok), 'ok row')} at {spread} GB"
+
+
+def _figure_text(row: dict[str, Any]) -> str:
+    if row["status"] == "oom":
+        return f"{describe_spec(row['spec'])}: OOM, needs > {row['cap_bytes'] / GB:.1f} GB{_where(row)}"
+    return (f"{describe_spec(row['spec'])}: {row['footprint_basis']} peak {row['footprint_bytes'] / GB:.1f} GB "
+            f"({row['footprint_gib']:.2f} GiB){_where(row)}")
+
+
+def _range_text(low: float | None, high: float | None, unit: str) -> str:
+    space = "" if unit == "%" else " "
+    if low is not None and high is not None:
+        return f"{low:g}-{high:g}{space}{unit}"
+    return f"> {low:g}{space}{unit}" if low is not None else f"< {high:g}{space}{unit}"
+
+
+# -- savings -------------------------------------------------------------------------------------
+def savings_pairs(frame: pd.DataFrame, flag: str, base: Any, variant: Any) -> pd.DataFrame:
+    """Pairs of ok rows equal in every spec field (and software stack) but `flag`: base -> variant.
+
+    Columns: config (the pair's shared configuration), base_ref, variant_ref, and per measure
+    (allocated, reserved, nvml, footprint): base and variant GiB, saved GiB and saved percent.
+    """
+    ok = frame[(frame["status"] == "ok") & frame["footprint_bytes"].notna()]
+    if flag not in ok.columns or ok.empty:
+        return pd.DataFrame()
+    ok = ok.sort_values("footprint_bytes").drop_duplicates(["cell_id", "env_stack"], keep="last")
+    drop = (flag, *DEPENDENT.get(flag, ()))
+    ok = ok.assign(_key=ok["spec"].map(lambda s: spec_key(s, drop)) + "|" + ok["env_stack"])
+    left = ok[condition_mask(ok[flag], base)]
+    right = ok[condition_mask(ok[flag], variant)]
+    pairs = left.merge(right, on="_key", suffixes=("_base", "_variant"))
+    return pd.DataFrame([_pair_record(p, flag) for p in pairs.to_dict("records")])
+
+
+def _pair_record(pair: dict[str, Any], flag: str) -> dict[str, Any]:
+    record = {"flag": flag, "change": f"{pair[flag + '_base']} -> {pair[flag + '_variant']}",
+              "config": describe_spec(pair["spec_base"]), "env_stack": pair["env_stack_base"],
+              "base_ref": row_ref({k[:-5]: v for k, v in pair.items() if k.endswith("_base")}),
+              "variant_ref": row_ref({k[:-8]: v for k, v in pair.items() if k.endswith("_variant")})}
+    for measure, column in (("allocated", "peak_allocated_bytes"), ("reserved", "peak_reserved_bytes"),
+                            ("nvml", "nvml_peak_process_bytes"), ("footprint", "footprint_bytes")):
+        before, after = pair[column + "_base"], pair[column + "_variant"]
+        known = not (pd.isna(before) or pd.isna(after))
+        record[f"{measure}_base_gib"] = before / GIB if known else None
+        record[f"{measure}_variant_gib"] = after / GIB if known else None
+        record[f"{measure}_saved_gib"] = (before - after) / GIB if known else None
+        record[f"{measure}_saved_pct"] = 100 * (before - after) / before if known else None
+    return record
+
+
+def saving_verdict(saved_pct: float, low: float | None, high: float | None) -> str:
+    """Inside the range: supported; within SAVING_MARGIN_PCT points of it: marginal; else refuted."""
+    if (low is None or saved_pct > low) and (high is None or saved_pct <= high):
+        return "supported"
+    near_low = low is None or saved_pct > low - SAVING_MARGIN_PCT
+    near_high = high is None or saved_pct <= high + SAVING_MARGIN_PCT
+    return "marginal" if near_low and near_high else "refuted"
+
+
+def check_saving(rows: pd.DataFrame, check: dict[str, Any]) -> CheckResult:
+    """saving_percent: the median saving of process memory over every matching pair of rows."""
+    pairs = savings_pairs(rows, check["flag"], check["from"], check["to"])
+    stated = _range_text(check.get("min_pct"), check.get("max_pct"), "%")
+    change = f"{check['flag']} {check['from']} -> {check['to']}"
+    if pairs.empty:
+        return CheckResult("saving_percent", "not measured", f"no pair of ok rows differing only by {change}")
+    median = statistics.median(pairs["footprint_saved_pct"])
+    verdict = saving_verdict(median, check.get("min_pct"), check.get("max_pct"))
+    first = pairs.iloc[0]
+    summary = (f"{change}: median saving {median:.1f}% of process memory over {_count(len(pairs), 'pair')} "
+               f"(guide {stated}); "
+               f"e.g. {first['config']}: {first['footprint_base_gib']:.2f} -> {first['footprint_variant_gib']:.2f} GiB "
+               f"[{first['base_ref']} vs {first['variant_ref']}]")
+    refs = tuple(pairs["base_ref"]) + tuple(pairs["variant_ref"])
+    return CheckResult("saving_percent", verdict, summary, refs, headline=f"saves {median:.1f}% vs guide {stated}")
+
+
+# -- claims that rows cannot answer (yet) --------------------------------------------------------
+def check_multi_gpu(rows: pd.DataFrame, check: dict[str, Any]) -> CheckResult:
+    """multi_gpu: ftmem's rows come from one process on one GPU, so these wait for such rows."""
+    return CheckResult("multi_gpu", "not measured",
+                       f"needs {check['gpus']} x {check['card']} in one job; every ftmem row is one process on one GPU")
+
+
+def check_qualitative(rows: pd.DataFrame, check: dict[str, Any]) -> CheckResult:
+    return CheckResult("qualitative", "not measurable", check["reason"])
+
+
+_CHECKS = {"min_memory": check_fits, "fits_budget": check_fits, "memory_figure": check_memory_figure,
+           "saving_percent": check_saving, "multi_gpu": check_multi_gpu, "qualitative": check_qualitative}
+
+
+def evaluate_claim(frame: pd.DataFrame, guide: Guide, claim: Claim) -> ClaimResult:
+    """Every check of a claim on its rows, and the claim's verdict from them."""
+    results = []
+    for check in claim.checks:
+        results.append(_CHECKS[check["kind"]](claim_rows(frame, guide, claim, check), check))
+    return ClaimResult(claim, combine([r.verdict for r in results]), tuple(results))
+
+
+def combine(verdicts: list[str]) -> str:
+    """A claim's verdict: refuted if any part is; else the weakest measured part; a claim none of
+    whose parts is measured is not measured (or not measurable, if no part is about memory)."""
+    measured = [v for v in verdicts if v in _RANK]
+    if not measured:
+        return "not measurable" if all(v == "not measurable" for v in verdicts) else "not measured"
+    return min(measured, key=_RANK.__getitem__)
+
+
+def evaluate_claims(frame: pd.DataFrame, guide: Guide | None = None) -> list[ClaimResult]:
+    """Verdicts of every claim of the guide (default: claims.yaml) on the rows of `frame`."""
+    guide = guide or load_guide()
+    return [evaluate_claim(frame, guide, claim) for claim in guide.claims]
+
+
+# -- the claim's own configuration and other published predictions --------------------------------
+def example_spec(guide: Guide, claim: Claim) -> dict[str, Any] | None:
+    """The one spec a claim stands for (its single-valued filters, its example, CellSpec defaults),
+    which ftmem's predictor is asked about; None for claims without an example."""
+    if not claim.example:
+        return None
+    values = {k: v for k, v in {**guide.defaults, **claim.config}.items()
+              if not isinstance(v, (dict, list)) or k in TUPLE_COLUMNS}
+    try:
+        return CellSpec.create(**{**values, **claim.example}).to_dict()
+    except SpecError:
+        return None
+
+
+def prediction_bytes(prediction: dict[str, Any], model: str = "qwen3-14b") -> int:
+    """Bytes of a published prediction: its stated GB, or the estimator's formula (model states
+    only: weights, gradients and Adam moments; no activations) on the model's parameter counts."""
+    if "gb" in prediction:
+        return int(prediction["gb"] * GB)
+    formula = prediction["formula"]
+    arch = architecture(model)
+    if "accelerate" in formula:
+        return accelerate_estimate(arch, formula["accelerate"], formula["dtype"])
+    return deepspeed_estimate(arch, formula["deepspeed"], formula["gpus"])
+
+
+def accelerate_estimate(arch: dict[str, Any], what: str, dtype: str) -> int:
+    """`accelerate estimate-memory`: it builds AutoModel (no lm_head) in fp32; load size is that
+    over 1/2/4/8 for float32/16/int8/int4; 'Training using Adam' is the largest of its stages,
+    twice the fp32 size for float16 (fp32 Adam moments), four times for float32."""
+    counts = parameter_counts(arch)
+    fp32 = 4 * (counts["total"] - counts["lm_head"])
+    if what == "load":
+        return fp32 // {"float32": 1, "float16": 2, "int8": 4, "int4": 8}[dtype]
+    return fp32 * {"float16": 2, "float32": 4}[dtype]
+
+
+def deepspeed_estimate(arch: dict[str, Any], stage: str, gpus: int) -> int:
+    """DeepSpeed's model-state estimators without offload, per GPU: ZeRO-2 4P + 16P/N;
+    ZeRO-3 4 x largest layer + 18P/N (P: every parameter, lm_head included)."""
+    total = parameter_counts(arch)["total"]
+    if stage == "zero2":
+        return 4 * total + 16 * total // gpus
+    largest = max(arch["vocab_size"] * arch["hidden_size"], *(i * o for i, o in linear_shapes(arch).values()))
+    return 4 * largest + 18 * total // gpus
+
+
+def predictions_text(guide: Guide, claim: Claim) -> str:
+    """Other predictions in one cell: stated GB figures as published, computed ones in GiB too."""
+    parts = []
+    for pid in claim.others:
+        prediction = guide.predictions[pid]
+        n_bytes = prediction_bytes(prediction, guide.defaults.get("model", "qwen3-14b"))
+        shown = f"{prediction['gb']:g} GB" if "gb" in prediction else f"{n_bytes / GIB:.1f} GiB (computed)"
+        parts.append(f"{prediction['label']}: {shown}")
+    return "; ".join(parts)

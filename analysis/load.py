@@ -1,0 +1,250 @@
+"""Results files (JSONL, bench/schema.py) read into one tidy, typed pandas DataFrame.
+
+Columns, one row per result row:
+- every top-level schema field under its own name (`status`, `peak_allocated_bytes`, ...);
+- every spec field under its plain name (`model`, `method`, `seq_len`, ...), and the spec itself
+  as a dict in `spec` (what a predictor is called with); `lora_targets` is a tuple;
+- every env field as `env_<name>` (`env_gpu_name`, `env_torch`, ...), and `env_stack`, one string
+  naming the GPU and the library versions, so rows from different machines or software never merge;
+- a sweep row's `sweep` object as `sweep_name`, `sweep_file`, ... and `sweep_claims` (a tuple of
+  claim ids, empty for rows without a sweep);
+- `source_file` and `source_line`, where the row came from;
+- derived: every `*_bytes` field again in GiB (2^30 B) as `*_gib`; `tokens` (seq_len x batch_size,
+  what activations scale with); `footprint_bytes`/`footprint_gib`/`footprint_basis`: what a card
+  must hold (NVML process peak as nvidia-smi shows it, else reserved, else allocated);
+  `cap_bytes`: the memory the cell ran under (its budget, else the whole GPU);
+  `budget_emulated`: the budget was a cap on a larger GPU, standing in for a card we lack.
+Never imports torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from bench.cards import GIB
+from bench.schema import FIELDS
+from bench.spec import CellSpec
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_RESULTS = REPO_ROOT / "results"
+
+#: Env fields that change memory: rows differing in any of them are kept apart (`env_stack`).
+STACK_FIELDS = ("gpu_name", "driver", "cuda", "torch", "transformers", "peft", "bitsandbytes",
+                "liger_kernel", "flash_attn")
+
+#: Row fields that hold objects; they are flattened into columns of their own.
+_NESTED = ("spec", "env", "sweep")
+#: Spec columns every frame has, so an empty frame still answers the analysis' filters.
+SPEC_COLUMNS = tuple(f.name for f in dataclasses.fields(CellSpec))
+
+
+class MalformedResults(ValueError):
+    """A results line that is not a result row: the message names the file and the line."""
+
+
+def result_files(paths: Sequence[str | Path] | None = None) -> list[Path]:
+    """The JSONL files behind `paths` (files, or folders searched recursively); default: results/."""
+    found: list[Path] = []
+    for path in [Path(p) for p in (paths or [DEFAULT_RESULTS])]:
+        if path.is_dir():
+            found += sorted(path.rglob("*.jsonl"))
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise FileNotFoundError(f"no results file or folder at {path}")
+    return found
+
+
+def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, row) of a results file.
+
+    A last line cut short by a crash (no newline, not JSON) is skipped with a warning, as
+    bench.store does when it appends; anything else that is not a row is an error naming the line.
+    """
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    rows: list[tuple[int, dict[str, Any]]] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if number == len(lines):  # the last line, no newline after it: a write cut short
+                warnings.warn(f"{path}:{number}: skipped a truncated last line ({exc.msg})", stacklevel=2)
+                continue
+            raise MalformedResults(f"{path}:{number}: not a JSON row ({exc.msg})") from None
+        _check_row(row, path, number)
+        rows.append((number, row))
+    return rows
+
+
+def _check_row(row: Any, path: Path, number: int) -> None:
+    """The least a row needs for analysis: an object with a spec object and a status."""
+    if not isinstance(row, dict):
+        raise MalformedResults(f"{path}:{number}: a row must be a JSON object, not {type(row).__name__}")
+    if not isinstance(row.get("spec"), dict):
+        raise MalformedResults(f"{path}:{number}: the row has no 'spec' object")
+    if not isinstance(row.get("status"), str):
+        raise MalformedResults(f"{path}:{number}: the row has no 'status' string")
+
+
+def load_results(paths: Sequence[str | Path] | None = None) -> pd.DataFrame:
+    """Every row of the results files under `paths` (default: the repo's results/) as one DataFrame."""
+    records = []
+    for path in result_files(paths):
+        records += [flatten_row(row, _display_path(path), number) for number, row in read_jsonl(path)]
+    return frame_from_records(records)
+
+
+def rows_to_frame(rows: Iterable[dict[str, Any]], source: str = "<memory>") -> pd.DataFrame:
+    """Rows already in memory (tests, notebooks) as the same DataFrame load_results gives."""
+    return frame_from_records([flatten_row(row, source, i) for i, row in enumerate(rows, start=1)])
+
+
+def _display_path(path: Path) -> str:
+    """Paths inside the repo shown relative to it, so tables do not carry one machine's layout."""
+    resolved = path.resolve()
+    return str(resolved.relative_to(REPO_ROOT)) if resolved.is_relative_to(REPO_ROOT) else str(path)
+
+
+def flatten_row(row: dict[str, Any], source: str, line: int) -> dict[str, Any]:
+    """One row as flat columns: schema fields, spec fields by name, env_*, sweep_*, provenance."""
+    spec = dict(row["spec"])
+    if isinstance(spec.get("lora_targets"), list):
+        spec["lora_targets"] = tuple(spec["lora_targets"])
+    flat: dict[str, Any] = {k: v for k, v in row.items() if k not in _NESTED}
+    for key, value in spec.items():
+        flat["spec_" + key if key in flat else key] = value
+    flat["spec"] = spec
+    flat.update({f"env_{k}": v for k, v in (row.get("env") or {}).items()})
+    sweep = row.get("sweep") or {}
+    flat.update({f"sweep_{k}": v for k, v in sweep.items() if k != "claims"})
+    flat["sweep_claims"] = tuple(sweep.get("claims") or ())
+    flat.setdefault("sweep_name", None)
+    flat.update(source_file=source, source_line=line)
+    return flat
+
+
+def frame_from_records(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """Typed frame with the derived columns; every schema column exists even with no rows."""
+    frame = pd.DataFrame.from_records(records)
+    flat_fields = [f for f in FIELDS if f not in _NESTED]
+    for name in [*flat_fields, *SPEC_COLUMNS, "spec", "env_gpu_name", "env_gpu_total_bytes", "sweep_name",
+                 "sweep_claims", "source_file", "source_line"]:
+        if name not in frame.columns:
+            frame[name] = pd.Series([None] * len(frame), dtype=object)
+    frame = _typed(frame)
+    return _derived(frame)
+
+
+def _typed(frame: pd.DataFrame) -> pd.DataFrame:
+    """Nullable ints for counts and bytes, nullable booleans for flags, datetimes for dates."""
+    for column in frame.columns:
+        if column.endswith("_bytes") or column in ("seq_len", "batch_size", "grad_accum", "lora_r",
+                                                    "repeat", "schema_version", "source_line", "n_params",
+                                                    "n_trainable_params"):
+            frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("Int64")
+    for column in ("gradient_checkpointing", "compile", "fused_ce", "kbit_fp32_upcast", "fits_budget",
+                   "double_quant", "gc_reentrant"):
+        if column in frame.columns:
+            frame[column] = frame[column].astype("boolean")
+    if "env_started_at" in frame.columns:
+        frame["env_started_at"] = pd.to_datetime(frame["env_started_at"], utc=True, errors="coerce")
+    return frame
+
+
+def _derived(frame: pd.DataFrame) -> pd.DataFrame:
+    """GiB twins of byte columns, tokens, the footprint a card must hold, the cap it ran under."""
+    for column in [c for c in frame.columns if c.endswith("_bytes")]:
+        frame[column[: -len("_bytes")] + "_gib"] = frame[column].astype("float64") / GIB
+    frame["tokens"] = (frame["seq_len"] * frame["batch_size"]).astype("Int64")
+    basis = pd.Series([None] * len(frame), index=frame.index, dtype=object)
+    footprint = pd.Series(pd.NA, index=frame.index, dtype="Int64")
+    for name, column in (("allocated", "peak_allocated_bytes"), ("reserved", "peak_reserved_bytes"),
+                         ("nvml", "nvml_peak_process_bytes")):
+        present = frame[column].notna()
+        footprint = footprint.mask(present, frame[column])
+        basis = basis.mask(present, name)
+    frame["footprint_bytes"], frame["footprint_basis"] = footprint, basis
+    frame["footprint_gib"] = footprint.astype("float64") / GIB
+    gpu_total = pd.to_numeric(frame["env_gpu_total_bytes"], errors="coerce").astype("Int64")
+    frame["cap_bytes"] = frame["budget_bytes"].fillna(gpu_total)
+    frame["budget_emulated"] = (frame["budget_bytes"] < gpu_total).fillna(False).astype(bool)
+    frame["env_stack"] = [_stack(row) for row in frame.to_dict("records")]
+    return frame
+
+
+def _stack(row: dict[str, Any]) -> str:
+    """GPU and library versions of a row in one string, so rows of different stacks stay apart."""
+    parts = [f"{field} {row.get('env_' + field)}" for field in STACK_FIELDS[1:]
+             if is_present(row.get("env_" + field))]
+    gpu = row.get("env_gpu_name")
+    return " | ".join([str(gpu) if is_present(gpu) else "no GPU", *parts])
+
+
+def is_present(value: Any) -> bool:
+    """False for None, NaN and pd.NA, which all mean 'not recorded' in a loaded frame."""
+    return value is not None and not (isinstance(value, float) and value != value) and value is not pd.NA
+
+
+def spec_key(spec: dict[str, Any], drop: Iterable[str] = ()) -> str:
+    """Canonical JSON of a spec without some fields: rows with equal keys differ only in those."""
+    dropped = set(drop)
+    kept = {k: list(v) if isinstance(v, tuple) else v for k, v in spec.items() if k not in dropped}
+    return json.dumps(kept, sort_keys=True, separators=(",", ":"))
+
+
+def row_ref(row: pd.Series | dict[str, Any]) -> str:
+    """Where a row came from, as file:line, for the figures behind a verdict."""
+    return f"{row['source_file']}:{row['source_line']}"
+
+
+def describe_spec(spec: dict[str, Any], shape: bool = True) -> str:
+    """A configuration in a few words (method, precision, shape, flags that differ from defaults);
+    shape=False leaves out seq_len and batch_size, naming a family of configurations."""
+    words = [str(spec.get("method"))]
+    if spec.get("lora_r") is not None:
+        words[0] += f" r{spec['lora_r']}"
+    words.append(str(spec.get("precision")))
+    if shape:
+        words.append(f"seq {spec.get('seq_len')} x b{spec.get('batch_size')}")
+    flags = {
+        "GC": spec.get("gradient_checkpointing"),
+        str(spec.get("attn_impl")): spec.get("attn_impl") not in (None, "sdpa"),
+        str(spec.get("optimizer")): spec.get("optimizer") not in (None, "adamw"),
+        "compile": spec.get("compile"),
+        "fused CE": spec.get("fused_ce"),
+        "no fp32 upcast": spec.get("kbit_fp32_upcast") is False,
+        f"GA {spec.get('grad_accum')}": (spec.get("grad_accum") or 1) > 1,
+    }
+    return " ".join(words + [name for name, on in flags.items() if on])
+
+
+def predictor() -> Any | None:
+    """ftmem's predictor (analysis.predict.predict) if it is installed, else None.
+
+    It is written apart from this module and may be missing; every caller then leaves its
+    prediction columns and plots out instead of failing.
+    """
+    try:
+        from analysis.predict import predict
+    except ImportError:
+        return None
+    return predict
+
+
+def predict_spec(predict: Any, spec: dict[str, Any]) -> Any | None:
+    """The predictor's answer for one spec, or None (with a warning) where it cannot answer."""
+    try:
+        return predict(spec)
+    except Exception as exc:  # a predictor written elsewhere: one bad spec must not sink a report
+        warnings.warn(f"analysis.predict could not predict {describe_spec(spec)}: {exc}", stacklevel=2)
+        return None

@@ -1,0 +1,799 @@
+"""Predicted GPU memory of one cell, from first principles. Imports no torch.
+
+The steady-state peak of a training step is the static state (weights, adapters, optimizer state, cuBLAS
+workspaces) plus the largest of a few moments of the step: the end of the forward pass, the backward of
+the loss, the backward of the first and last decoder layers, and the optimizer step (`moments`).
+
+What autograd keeps between forward and backward is counted by walking Qwen3's decoder layer op by op
+(`_Graph`, `layer_graph`), tracking each tensor's dtype and whether it requires grad the way torch
+decides them: autocast casts the inputs of matmul/linear/SDPA to the half dtype (and caches the casts of
+trainable fp32 weights until the autocast region ends); each derivative formula saves only what its
+backward needs (mm saves the input only when the weight needs a grad and the weight only when the input
+does); a tensor saved by two ops counts once. The few empirical constants are in CALIBRATION below.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench.models import ARCHITECTURES, architecture, linear_shapes
+from bench.spec import KBIT_METHODS, LORA_METHODS, CellSpec
+
+MIB = 2**20
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "uint8": 1, "bool": 1, "int64": 8}
+
+#: Every empirical constant of the predictor. Fit on results/nvidia-h200-x1/foundation.jsonl
+#: (H200, driver 580.159.04, torch 2.11, transformers 5.17, peft 0.21): Qwen3-14B LoRA r=8 bf16_mixed sdpa,
+#: row A = seq 2048 b1 GC off, row B = seq 2048 b1 GC on, row C = seq 4096 b4 GC on.
+CALIBRATION: dict[str, float] = {
+    # NVML process memory after CUDA context creation (context_bytes of rows A, B, C: all equal).
+    "cuda_context_bytes": 543_162_368,
+    # nvml_peak_process - peak_reserved - context_bytes = 251,658,240 (240 MiB) in rows A, B and C alike:
+    # memory the process holds outside torch's allocator (kernel images and library state loaded lazily).
+    "nvml_non_torch_bytes": 251_658_240,
+    # cuBLAS workspaces, allocated through torch's allocator and kept: 32 MiB per handle on sm90 (torch's
+    # default CUBLAS_WORKSPACE_CONFIG :4096:8), one handle for the forward thread and one for autograd's
+    # backward thread. Seen in rows A and B: steady peak - first-step peak = Adam state + exactly 32 MiB
+    # (the backward handle is made after the first step's peak).
+    "cublas_workspace_bytes": 2 * 32 * MIB,
+    # reserved - allocated at the peak, beyond the unreusable half-precision logits block (see
+    # `allocator_slack`): slack_bytes + slack_layer_fraction x one decoder layer's saved activations
+    # (GC off). Two parameters fit exactly on rows B and C; row A is the check (-84 MB). Rows of other
+    # configurations (QLoRA: bitsandbytes' dequantized-weight temporaries) show 0.4-1.1 GB more slack.
+    "slack_bytes": 280_356_571,
+    "slack_layer_fraction": 0.79406,
+}
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Predicted steady-state memory of a cell.
+
+    `components` are the terms of `peak_allocated_bytes` at the peak moment (`peak_phase`) and sum to it;
+    `outside_allocated` holds what torch's allocated figure does not count (allocator slack, CUDA context,
+    non-torch process memory, paged optimizer state in unified memory).
+    """
+
+    peak_allocated_bytes: int
+    peak_reserved_bytes: int
+    nvml_process_bytes: int
+    components: dict[str, int]
+    peak_phase: str = ""
+    outside_allocated: dict[str, int] = field(default_factory=dict)
+    phases: dict[str, int] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------
+# The spec, resolved into the dtypes the build really uses (bench/build.py)
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Setup:
+    """What bench.build makes of a spec: storage dtypes, autocast, what is trainable."""
+
+    spec: CellSpec
+    arch: dict
+    tokens: int  # tokens of one micro-batch (seq_len x batch_size); grad_accum does not multiply activations
+    autocast: str | None  # bf16 / fp16 under *_mixed, None otherwise
+    base: str  # storage dtype of unquantized decoder weights (bench.build.base_dtype)
+    other: str  # embedding, lm_head and norm weights: fp32 after prepare_model_for_kbit_training
+    quant: str | None  # nf4 / fp4 / int8 for the k-bit methods
+    adapter: str | None  # LoRA adapter dtype
+    full: bool
+
+    @property
+    def dims(self) -> dict[str, int]:
+        a = self.arch
+        d = a.get("head_dim") or a["hidden_size"] // a["num_attention_heads"]
+        return {"h": a["hidden_size"], "i": a["intermediate_size"], "L": a["num_hidden_layers"],
+                "H": a["num_attention_heads"], "KV": a["num_key_value_heads"], "d": d, "V": a["vocab_size"],
+                "q": a["num_attention_heads"] * d, "kv": a["num_key_value_heads"] * d}
+
+
+def _base_dtype(spec: CellSpec) -> str:
+    """bench.build.base_dtype: full fine-tuning under *_mixed keeps fp32 weights (they are the master copy);
+    a frozen LoRA / k-bit base is stored in the half dtype, as users load it."""
+    if spec.precision == "fp32":
+        return "fp32"
+    if spec.precision == "bf16":
+        return "bf16"
+    if spec.method == "full":
+        return "fp32"
+    return {"bf16_mixed": "bf16", "fp16_mixed": "fp16"}[spec.precision]
+
+
+def _adapter_dtype(spec: CellSpec, base: str) -> str | None:
+    """peft creates adapters in the base layer's float dtype (bnb Linear4bit: its compute dtype; int8 has
+    none, so fp32 stays) and, unless autocast_adapter_dtype=False (pure bf16 here), upcasts half ones to fp32."""
+    if spec.method not in LORA_METHODS:
+        return None
+    made = {"lora": base, "qlora": spec.quant_compute_dtype, "lora8bit": "fp32"}[spec.method]
+    return made if spec.precision == "bf16" else "fp32"
+
+
+def setup(spec: CellSpec, arch: dict | None = None) -> Setup:
+    base = _base_dtype(spec)
+    upcast = spec.method in KBIT_METHODS and bool(spec.kbit_fp32_upcast)
+    quant = {"qlora": spec.quant_type, "lora8bit": "int8"}.get(spec.method)
+    return Setup(
+        spec=spec, arch=arch or architecture(spec.model), tokens=spec.seq_len * spec.batch_size,
+        autocast={"bf16_mixed": "bf16", "fp16_mixed": "fp16"}.get(spec.precision), base=base,
+        other="fp32" if upcast else base, quant=quant, adapter=_adapter_dtype(spec, base),
+        full=spec.method == "full",
+    )
+
+
+def _promote(a: str, b: str) -> str:
+    """torch type promotion between float dtypes (bf16 with fp16 gives fp32)."""
+    if a == b:
+        return a
+    return "fp32"
+
+
+# --------------------------------------------------------------------------------------------------
+# Static state: weights by storage format, adapters, optimizer state
+# --------------------------------------------------------------------------------------------------
+def nf4_linear_bytes(n: int, double_quant: bool) -> int:
+    """bitsandbytes Params4bit: two 4-bit codes per byte, one absmax per 64-element block (fp32), and a
+    16-entry fp32 code table per layer (one 512-byte allocator block). With double quantization the
+    absmax are themselves 8-bit, blockwise over 256 with fp32 absmax, plus an fp32 offset."""
+    packed, blocks = (n + 1) // 2, math.ceil(n / 64)
+    if not double_quant:
+        return packed + 4 * blocks + 512
+    return packed + blocks + 4 * math.ceil(blocks / 256) + 512 + 512
+
+
+def int8_linear_bytes(fan_in: int, fan_out: int) -> int:
+    """LLM.int8 (Int8Params): one int8 per weight and one fp32 scale (SCB) per output row."""
+    return fan_in * fan_out + 4 * fan_out
+
+
+def decoder_weight_bytes(st: Setup) -> int:
+    """The seven projections of every layer, in their storage format (4-bit, 8-bit or base dtype)."""
+    per_layer = 0
+    for fan_in, fan_out in linear_shapes(st.arch).values():
+        n = fan_in * fan_out
+        if st.quant in ("nf4", "fp4"):
+            per_layer += nf4_linear_bytes(n, bool(st.spec.double_quant))
+        elif st.quant == "int8":
+            per_layer += int8_linear_bytes(fan_in, fan_out)
+        else:
+            per_layer += n * BYTES[st.base]
+    return per_layer * st.dims["L"]
+
+
+def unquantized_weight_bytes(st: Setup) -> int:
+    """Embedding, lm_head (none when tied) and RMSNorm weights, never quantized; fp32 when
+    prepare_model_for_kbit_training upcasts every non-4-bit half parameter (kbit_fp32_upcast)."""
+    dm = st.dims
+    norms = dm["L"] * (2 * dm["h"] + 2 * dm["d"]) + dm["h"]
+    head = 0 if st.arch.get("tie_word_embeddings") else dm["V"] * dm["h"]
+    return (dm["V"] * dm["h"] + head + norms) * BYTES[st.other]
+
+
+def trainable_groups(st: Setup) -> dict[str, list[int]]:
+    """Element counts of the trainable tensors by group ("layer" lists one decoder layer's): every
+    parameter for full fine-tuning, else LoRA A (r x in) and B (out x r) of each targeted projection."""
+    dm, spec = st.dims, st.spec
+    if st.full:
+        layer = [i * o for i, o in linear_shapes(st.arch).values()] + [dm["h"]] * 2 + [dm["d"]] * 2
+        head = [] if st.arch.get("tie_word_embeddings") else [dm["V"] * dm["h"]]
+        return {"embedding": [dm["V"] * dm["h"]], "lm_head": head, "layer": layer, "final_norm": [dm["h"]]}
+    shapes = linear_shapes(st.arch)
+    layer = [n for t in spec.lora_targets for n in (spec.lora_r * shapes[t][0], spec.lora_r * shapes[t][1])]
+    return {"embedding": [], "lm_head": [], "layer": layer, "final_norm": []}
+
+
+def trainable_shapes(st: Setup) -> list[int]:
+    """Element counts of every trainable tensor of the model."""
+    groups = trainable_groups(st)
+    return groups["embedding"] + groups["lm_head"] + groups["layer"] * st.dims["L"] + groups["final_norm"]
+
+
+def trainable_dtype(st: Setup) -> str:
+    return st.base if st.full else st.adapter
+
+
+def adapter_bytes(st: Setup) -> int:
+    """LoRA A and B of every targeted projection (fp32 under mixed precision, see _adapter_dtype)."""
+    return 0 if st.full else sum(trainable_shapes(st)) * BYTES[st.adapter]
+
+
+def grad_bytes(st: Setup) -> int:
+    """One gradient per trainable parameter, in the parameter's dtype (AccumulateGrad keeps its dtype)."""
+    return sum(trainable_shapes(st)) * BYTES[trainable_dtype(st)]
+
+
+def optimizer_state_bytes(st: Setup) -> tuple[int, int]:
+    """(device bytes, paged unified-memory bytes) of the optimizer state after the first step.
+
+    torch AdamW (default, foreach, fused): exp_avg and exp_avg_sq in the parameter's dtype (so 2 x fp32
+    for fp32 adapters, 2 x bf16 under pure bf16); the step counters are CPU tensors except for fused
+    (one 4-byte device tensor each, a 512-byte block). bitsandbytes 8-bit AdamW: two uint8 states plus
+    one fp32 absmax per 256-element block each (bnb 0.50; older releases used 2048-element blocks),
+    fp32 states for tensors under 4096 elements. Paged optimizers put the state of tensors of 1e5
+    elements or more in cudaMallocManaged memory, which torch's allocator does not count. SGD
+    without momentum keeps nothing.
+    """
+    opt, pdt = st.spec.optimizer, BYTES[trainable_dtype(st)]
+    device = paged = 0
+    for n in trainable_shapes(st):
+        if opt == "sgd":
+            continue
+        if opt in ("adamw", "adamw_foreach", "adamw_fused"):
+            device += 2 * n * pdt + (512 if opt == "adamw_fused" else 0)
+            continue
+        eight = opt != "paged_adamw_32bit" and n >= 4096
+        states = 2 * n * (1 if eight else 4)
+        device += 2 * 4 * math.ceil(n / 256) if eight else 0
+        if opt.startswith("paged") and n >= 100_000:
+            paged += states
+        else:
+            device += states
+    return device + (2 * 256 * 4 if opt in ("adamw_8bit", "paged_adamw_8bit") else 0), paged
+
+
+def optimizer_step_transient(st: Setup) -> int:
+    """Extra memory of optimizer.step(): torch's foreach AdamW (the default on CUDA) computes
+    sqrt(exp_avg_sq) for all parameters of a dtype group at once, a temporary as large as the
+    parameters; fused AdamW, SGD and bitsandbytes update in place, tensor by tensor."""
+    if st.spec.optimizer in ("adamw", "adamw_foreach"):
+        return sum(trainable_shapes(st)) * BYTES[trainable_dtype(st)]
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Activations: what autograd saves, op by op
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _T:
+    """A symbolic tensor: id (storage identity), element count, dtype, requires_grad."""
+
+    id: int
+    numel: int
+    dtype: str
+    grad: bool
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * BYTES[self.dtype]
+
+
+class _Graph:
+    """The tensors autograd keeps for backward in one stretch of forward, counted once per storage.
+
+    `saved`: activations; `casts`: autocast's half copies of weights, name -> (bytes, cached, saved):
+    copies of trainable fp32 leaves are cached until the autocast region ends (the end of the forward),
+    saved or not; a matmul saves the copy when its input needs a grad. `bwd_transient` / `fwd_transient`:
+    the largest extra working set of the layer's backward / of the forward's s x s scores.
+    """
+
+    def __init__(self, st: Setup):
+        self.st = st
+        self.saved: dict[int, int] = {}
+        self.casts: dict[str, tuple[int, bool, bool]] = {}
+        self.bwd_transient = 0
+        self.fwd_transient = 0
+        self._ids = 0
+
+    def new(self, numel: int, dtype: str, grad: bool) -> _T:
+        self._ids += 1
+        return _T(self._ids, numel, dtype, grad)
+
+    def cast(self, t: _T, dtype: str | None) -> _T:
+        """x.to(dtype) / an autocast input cast: the same tensor if the dtype already matches."""
+        if dtype is None or t.dtype == dtype:
+            return t
+        return self.new(t.numel, dtype, t.grad)
+
+    def save(self, t: _T | None) -> None:
+        if t is not None:
+            self.saved[t.id] = t.nbytes
+
+    def saved_bytes(self) -> int:
+        return sum(self.saved.values())
+
+    def forward_casts(self) -> int:
+        """Weight copies alive at the end of the forward: cached (trainable) or saved by a matmul."""
+        return sum(n for n, cached, saved in self.casts.values() if cached or saved)
+
+    def saved_casts(self) -> int:
+        """Weight copies a matmul saved, alive until that matmul's backward."""
+        return sum(n for n, _, saved in self.casts.values() if saved)
+
+    def bump(self, backward: int, forward: int = 0) -> None:
+        """Record temporaries beyond the saved tensors, in backward and in forward."""
+        self.bwd_transient = max(self.bwd_transient, backward)
+        self.fwd_transient = max(self.fwd_transient, forward)
+
+
+@dataclass(frozen=True)
+class _Linear:
+    """One projection: storage kind (dense / nf4 / fp4 / int8), weight dtype, trainable, LoRA or not."""
+
+    name: str
+    fan_in: int
+    fan_out: int
+    kind: str
+    dtype: str
+    trainable: bool
+    lora: bool
+
+
+def _weight_cast(g: _Graph, name: str, numel: int, dtype: str, trainable: bool, saved: bool) -> None:
+    """Autocast's copy of a weight into the half dtype. Trainable fp32 leaves are cached for the whole
+    autocast region; a frozen weight's copy lives only as long as a matmul saves it."""
+    g.casts[name] = (numel * BYTES[dtype], trainable, saved)
+
+
+def dense_matmul(g: _Graph, x: _T, fan_in: int, fan_out: int, wdtype: str, trainable: bool, name: str) -> _T:
+    """y = x W^T (F.linear). Under autocast x and W are cast to the half dtype first. mm saves its input
+    when the weight needs a grad, and the (cast) weight when the input needs one."""
+    ac = g.st.autocast
+    xc = g.cast(x, ac) if ac else x
+    if trainable:
+        g.save(xc)
+    cd = ac or wdtype
+    if ac and wdtype != ac:
+        _weight_cast(g, name, fan_in * fan_out, ac, trainable, x.grad)
+    return g.new(x.numel // fan_in * fan_out, cd, x.grad or trainable)
+
+
+def _base_linear(g: _Graph, x: _T, lin: _Linear) -> _T:
+    """The frozen or trainable base projection, by storage kind.
+
+    nf4/fp4 (bnb Linear4bit): x is cast to the compute dtype, MatMul4Bit saves only the packed weight
+    and dequantizes it again in backward, the output is cast back to x's dtype. int8 (Linear8bitLt,
+    threshold 6): MatMul8bitLt saves its input x itself; outlier columns (subA) are not counted.
+    """
+    tokens = x.numel // lin.fan_in
+    if lin.kind in ("nf4", "fp4"):
+        cd = g.st.spec.quant_compute_dtype
+        return g.cast(g.new(tokens * lin.fan_out, cd, x.grad), x.dtype)
+    if lin.kind == "int8":
+        if x.grad:
+            g.save(x)
+        return g.new(tokens * lin.fan_out, x.dtype, x.grad)
+    return dense_matmul(g, x, lin.fan_in, lin.fan_out, lin.dtype, lin.trainable, lin.name)
+
+
+def _lora_branch(g: _Graph, x: _T, lin: _Linear, result: _T) -> _T:
+    """peft lora.Linear: result + B(A(dropout(x.to(adapter dtype)))) * scaling, cast back to result's dtype.
+
+    peft's input cast makes a separate copy of x per adapted projection (fp32 under mixed precision,
+    then autocast's own bf16 copy that A saves). peft's bnb layers (qlora, lora8bit) skip that cast under
+    autocast, so A sees x itself: a half x is saved once however many adapters read it. Dropout p>0
+    saves a 1-byte mask per element.
+    """
+    st, r, tokens = g.st, g.st.spec.lora_r, x.numel // lin.fan_in
+    xl = x if (st.quant and st.autocast) else g.cast(x, st.adapter)
+    if st.spec.lora_dropout:
+        g.save(g.new(xl.numel, "bool", False))
+        xl = g.new(xl.numel, xl.dtype, xl.grad)
+    a = dense_matmul(g, xl, lin.fan_in, r, st.adapter, True, lin.name + ".lora_A")
+    b = dense_matmul(g, a, r, lin.fan_out, st.adapter, True, lin.name + ".lora_B")
+    scaled = g.new(b.numel, b.dtype, True)
+    return g.cast(g.new(tokens * lin.fan_out, _promote(result.dtype, scaled.dtype), True), result.dtype)
+
+
+def linear(g: _Graph, x: _T, lin: _Linear) -> _T:
+    out = _base_linear(g, x, lin)
+    return _lora_branch(g, x, lin, out) if lin.lora else out
+
+
+def rmsnorm(g: _Graph, x: _T, width: int, wdtype: str, trainable: bool) -> _T:
+    """Qwen3RMSNorm: x32 = x.float(); y = x32 * rsqrt(mean(x32^2) + eps); weight * y.to(x.dtype).
+
+    pow and mul save x32 (x itself when x is fp32) and rstd when x needs a grad; weight * y saves y only
+    when the weight is trainable.
+    """
+    if x.grad:
+        g.save(g.cast(x, "fp32"))
+        g.save(g.new(x.numel // width, "fp32", True))
+    y = g.cast(g.new(x.numel, "fp32", x.grad), x.dtype)
+    if trainable:
+        g.save(y)
+    return g.new(x.numel, _promote(wdtype, x.dtype), x.grad or trainable)
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------------
+def attention_flash(g: _Graph, q: _T, k: _T, v: _T) -> _T:
+    """SDPA's flash (or cuDNN) kernel - half precision, no mask (is_causal), native GQA - or the
+    flash_attention_2 integration, which casts fp32 q/k/v to the half dtype itself.
+
+    Saves q, k, v (after autocast's cast), the output and the fp32 logsumexp (b x heads x s); never the
+    s x s scores. Backward: dq plus dk, dv expanded to all heads and flash's fp32 dq accumulator.
+    """
+    st, dm = g.st, g.st.dims
+    ac = st.autocast if st.spec.attn_impl == "sdpa" else (st.autocast or q.dtype)
+    qc, kc, vc = (g.cast(t, ac) if ac else t for t in (q, k, v))
+    for t in (qc, kc, vc):
+        g.save(t)
+    g.save(g.new(st.tokens * dm["H"], "fp32", True))
+    out = g.new(qc.numel, qc.dtype, True)
+    g.save(out)
+    g.bump(3 * qc.nbytes + 4 * qc.numel)
+    return out
+
+
+def eager_mask_bytes(st: Setup) -> int:
+    """The eager path's float causal mask, b x 1 x s x s in the embedding output's dtype, alive through
+    the forward (and through backward under checkpointing, whose frames hold the layer arguments)."""
+    if st.spec.attn_impl != "eager":
+        return 0
+    return st.spec.batch_size * st.spec.seq_len**2 * BYTES[st.other]
+
+
+def attention_eager(g: _Graph, q: _T, k: _T, v: _T) -> _T:
+    """eager_attention_forward: repeat_kv copies k, v to all heads; scores = q k^T * scale + mask;
+    softmax in fp32 (saved), cast to q's dtype (saved by the second matmul, as autocast's copy if any).
+    The b x heads x s x s tensors dominate: 4 bytes (fp32 softmax) + 2 (half probs) per score when saved.
+    """
+    st, dm, spec = g.st, g.st.dims, g.st.spec
+    scores = spec.batch_size * dm["H"] * spec.seq_len**2
+    krep, vrep = (g.new(q.numel, t.dtype, True) if dm["H"] != dm["KV"] else t for t in (k, v))
+    ac = st.autocast
+    for t in (q, krep):
+        g.save(g.cast(t, ac) if ac else t)
+    cd = ac or q.dtype
+    masked = _promote(cd, st.other)
+    soft = g.new(scores, "fp32", True)
+    g.save(soft)
+    probs = g.cast(soft, q.dtype)
+    g.save(g.cast(probs, ac) if ac else probs)
+    g.save(g.cast(vrep, ac) if ac else vrep)
+    g.bump(backward=scores * (BYTES[cd] + 4 + BYTES[masked]),
+           forward=scores * (BYTES[masked] + (4 if masked != "fp32" else 0)))
+    return g.new(q.numel, cd, True)
+
+
+def attention_math(g: _Graph, q: _T, k: _T, v: _T) -> _T:
+    """SDPA's math fallback, which fp32 q/k/v with grouped KV heads get: flash and cuDNN need half
+    precision and the memory-efficient kernel rejects GQA (torch sdp_utils.cpp). It repeat_interleaves
+    k and v to all heads, scales q and k by sqrt(scale) and materialises the b x heads x s x s scores; the
+    softmax output (saved by softmax and the second matmul) stays until backward."""
+    spec, dm = g.st.spec, g.st.dims
+    scores = spec.batch_size * dm["H"] * spec.seq_len**2
+    for _ in range(3):  # scaled q, scaled k repeated, v repeated
+        g.save(g.new(q.numel, q.dtype, True))
+    g.save(g.new(scores, q.dtype, True))
+    g.bump(backward=2 * scores * BYTES[q.dtype], forward=scores * BYTES[q.dtype] + spec.seq_len**2 * BYTES[q.dtype])
+    return g.new(q.numel, q.dtype, True)
+
+
+def _attention_kernel(st: Setup, q: _T):
+    """Which attention saves what: eager, SDPA's math fallback (fp32 with GQA), or a flash-style kernel."""
+    if st.spec.attn_impl == "eager":
+        return attention_eager
+    grouped = st.dims["H"] != st.dims["KV"]
+    if st.spec.attn_impl == "sdpa" and (st.autocast or q.dtype) == "fp32" and grouped:
+        return attention_math
+    return attention_flash
+
+
+def attention_block(g: _Graph, x: _T, lins: dict[str, _Linear]) -> _T:
+    """Qwen3Attention: q/k/v projections, per-head RMSNorm on q and k (QK-norm), RoPE (saves only the
+    shared cos/sin tables), attention, o_proj."""
+    st, dm = g.st, g.st.dims
+    q = rmsnorm(g, linear(g, x, lins["q_proj"]), dm["d"], st.other, st.full)
+    k = rmsnorm(g, linear(g, x, lins["k_proj"]), dm["d"], st.other, st.full)
+    v = linear(g, x, lins["v_proj"])
+    q = g.new(q.numel, _promote(q.dtype, st.other), q.grad)  # RoPE: q * cos + rotate_half(q) * sin
+    k = g.new(k.numel, _promote(k.dtype, st.other), k.grad)
+    return linear(g, _attention_kernel(st, q)(g, q, k, v), lins["o_proj"])
+
+
+def mlp_block(g: _Graph, x: _T, lins: dict[str, _Linear]) -> _T:
+    """SwiGLU: down(silu(gate(x)) * up(x)). silu saves its input; the product saves both factors.
+    Backward holds about three intermediate-size grads at once."""
+    gate, up = linear(g, x, lins["gate_proj"]), linear(g, x, lins["up_proj"])
+    if gate.grad:
+        g.save(gate)
+    act = g.new(gate.numel, gate.dtype, gate.grad)
+    if up.grad:
+        g.save(act)
+    if act.grad:
+        g.save(up)
+    product = g.new(gate.numel, _promote(act.dtype, up.dtype), True)
+    g.bump(3 * product.nbytes)
+    return linear(g, product, lins["down_proj"])
+
+
+def _projections(st: Setup) -> dict[str, _Linear]:
+    kind = st.quant or "dense"
+    targets = st.spec.lora_targets or ()
+    return {name: _Linear(name, i, o, kind, st.base, st.full, name in targets)
+            for name, (i, o) in linear_shapes(st.arch).items()}
+
+
+def layer_input_requires_grad(st: Setup, first: bool) -> bool:
+    """Layer 0's input is the embedding output: it needs a grad only if the embedding is trained, or
+    under reentrant checkpointing, where bench calls enable_input_require_grads for LoRA."""
+    if not first:
+        return True
+    return st.full or bool(st.spec.gradient_checkpointing and st.spec.gc_reentrant)
+
+
+def layer_graph(st: Setup, first: bool = False) -> tuple[_Graph, _T]:
+    """Walk one Qwen3 decoder layer: norm, attention, residual add, norm, MLP, residual add."""
+    g = _Graph(st)
+    dm, lins = st.dims, _projections(st)
+    x = g.new(st.tokens * dm["h"], st.other, layer_input_requires_grad(st, first))
+    attn = attention_block(g, rmsnorm(g, x, dm["h"], st.other, st.full), lins)
+    mid = g.new(x.numel, _promote(x.dtype, attn.dtype), True)
+    out = mlp_block(g, rmsnorm(g, mid, dm["h"], st.other, st.full), lins)
+    return g, g.new(x.numel, _promote(mid.dtype, out.dtype), True)
+
+
+def stream_dtype(st: Setup) -> str:
+    """dtype of the residual stream between layers (bf16 for a bf16 base, fp32 with fp32 embeddings)."""
+    return layer_graph(st, first=True)[1].dtype
+
+
+# --------------------------------------------------------------------------------------------------
+# Final norm, lm_head and the loss
+# --------------------------------------------------------------------------------------------------
+def head_graph(st: Setup) -> tuple[_Graph, str]:
+    """Final RMSNorm and lm_head (frozen unless full; fp32 after the k-bit upcast, whose bf16 autocast
+    copy the lm_head matmul then saves: V x h x 2 bytes). Returns the graph and the logits dtype."""
+    g, dm = _Graph(st), st.dims
+    x = g.new(st.tokens * dm["h"], stream_dtype(st), True)
+    y = rmsnorm(g, x, dm["h"], st.other, st.full)
+    if st.spec.fused_ce:
+        return g, st.autocast or y.dtype
+    logits = dense_matmul(g, y, dm["h"], dm["V"], st.other, st.full, "lm_head")
+    return g, logits.dtype
+
+
+def loss_bytes(st: Setup, logits_dtype: str) -> dict[str, int]:
+    """The causal-LM loss at its moments, for b x s x V logits.
+
+    HF's ForCausalLMLoss upcasts the logits (logits.float(): a fp32 copy unless already fp32), then
+    cross_entropy = log_softmax (saves its fp32 output) + nll_loss. End of forward: logits + fp32 copy +
+    log-probs. Backward of the loss: saved log-probs + nll's fp32 grad + log_softmax's fp32 grad = 3 x 4 B.
+    `saved` is what stays between forward and backward.
+    """
+    tv = st.tokens * st.dims["V"]
+    if st.spec.fused_ce:
+        return fused_loss_bytes(st, logits_dtype)
+    ld = BYTES[logits_dtype]
+    upcast = 4 * tv if logits_dtype != "fp32" else 0
+    return {"forward": ld * tv + upcast + 4 * tv, "backward": 12 * tv, "saved": 4 * tv,
+            "logits_grad": ld * tv, "unreusable": ld * tv if ld < 4 else 0}
+
+
+def fused_loss_bytes(st: Setup, compute_dtype: str) -> dict[str, int]:
+    """Liger's fused linear cross-entropy never holds b x s x V: it walks chunks of
+    next_pow2(ceil(BT / ceil(V / h))) tokens, computes each chunk's logits (compute dtype), loss and
+    gradient in place, and keeps grad_input (BT x h) - plus grad_weight (V x h) when lm_head trains -
+    for backward. Under autocast an fp32 lm_head is cast to half for each chunk's matmul."""
+    dm, bt = st.dims, st.tokens
+    chunk = min(2 ** math.ceil(math.log2(max(1, math.ceil(bt / math.ceil(dm["V"] / dm["h"]))))), bt)
+    saved = bt * dm["h"] * BYTES[compute_dtype] + (dm["V"] * dm["h"] * BYTES[st.other] if st.full else 0)
+    weight_cast = dm["V"] * dm["h"] * 2 if st.autocast and st.other == "fp32" else 0
+    chunk_bytes = chunk * dm["V"] * BYTES[compute_dtype] + weight_cast + 8 * bt
+    return {"forward": saved + chunk_bytes, "backward": saved, "saved": saved, "logits_grad": 0,
+            "unreusable": 0}
+
+
+# --------------------------------------------------------------------------------------------------
+# Putting it together: the moments of a step
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Parts:
+    """The byte counts the moments of a step are built from."""
+
+    static: dict[str, int]
+    paged: int
+    grads: int
+    layer_grads: int
+    acts: dict[str, int]
+    forward_casts: int
+    backward_casts: int
+    loss: dict[str, int]
+    layer_saved: int
+    layer_casts: int
+    layer_input: int
+    fwd_transient: int
+    bwd_transient: int
+
+
+def static_bytes(st: Setup) -> tuple[dict[str, int], int]:
+    """Weights, adapters, optimizer state and cuBLAS workspaces, resident through the step; and the
+    paged optimizer state, which lives in unified memory outside torch's allocator."""
+    opt_device, paged = optimizer_state_bytes(st)
+    names = {"nf4": "weights_nf4", "fp4": "weights_fp4", "int8": "weights_int8"}
+    static = {
+        names.get(st.quant, f"weights_{st.base}"): decoder_weight_bytes(st),
+        f"embed_head_norms_{st.other}": unquantized_weight_bytes(st),
+        "lora_adapters": adapter_bytes(st),
+        "optimizer_state": opt_device,
+        "cublas_workspace": int(CALIBRATION["cublas_workspace_bytes"]),
+    }
+    return {k: v for k, v in static.items() if v}, paged
+
+
+def compiled_layer_saved(st: Setup) -> int:
+    """Saved bytes of one decoder layer under torch.compile (an estimate, not yet checked on a GPU).
+
+    AOTAutograd's min-cut partitioner recomputes pointwise work in backward and saves only what cannot
+    be recomputed cheaply: the layer input and the post-attention residual, the RMSNorm rstds, the outputs
+    of the projections that feed pointwise ops (q, k, v, gate, up), the attention output and logsumexp,
+    and the LoRA A outputs. Casts of inputs and weights are recomputed, never saved.
+    """
+    dm, spec, tokens = st.dims, st.spec, st.tokens
+    stream = BYTES[stream_dtype(st)]
+    proj = BYTES[stream_dtype(st)] if st.quant else BYTES[st.autocast or st.base]
+    attn = BYTES[st.autocast or ("bf16" if spec.attn_impl == "flash_attention_2" else stream_dtype(st))]
+    lora = len(spec.lora_targets or ()) * (spec.lora_r or 0) * BYTES[st.autocast or st.adapter or "fp32"]
+    per_token = (2 * stream * dm["h"] + 2 * 4 + proj * (dm["q"] + 2 * dm["kv"]) + 4 * (dm["H"] + dm["KV"])
+                 + attn * dm["q"] + 4 * dm["H"] + lora + 2 * proj * dm["i"])
+    scores = spec.batch_size * dm["H"] * spec.seq_len**2 * 6 if spec.attn_impl == "eager" else 0
+    return tokens * per_token + scores
+
+
+def layer_saved_bytes(st: Setup, graph: _Graph) -> int:
+    """One decoder layer's saved activations: the op-by-op walk, or the compiled estimate."""
+    return compiled_layer_saved(st) if st.spec.compile else graph.saved_bytes()
+
+
+def activation_bytes(st: Setup, first: _Graph, other: _Graph, head: _Graph) -> dict[str, int]:
+    """Bytes held between forward and backward. Without checkpointing every layer's saved tensors;
+    with it only each layer's input and the cos/sin tables (the checkpoint frames hold them), the rest
+    recomputed one layer at a time in backward."""
+    dm = st.dims
+    acts = {"final_norm_saved": head.saved_bytes(), "attention_mask": eager_mask_bytes(st)}
+    if st.spec.gradient_checkpointing:
+        cos_sin = 2 * st.tokens * dm["d"] * BYTES[st.other]
+        acts["layer_inputs"] = dm["L"] * st.tokens * dm["h"] * BYTES[stream_dtype(st)] + cos_sin
+    else:
+        acts["layer_activations"] = layer_saved_bytes(st, first) + (dm["L"] - 1) * layer_saved_bytes(st, other)
+    return acts
+
+
+def parts(st: Setup) -> Parts:
+    first, other = layer_graph(st, True)[0], layer_graph(st, False)[0]
+    head, logits_dtype = head_graph(st)
+    static, paged = static_bytes(st)
+    L, gc, compiled = st.dims["L"], st.spec.gradient_checkpointing, st.spec.compile
+    layer_casts_fwd = first.forward_casts() + (L - 1) * other.forward_casts()
+    layer_casts_saved = 0 if compiled else first.saved_casts() + (L - 1) * other.saved_casts()
+    return Parts(
+        static=static, paged=paged, grads=grad_bytes(st),
+        layer_grads=sum(trainable_groups(st)["layer"]) * BYTES[trainable_dtype(st)],
+        acts=activation_bytes(st, first, other, head),
+        forward_casts=layer_casts_fwd + head.forward_casts(),
+        backward_casts=(0 if gc else layer_casts_saved) + head.saved_casts(),
+        loss=loss_bytes(st, logits_dtype), layer_saved=layer_saved_bytes(st, other),
+        layer_casts=0 if compiled else other.saved_casts(),
+        layer_input=st.tokens * st.dims["h"] * BYTES[stream_dtype(st)],
+        fwd_transient=other.fwd_transient,
+        bwd_transient=layer_backward_transient(st, other),
+    )
+
+
+def layer_backward_transient(st: Setup, g: _Graph) -> int:
+    """Working set of one layer's backward beyond its saved tensors: the larger of the MLP / attention
+    gradient temporaries, plus, when weights train under autocast, the half-precision weight grad of the
+    largest projection before it is cast to the parameter's dtype."""
+    extra = g.bwd_transient
+    if st.full and st.autocast:
+        extra += max(i * o for i, o in linear_shapes(st.arch).values()) * 2
+    return extra
+
+
+def _nonzero(terms: dict[str, int]) -> dict[str, int]:
+    return {k: int(v) for k, v in terms.items() if v}
+
+
+def forward_moments(st: Setup, p: Parts) -> dict[str, dict[str, int]]:
+    """End of the forward (logits, their fp32 copy and log-probs all alive) and, for eager attention,
+    the softmax of the last layer. Autocast's weight cache is alive throughout the forward."""
+    held = {**p.static, **_accumulated(st, p), **p.acts, "autocast_weight_copies": p.forward_casts}
+    lm_input = p.layer_input
+    moments = {"forward_end": _nonzero({**held, "lm_head_input": lm_input, "loss_forward": p.loss["forward"]})}
+    if p.fwd_transient:
+        running = p.layer_saved if st.spec.gradient_checkpointing else 0
+        moments["forward_attention"] = _nonzero({**held, "layer_running": running,
+                                                 "attention_transient": p.fwd_transient})
+    return moments
+
+
+def _accumulated(st: Setup, p: Parts) -> dict[str, int]:
+    """With grad_accum > 1 the peak micro-batch already holds every gradient from the earlier ones."""
+    return {"grads_accumulated": p.grads} if st.spec.grad_accum > 1 else {}
+
+
+def loss_backward_moments(st: Setup, p: Parts) -> dict[str, dict[str, int]]:
+    """Backward of the loss (3 x fp32 b x s x V), then lm_head's backward: the logits grad in the compute
+    dtype and, when lm_head trains, its weight grad (half copy, then the parameter-dtype grad)."""
+    held = {**p.static, **_accumulated(st, p), **p.acts, "autocast_weight_copies": p.backward_casts}
+    moments = {"loss_backward": _nonzero({**held, "loss_backward": p.loss["backward"]})}
+    if st.full:
+        dm = st.dims
+        head_grad = dm["V"] * dm["h"] * (BYTES[trainable_dtype(st)] + (2 if st.autocast else 0))
+        moments["lm_head_backward"] = _nonzero({**held, "logits_grad": p.loss["logits_grad"],
+                                                "lm_head_grads": 0 if st.spec.grad_accum > 1 else head_grad})
+    return moments
+
+
+def layer_backward_moments(st: Setup, p: Parts) -> dict[str, dict[str, int]]:
+    """Backward of the last layer (all activations still held) and of the first (all layer grads made).
+    Memory is linear in the layer index between the two, so the ends bound every layer."""
+    L, gc, accum = st.dims["L"], st.spec.gradient_checkpointing, st.spec.grad_accum > 1
+    head_grads = p.grads - L * p.layer_grads
+    moments = {}
+    for name, done in (("last_layer_backward", 0), ("first_layer_backward", L - 1)):
+        acts = dict(p.acts, final_norm_saved=0)
+        if gc:
+            acts["layer_inputs"] -= done * p.layer_input
+            acts["recomputed_layer"] = p.layer_saved
+        else:
+            acts["layer_activations"] -= done * p.layer_saved
+        casts = p.layer_casts if gc else p.backward_casts - done * p.layer_casts
+        grads = p.grads if accum else head_grads + (done + 1) * p.layer_grads
+        moments[name] = _nonzero({**p.static, **acts, "autocast_weight_copies": casts, "grads": grads,
+                                  "backward_transient": p.bwd_transient})
+    return moments
+
+
+def optimizer_moment(st: Setup, p: Parts) -> dict[str, dict[str, int]]:
+    """End of backward and optimizer.step(): every grad alive, plus the optimizer's temporary or, for a
+    trained tied embedding, the embedding's fresh grad before it is added into the lm_head grad."""
+    dm = st.dims
+    tied_extra = dm["V"] * dm["h"] * BYTES[trainable_dtype(st)] if st.full and st.arch.get("tie_word_embeddings") else 0
+    transient = max(optimizer_step_transient(st), tied_extra)
+    return {"optimizer_step": _nonzero({**p.static, "grads": p.grads, "optimizer_transient": transient})}
+
+
+def moments(st: Setup, p: Parts) -> dict[str, dict[str, int]]:
+    """Allocated bytes at each candidate moment of the step, as named terms."""
+    return {**forward_moments(st, p), **loss_backward_moments(st, p), **layer_backward_moments(st, p),
+            **optimizer_moment(st, p)}
+
+
+def allocator_slack(p: Parts) -> int:
+    """reserved - allocated at the peak. The half-precision logits block freed after the forward cannot
+    hold the fp32 blocks the loss backward asks for, so it stays cached unused; the rest is fragmentation,
+    fit (CALIBRATION) as a constant plus a fraction of one layer's saved activations."""
+    return int(p.loss["unreusable"] + CALIBRATION["slack_bytes"] + CALIBRATION["slack_layer_fraction"] * p.layer_saved)
+
+
+def _as_spec(spec: dict | CellSpec, arch: dict | None) -> CellSpec:
+    """A validated CellSpec; with an explicit `arch`, a model name unknown to bench.models is allowed."""
+    if isinstance(spec, CellSpec):
+        return spec
+    data = dict(spec)
+    if isinstance(data.get("lora_targets"), list):
+        data["lora_targets"] = tuple(data["lora_targets"])
+    if arch is not None and data.get("model") not in ARCHITECTURES:
+        return CellSpec(**data)
+    return CellSpec.create(**data)
+
+
+def predict(spec: dict[str, Any] | CellSpec, arch: dict | None = None) -> Prediction:
+    """Predicted steady-state peak allocated / reserved / NVML bytes of the cell `spec`."""
+    st = setup(_as_spec(spec, arch), arch)
+    p = parts(st)
+    table = moments(st, p)
+    phase = max(table, key=lambda name: sum(table[name].values()))
+    allocated = sum(table[phase].values())
+    reserved = allocated + allocator_slack(p)
+    outside = _nonzero({
+        "allocator_slack": reserved - allocated,
+        "cuda_context": int(CALIBRATION["cuda_context_bytes"]),
+        "non_torch_process": int(CALIBRATION["nvml_non_torch_bytes"]),
+        "paged_optimizer_state (unified memory)": p.paged,
+    })
+    nvml = reserved + sum(v for k, v in outside.items() if k != "allocator_slack")
+    totals = {name: sum(terms.values()) for name, terms in table.items()}
+    return Prediction(allocated, reserved, nvml, table[phase], phase, outside, totals)
+
+
+def fits_budget(prediction: Prediction, budget: int) -> bool:
+    """The harness caps torch's allocator at budget - CUDA context (bench.measure); under a cap the
+    allocator frees its cache and retries before failing, so allocated (not reserved) must fit."""
+    return prediction.peak_allocated_bytes + CALIBRATION["cuda_context_bytes"] <= budget

@@ -1,0 +1,45 @@
+"""`ftmem report`: the report (tables, plots, claim verdicts) from results files, on any machine.
+
+bench/cli.py calls `register(subparsers)`; the subcommand's `func(args)` returns the exit code.
+The last line printed is one JSON document (index path, rows, verdict counts) for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+from analysis.load import REPO_ROOT, MalformedResults
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `report [RESULTS...] --out DIR [--readme [README]]`."""
+    parser = subparsers.add_parser(
+        "report", help="tables, plots and the guide's claim verdicts from results files (no GPU needed)")
+    parser.add_argument("results", nargs="*", help="results files or folders (default: the shipped results/)")
+    parser.add_argument("--out", default="report", help="folder to write index.md, tables/ and plots/ into (default report/)")
+    parser.add_argument("--readme", nargs="?", const=str(REPO_ROOT / "README.md"), default=None, metavar="README",
+                        help="also fill the claims and plots sections of README.md (between its "
+                             "<!-- claims:start/end --> and <!-- plots:start/end --> markers), copying plots to docs/")
+    parser.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write the report (and the README sections); errors in the inputs exit 2 with the reason."""
+    from analysis.report import ReadmeError, build_report, update_readme
+
+    try:
+        report = build_report(args.results or None, Path(args.out))
+        if args.readme:
+            update_readme(report, args.readme)
+    except (MalformedResults, FileNotFoundError, ReadmeError) as exc:
+        print(f"ftmem report: error: {exc}", file=sys.stderr)
+        return 2
+    verdicts = Counter(r.verdict for r in report.results)
+    print(f"report: {report.index} ({len(report.frame)} rows; " + ", ".join(f"{n} {v}" for v, n in verdicts.items()) + ")")
+    print(json.dumps({"index": str(report.index), "rows": len(report.frame), "verdicts": dict(verdicts),
+                      "readme": args.readme}))
+    return 0
