@@ -19,6 +19,7 @@ import pandas as pd
 
 from analysis.predict import CALIBRATION, fits_budget, predict
 from bench.models import UnknownModelError, architecture
+from bench.store import latest_rows, read_rows
 
 CLOSE_CALL = 0.03
 START, END = "<!-- accuracy:start -->", "<!-- accuracy:end -->"
@@ -26,18 +27,8 @@ FLAG_FAMILIES = ("optimizer", "fused_ce", "compile", "kbit_fp32_upcast")
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of one JSONL file; a truncated last line (a write cut short) is skipped."""
-    lines = Path(path).read_text(encoding="utf-8").split("\n")
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            if number < len(lines):  # only the last line, not newline-terminated, may be cut short
-                raise ValueError(f"{path}:{number}: not a JSON row ({exc.msg})") from None
-    return rows
+    """Rows of one results file, the last row of each (cell_id, repeat) only (bench.store)."""
+    return latest_rows(read_rows(path))
 
 
 def is_qwen3(model: str) -> bool:
@@ -72,8 +63,11 @@ def cell_key(spec: dict[str, Any]) -> str:
 
 def measured_peaks(rows: list[dict[str, Any]]) -> dict[str, int]:
     """Steady peak allocated of each cell that ran to the end, with or without a budget."""
-    return {cell_key(r["spec"]): r["peak_allocated_bytes"] for r in rows
-            if r["status"] == "ok" and r.get("peak_allocated_bytes")}
+    return {
+        cell_key(r["spec"]): r["peak_allocated_bytes"]
+        for r in rows
+        if r["status"] == "ok" and r.get("peak_allocated_bytes")
+    }
 
 
 def evaluate(row: dict[str, Any], peaks: dict[str, int] | None = None) -> dict[str, Any] | None:
@@ -83,17 +77,38 @@ def evaluate(row: dict[str, Any], peaks: dict[str, int] | None = None) -> dict[s
         return None
     pred = predict(row["spec"])
     spec, budget = row["spec"], row.get("budget_bytes")
-    out = {**{k: spec.get(k) for k in ("model", "method", "gradient_checkpointing", "attn_impl",
-                                       "seq_len", "batch_size", *FLAG_FAMILIES)},
-           "status": row["status"], "predicted": pred.peak_allocated_bytes, "measured": None, "rel_error": None,
-           "budget": budget, "predicted_fit": None, "measured_fit": None, "close_call": None}
+    out = {
+        **{
+            k: spec.get(k)
+            for k in (
+                "model",
+                "method",
+                "gradient_checkpointing",
+                "attn_impl",
+                "seq_len",
+                "batch_size",
+                *FLAG_FAMILIES,
+            )
+        },
+        "status": row["status"],
+        "predicted": pred.peak_allocated_bytes,
+        "measured": None,
+        "rel_error": None,
+        "budget": budget,
+        "predicted_fit": None,
+        "measured_fit": None,
+        "close_call": None,
+    }
     if row["status"] == "ok" and row.get("peak_allocated_bytes"):
         out["measured"] = row["peak_allocated_bytes"]
         out["rel_error"] = (pred.peak_allocated_bytes - out["measured"]) / out["measured"]
     if budget:
         peak = (peaks or {}).get(cell_key(spec)) or out["measured"]
-        out.update(predicted_fit=fits_budget(pred, budget), measured_fit=measured_fit,
-                   close_call=close_call(peak, pred.peak_allocated_bytes, row, budget))
+        out.update(
+            predicted_fit=fits_budget(pred, budget),
+            measured_fit=measured_fit,
+            close_call=close_call(peak, pred.peak_allocated_bytes, row, budget),
+        )
     return out
 
 
@@ -123,10 +138,14 @@ def _family_stats(frame: pd.DataFrame) -> dict[str, Any]:
     right = verdicts["predicted_fit"] == verdicts["measured_fit"]
     some = len(err) > 0
     return {
-        "n": int(len(err)), "median": absolute.median() if some else np.nan,
-        "p95": absolute.quantile(0.95) if some else np.nan, "max": absolute.max() if some else np.nan,
-        "bias": err.median() if some else np.nan, "n_verdicts": int((~close).sum()),
-        "verdicts_correct": int((right & ~close).sum()), "close_calls": int(close.sum()),
+        "n": int(len(err)),
+        "median": absolute.median() if some else np.nan,
+        "p95": absolute.quantile(0.95) if some else np.nan,
+        "max": absolute.max() if some else np.nan,
+        "bias": err.median() if some else np.nan,
+        "n_verdicts": int((~close).sum()),
+        "verdicts_correct": int((right & ~close).sum()),
+        "close_calls": int(close.sum()),
         "close_calls_correct": int((right & close).sum()),
     }
 
@@ -134,8 +153,20 @@ def _family_stats(frame: pd.DataFrame) -> dict[str, Any]:
 def accuracy_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Per family: method x gradient checkpointing x attention, then one line per flag value, then all."""
     if frame.empty:
-        return pd.DataFrame(columns=["family", "n", "median", "p95", "max", "bias", "n_verdicts",
-                                     "verdicts_correct", "close_calls", "close_calls_correct"])
+        return pd.DataFrame(
+            columns=[
+                "family",
+                "n",
+                "median",
+                "p95",
+                "max",
+                "bias",
+                "n_verdicts",
+                "verdicts_correct",
+                "close_calls",
+                "close_calls_correct",
+            ]
+        )
     lines = []
     for key, group in frame.groupby(["method", "gradient_checkpointing", "attn_impl"], dropna=False):
         method, gc, attn = key
@@ -158,16 +189,20 @@ def _pct(value: float) -> str:
 
 def accuracy_markdown(df: pd.DataFrame) -> str:
     """The table as Markdown: |relative error| of peak allocated (median, p95, max), signed median, verdicts."""
-    head = ("| family | rows | median abs err | p95 abs err | max abs err | median signed err | "
-            "fit/OOM verdicts correct | close calls (<3%) correct |\n|---|---:|---:|---:|---:|---:|---:|---:|\n")
+    head = (
+        "| family | rows | median abs err | p95 abs err | max abs err | median signed err | "
+        "fit/OOM verdicts correct | close calls (<3%) correct |\n|---|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
     body = "".join(
         f"| {r.family} | {r.n} | {_pct(r.median)} | {_pct(r.p95)} | {_pct(r.max)} | {_pct(r.bias)} | "
         f"{r.verdicts_correct}/{r.n_verdicts} | {r.close_calls_correct}/{r.close_calls} |\n"
         for r in df.itertuples()
     )
-    note = ("\nRelative error = (predicted - measured) / measured steady-state `peak_allocated_bytes`; "
-            "verdict = predicted allocated + CUDA context <= budget, against the row's ok / oom status; "
-            "close calls: the cell's peak (measured, else predicted) within 3% of the budget.\n")
+    note = (
+        "\nRelative error = (predicted - measured) / measured steady-state `peak_allocated_bytes`; "
+        "verdict = predicted allocated + CUDA context <= budget, against the row's ok / oom status; "
+        "close calls: the cell's peak (measured, else predicted) within 3% of the budget.\n"
+    )
     return head + body + note
 
 
@@ -180,5 +215,7 @@ def write_readme_section(readme_path: str | Path, markdown: str) -> bool:
     pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.DOTALL)
     if not pattern.search(text):
         return False
-    path.write_text(pattern.sub(lambda _: f"{START}\n{markdown.strip()}\n{END}", text, count=1), encoding="utf-8")
+    path.write_text(
+        pattern.sub(lambda _: f"{START}\n{markdown.strip()}\n{END}", text, count=1), encoding="utf-8"
+    )
     return True

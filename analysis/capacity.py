@@ -75,12 +75,22 @@ def _largest(values: Iterable[int], fits: Callable[[int], bool]) -> int | None:
     return best
 
 
-def capacity(base_spec: dict[str, Any], budget_bytes: int, seq_lens: Iterable[int] = SEQ_LENS,
-             batch_sizes: Iterable[int] = BATCH_SIZES) -> Capacity:
+def capacity(
+    base_spec: dict[str, Any],
+    budget_bytes: int,
+    seq_lens: Iterable[int] = SEQ_LENS,
+    batch_sizes: Iterable[int] = BATCH_SIZES,
+) -> Capacity:
     """For each batch size the largest seq_len predicted to fit, and for each seq_len the largest batch."""
     seq_lens, batch_sizes = tuple(seq_lens), tuple(batch_sizes)
-    by_batch = {b: _largest(seq_lens, lambda s, b=b: predicted_fit(base_spec, budget_bytes, s, b)) for b in batch_sizes}
-    by_seq = {s: _largest(batch_sizes, lambda b, s=s: predicted_fit(base_spec, budget_bytes, s, b)) for s in seq_lens}
+    by_batch = {
+        b: _largest(seq_lens, lambda s, b=b: predicted_fit(base_spec, budget_bytes, s, b))
+        for b in batch_sizes
+    }
+    by_seq = {
+        s: _largest(batch_sizes, lambda b, s=s: predicted_fit(base_spec, budget_bytes, s, b))
+        for s in seq_lens
+    }
     return Capacity(budget_bytes, by_batch, by_seq)
 
 
@@ -95,11 +105,18 @@ def _budget_spec(base_spec: dict[str, Any], budget_bytes: int) -> dict[str, Any]
     return {**base_spec, "budget_gb": budget_bytes / 1e9}
 
 
-def frontier_cells(base_spec: dict[str, Any], budget_bytes: int, seq_lens: Iterable[int] = SEQ_LENS,
-                   batch_sizes: Iterable[int] = BATCH_SIZES) -> list[FrontierPoint]:
+def frontier_cells(
+    base_spec: dict[str, Any],
+    budget_bytes: int,
+    seq_lens: Iterable[int] = SEQ_LENS,
+    batch_sizes: Iterable[int] = BATCH_SIZES,
+) -> list[FrontierPoint]:
     """Per frontier point, the largest fitting spec and the next step that does not, budget included."""
     seq_lens, batch_sizes = tuple(sorted(seq_lens)), tuple(sorted(batch_sizes))
-    cap, base = capacity(base_spec, budget_bytes, seq_lens, batch_sizes), _budget_spec(base_spec, budget_bytes)
+    cap, base = (
+        capacity(base_spec, budget_bytes, seq_lens, batch_sizes),
+        _budget_spec(base_spec, budget_bytes),
+    )
     points = []
     for b, s in cap.max_seq_by_batch.items():
         nxt = _next(seq_lens, s)
@@ -159,8 +176,12 @@ def _memoised(run_cell: Callable) -> Callable:
     return run
 
 
-def verify(frontier: list[FrontierPoint], run_cell: Callable, seq_lens: Iterable[int] = SEQ_LENS,
-           batch_sizes: Iterable[int] = BATCH_SIZES) -> list[Verified]:
+def verify(
+    frontier: list[FrontierPoint],
+    run_cell: Callable,
+    seq_lens: Iterable[int] = SEQ_LENS,
+    batch_sizes: Iterable[int] = BATCH_SIZES,
+) -> list[Verified]:
     """Check every frontier point on the GPU through `run_cell(CellSpec) -> row` (bench.runner.run_cell),
     each distinct cell run once. A status other than ok / oom (error, timeout) leaves `agrees` None."""
     grids = {"seq_len": tuple(sorted(seq_lens)), "batch_size": tuple(sorted(batch_sizes))}

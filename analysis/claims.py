@@ -107,16 +107,26 @@ def load_guide(path: str | Path = CLAIMS_FILE) -> Guide:
     for claim in claims:
         for check in claim.checks:
             if check["kind"] not in _CHECKS:
-                raise ValueError(f"{path}: {claim.id}: unknown check kind {check['kind']!r}; allowed: {', '.join(_CHECKS)}")
-    return Guide(defaults=data.get("defaults") or {}, claims=claims, predictions=data.get("predictions") or {})
+                raise ValueError(
+                    f"{path}: {claim.id}: unknown check kind {check['kind']!r}; allowed: {', '.join(_CHECKS)}"
+                )
+    return Guide(
+        defaults=data.get("defaults") or {}, claims=claims, predictions=data.get("predictions") or {}
+    )
 
 
 def _claim(entry: dict[str, Any]) -> Claim:
     return Claim(
-        id=entry["id"], table=entry["table"], method=entry["method"], guide_figure=entry["guide_figure"],
-        statement=" ".join(entry["statement"].split()), config=dict(entry.get("config") or {}),
-        checks=tuple(entry["checks"]), others=tuple(entry.get("others") or ()),
-        example=dict(entry.get("example") or {}), assumes=" ".join((entry.get("assumes") or "").split()),
+        id=entry["id"],
+        table=entry["table"],
+        method=entry["method"],
+        guide_figure=entry["guide_figure"],
+        statement=" ".join(entry["statement"].split()),
+        config=dict(entry.get("config") or {}),
+        checks=tuple(entry["checks"]),
+        others=tuple(entry.get("others") or ()),
+        example=dict(entry.get("example") or {}),
+        assumes=" ".join((entry.get("assumes") or "").split()),
     )
 
 
@@ -147,7 +157,9 @@ def match_rows(frame: pd.DataFrame, filters: dict[str, Any]) -> pd.DataFrame:
     return frame[mask]
 
 
-def claim_rows(frame: pd.DataFrame, guide: Guide, claim: Claim, check: dict[str, Any] | None = None) -> pd.DataFrame:
+def claim_rows(
+    frame: pd.DataFrame, guide: Guide, claim: Claim, check: dict[str, Any] | None = None
+) -> pd.DataFrame:
     """Rows of the configuration a claim (and one of its checks) implies."""
     filters = {**guide.defaults, **claim.config, **((check or {}).get("config") or {})}
     return match_rows(frame, filters)
@@ -186,14 +198,18 @@ def config_fit(rows: pd.DataFrame, budget: int, label: str) -> ConfigFit | None:
     oom = rows[(rows["status"] == "oom") & rows["cap_bytes"].ge(budget).fillna(False).astype(bool)]
     if len(oom):
         row = oom.sort_values("cap_bytes").iloc[-1].to_dict()
-        text = (f"{describe_spec(row['spec'])}: OOM under {row['cap_bytes'] / GIB:.2f} GiB (>= {label} "
-                f"{budget / GIB:.2f} GiB){_where(row)}")
+        text = (
+            f"{describe_spec(row['spec'])}: OOM under {row['cap_bytes'] / GIB:.2f} GiB (>= {label} "
+            f"{budget / GIB:.2f} GiB){_where(row)}"
+        )
         return ConfigFit("refuted", row, text, max(float(row["cap_bytes"]), largest) / budget)
     if ok.empty:
         return None
     row = ok.sort_values("footprint_bytes").iloc[-1].to_dict()
-    text = (f"{describe_spec(row['spec'])}: {row['footprint_basis']} peak {row['footprint_gib']:.2f} GiB vs {label} "
-            f"{budget / GIB:.2f} GiB ({largest / budget - 1:+.0%}){_where(row)}")
+    text = (
+        f"{describe_spec(row['spec'])}: {row['footprint_basis']} peak {row['footprint_gib']:.2f} GiB vs {label} "
+        f"{budget / GIB:.2f} GiB ({largest / budget - 1:+.0%}){_where(row)}"
+    )
     return ConfigFit(fit_verdict(int(largest), budget), row, text, largest / budget)
 
 
@@ -227,14 +243,20 @@ def check_fits(rows: pd.DataFrame, check: dict[str, Any]) -> CheckResult:
     over = check.get("over", "any" if expect else "all")
     fits = config_fits(rows, budget, label)
     if not fits:
-        return CheckResult(check["kind"], "not measured", f"no ok or OOM row of this configuration for {label}",
-                           budget_gib=budget / GIB)
+        return CheckResult(
+            check["kind"],
+            "not measured",
+            f"no ok or OOM row of this configuration for {label}",
+            budget_gib=budget / GIB,
+        )
     verdicts = [f.verdict if expect else _invert(f.verdict) for f in fits]
     # Ties go to a configuration with a measured peak (an OOM only bounds it), then to the one with the
     # most room (any) or the least (all); expect false flips the room.
     sign, pick = (-1 if expect else 1), (max if over == "any" else min)
     has_peak = [(1 if pick is max else -1) * (f.row["status"] == "ok") for f in fits]
-    deciding = pick(range(len(fits)), key=lambda i: (_RANK[verdicts[i]], has_peak[i], sign * fits[i].pressure))
+    deciding = pick(
+        range(len(fits)), key=lambda i: (_RANK[verdicts[i]], has_peak[i], sign * fits[i].pressure)
+    )
     verdict, row = verdicts[deciding], fits[deciding].row
     fitting = sum(f.verdict == "supported" for f in fits)
     summary = f"{fits[deciding].text}; {fitting} of {_count(len(fits), 'configuration')} fit {label} with 5% to spare"
@@ -243,14 +265,19 @@ def check_fits(rows: pd.DataFrame, check: dict[str, Any]) -> CheckResult:
         verdict, summary = "not measured", f"{summary}; not measured yet: {missing}"
     measured = float(row["footprint_gib"]) if row["status"] == "ok" else None  # an OOM row's peak is partial
     headline = f"{'OOM' if measured is None else f'{measured:.1f} GiB'} vs {label} {budget / GIB:.1f} GiB"
-    return CheckResult(check["kind"], verdict, summary, tuple(row_ref(f.row) for f in fits),
-                       measured, budget / GIB, headline)
+    return CheckResult(
+        check["kind"], verdict, summary, tuple(row_ref(f.row) for f in fits), measured, budget / GIB, headline
+    )
 
 
 def uncovered(rows: list[dict[str, Any]], covers: dict[str, list[Any]]) -> str:
     """The values a check must see measured that no row has, e.g. 'batch_size 4'; '' if none."""
-    missing = [f"{name} {value}" for name, values in covers.items() for value in values
-               if not any(row["spec"].get(name) == value for row in rows)]
+    missing = [
+        f"{name} {value}"
+        for name, values in covers.items()
+        for value in values
+        if not any(row["spec"].get(name) == value for row in rows)
+    ]
     return ", ".join(missing)
 
 
@@ -279,19 +306,27 @@ def check_memory_figure(rows: pd.DataFrame, check: dict[str, Any]) -> CheckResul
     low = None if check.get("min_gb") is None else check["min_gb"] * GB
     high = None if check.get("max_gb") is None else check["max_gb"] * GB
     stated = _range_text(check.get("min_gb"), check.get("max_gb"), "GB")
-    usable = rows[((rows["status"] == "ok") & rows["footprint_bytes"].notna())
-                  | ((rows["status"] == "oom") & rows["cap_bytes"].notna())]
+    usable = rows[
+        ((rows["status"] == "ok") & rows["footprint_bytes"].notna())
+        | ((rows["status"] == "oom") & rows["cap_bytes"].notna())
+    ]
     judged = [(figure_verdict(r, low, high), r) for r in usable.to_dict("records")]
     judged = [(v, r) for v, r in judged if v is not None]
     if not judged:
-        return CheckResult("memory_figure", "not measured", f"no row of this configuration speaks to {stated}")
+        return CheckResult(
+            "memory_figure", "not measured", f"no row of this configuration speaks to {stated}"
+        )
     verdict, row = max(judged, key=lambda vr: _RANK[vr[0]])
     summary = f"guide {stated}; {_spread(usable)}; deciding {_figure_text(row)}"
     measured = None if row["status"] == "oom" else float(row["footprint_gib"])
-    headline = (f"needs > {row['cap_bytes'] / GB:.0f} GB (OOM)" if measured is None
-                else f"{row['footprint_bytes'] / GB:.1f} GB") + f" vs guide {stated}"
-    return CheckResult("memory_figure", verdict, summary, tuple(row_ref(r) for _, r in judged), measured,
-                       headline=headline)
+    headline = (
+        f"needs > {row['cap_bytes'] / GB:.0f} GB (OOM)"
+        if measured is None
+        else f"{row['footprint_bytes'] / GB:.1f} GB"
+    ) + f" vs guide {stated}"
+    return CheckResult(
+        "memory_figure", verdict, summary, tuple(row_ref(r) for _, r in judged), measured, headline=headline
+    )
 
 
 def _spread(rows: pd.DataFrame) -> str:
@@ -306,8 +341,10 @@ def _spread(rows: pd.DataFrame) -> str:
 def _figure_text(row: dict[str, Any]) -> str:
     if row["status"] == "oom":
         return f"{describe_spec(row['spec'])}: OOM, needs > {row['cap_bytes'] / GB:.1f} GB{_where(row)}"
-    return (f"{describe_spec(row['spec'])}: {row['footprint_basis']} peak {row['footprint_bytes'] / GB:.1f} GB "
-            f"({row['footprint_gib']:.2f} GiB){_where(row)}")
+    return (
+        f"{describe_spec(row['spec'])}: {row['footprint_basis']} peak {row['footprint_bytes'] / GB:.1f} GB "
+        f"({row['footprint_gib']:.2f} GiB){_where(row)}"
+    )
 
 
 def _range_text(low: float | None, high: float | None, unit: str) -> str:
@@ -337,12 +374,20 @@ def savings_pairs(frame: pd.DataFrame, flag: str, base: Any, variant: Any) -> pd
 
 
 def _pair_record(pair: dict[str, Any], flag: str) -> dict[str, Any]:
-    record = {"flag": flag, "change": f"{pair[flag + '_base']} -> {pair[flag + '_variant']}",
-              "config": describe_spec(pair["spec_base"]), "env_stack": pair["env_stack_base"],
-              "base_ref": row_ref({k[:-5]: v for k, v in pair.items() if k.endswith("_base")}),
-              "variant_ref": row_ref({k[:-8]: v for k, v in pair.items() if k.endswith("_variant")})}
-    for measure, column in (("allocated", "peak_allocated_bytes"), ("reserved", "peak_reserved_bytes"),
-                            ("nvml", "nvml_peak_process_bytes"), ("footprint", "footprint_bytes")):
+    record = {
+        "flag": flag,
+        "change": f"{pair[flag + '_base']} -> {pair[flag + '_variant']}",
+        "config": describe_spec(pair["spec_base"]),
+        "env_stack": pair["env_stack_base"],
+        "base_ref": row_ref({k[:-5]: v for k, v in pair.items() if k.endswith("_base")}),
+        "variant_ref": row_ref({k[:-8]: v for k, v in pair.items() if k.endswith("_variant")}),
+    }
+    for measure, column in (
+        ("allocated", "peak_allocated_bytes"),
+        ("reserved", "peak_reserved_bytes"),
+        ("nvml", "nvml_peak_process_bytes"),
+        ("footprint", "footprint_bytes"),
+    ):
         before, after = pair[column + "_base"], pair[column + "_variant"]
         known = not (pd.isna(before) or pd.isna(after))
         record[f"{measure}_base_gib"] = before / GIB if known else None
@@ -371,27 +416,40 @@ def check_saving(rows: pd.DataFrame, check: dict[str, Any]) -> CheckResult:
     median = statistics.median(pairs["footprint_saved_pct"])
     verdict = saving_verdict(median, check.get("min_pct"), check.get("max_pct"))
     first = pairs.iloc[0]
-    summary = (f"{change}: median saving {median:.1f}% of process memory over {_count(len(pairs), 'pair')} "
-               f"(guide {stated}); "
-               f"e.g. {first['config']}: {first['footprint_base_gib']:.2f} -> {first['footprint_variant_gib']:.2f} GiB "
-               f"[{first['base_ref']} vs {first['variant_ref']}]")
+    summary = (
+        f"{change}: median saving {median:.1f}% of process memory over {_count(len(pairs), 'pair')} "
+        f"(guide {stated}); "
+        f"e.g. {first['config']}: {first['footprint_base_gib']:.2f} -> {first['footprint_variant_gib']:.2f} GiB "
+        f"[{first['base_ref']} vs {first['variant_ref']}]"
+    )
     refs = tuple(pairs["base_ref"]) + tuple(pairs["variant_ref"])
-    return CheckResult("saving_percent", verdict, summary, refs, headline=f"saves {median:.1f}% vs guide {stated}")
+    return CheckResult(
+        "saving_percent", verdict, summary, refs, headline=f"saves {median:.1f}% vs guide {stated}"
+    )
 
 
 # -- claims that rows cannot answer (yet) --------------------------------------------------------
 def check_multi_gpu(rows: pd.DataFrame, check: dict[str, Any]) -> CheckResult:
     """multi_gpu: ftmem's rows come from one process on one GPU, so these wait for such rows."""
-    return CheckResult("multi_gpu", "not measured",
-                       f"needs {check['gpus']} x {check['card']} in one job; every ftmem row is one process on one GPU")
+    return CheckResult(
+        "multi_gpu",
+        "not measured",
+        f"needs {check['gpus']} x {check['card']} in one job; every ftmem row is one process on one GPU",
+    )
 
 
 def check_qualitative(rows: pd.DataFrame, check: dict[str, Any]) -> CheckResult:
     return CheckResult("qualitative", "not measurable", check["reason"])
 
 
-_CHECKS = {"min_memory": check_fits, "fits_budget": check_fits, "memory_figure": check_memory_figure,
-           "saving_percent": check_saving, "multi_gpu": check_multi_gpu, "qualitative": check_qualitative}
+_CHECKS = {
+    "min_memory": check_fits,
+    "fits_budget": check_fits,
+    "memory_figure": check_memory_figure,
+    "saving_percent": check_saving,
+    "multi_gpu": check_multi_gpu,
+    "qualitative": check_qualitative,
+}
 
 
 def evaluate_claim(frame: pd.DataFrame, guide: Guide, claim: Claim) -> ClaimResult:
@@ -423,8 +481,11 @@ def example_spec(guide: Guide, claim: Claim) -> dict[str, Any] | None:
     which ftmem's predictor is asked about; None for claims without an example."""
     if not claim.example:
         return None
-    values = {k: v for k, v in {**guide.defaults, **claim.config}.items()
-              if not isinstance(v, (dict, list)) or k in TUPLE_COLUMNS}
+    values = {
+        k: v
+        for k, v in {**guide.defaults, **claim.config}.items()
+        if not isinstance(v, (dict, list)) or k in TUPLE_COLUMNS
+    }
     try:
         return CellSpec.create(**{**values, **claim.example}).to_dict()
     except SpecError:

@@ -99,8 +99,18 @@ def fit_family(rows: pd.DataFrame, measure: str = "footprint_bytes") -> FamilyFi
     spread = float(((target - target.mean()) ** 2).sum())
     r2 = 1.0 - float(((target - fitted) ** 2).sum()) / spread if spread > 0 else float("nan")
     residuals = pd.Series(target - fitted, index=[row_ref(r) for r in rows.to_dict("records")])
-    return FamilyFit(rows["family"].iloc[0], rows["family_key"].iloc[0], spec, measure,
-                     float(coef[0]), float(coef[1]), float(coef[2]) if eager else None, r2, len(rows), residuals)
+    return FamilyFit(
+        rows["family"].iloc[0],
+        rows["family_key"].iloc[0],
+        spec,
+        measure,
+        float(coef[0]),
+        float(coef[1]),
+        float(coef[2]) if eager else None,
+        r2,
+        len(rows),
+        residuals,
+    )
 
 
 def fit_families(frame: pd.DataFrame, measures: tuple[str, ...] = MEASURES) -> list[FamilyFit]:
@@ -114,18 +124,33 @@ def fit_families(frame: pd.DataFrame, measures: tuple[str, ...] = MEASURES) -> l
 
 def fits_table(fits: list[FamilyFit]) -> pd.DataFrame:
     """The coefficients in readable units: a in GiB, b in MiB per token, c in bytes per batch*seq^2."""
-    return pd.DataFrame([{
-        "family": f.family, "measure": f.measure, "rows": f.n,
-        "a_gib": f.a / GIB, "b_mib_per_token": f.b / MIB, "c_bytes_per_batch_seq2": f.c,
-        "r2": f.r2, "max_abs_residual_gib": float(np.abs(f.residuals).max()) / GIB,
-        "env_stack": f.key.split("|", 1)[1],
-    } for f in fits])
+    return pd.DataFrame(
+        [
+            {
+                "family": f.family,
+                "measure": f.measure,
+                "rows": f.n,
+                "a_gib": f.a / GIB,
+                "b_mib_per_token": f.b / MIB,
+                "c_bytes_per_batch_seq2": f.c,
+                "r2": f.r2,
+                "max_abs_residual_gib": float(np.abs(f.residuals).max()) / GIB,
+                "env_stack": f.key.split("|", 1)[1],
+            }
+            for f in fits
+        ]
+    )
 
 
 def residuals_table(fits: list[FamilyFit]) -> pd.DataFrame:
     """Every fitted row's residual (measured - fitted) in GiB."""
-    return pd.DataFrame([{"family": f.family, "measure": f.measure, "row": ref, "residual_gib": value / GIB}
-                         for f in fits for ref, value in f.residuals.items()])
+    return pd.DataFrame(
+        [
+            {"family": f.family, "measure": f.measure, "row": ref, "residual_gib": value / GIB}
+            for f in fits
+            for ref, value in f.residuals.items()
+        ]
+    )
 
 
 def measured_boundary(rows: pd.DataFrame, budget: int) -> tuple[int | None, int | None]:
@@ -139,8 +164,12 @@ def measured_boundary(rows: pd.DataFrame, budget: int) -> tuple[int | None, int 
     return (int(fit_seqs.max()) if len(fit_seqs) else None, int(miss_seqs.min()) if len(miss_seqs) else None)
 
 
-def capacity_frontier(frame: pd.DataFrame, fits: list[FamilyFit], cards: tuple[str, ...] = STANDARD_CARDS,
-                      batch_sizes: tuple[int, ...] = (1, 2, 4, 8)) -> pd.DataFrame:
+def capacity_frontier(
+    frame: pd.DataFrame,
+    fits: list[FamilyFit],
+    cards: tuple[str, ...] = STANDARD_CARDS,
+    batch_sizes: tuple[int, ...] = (1, 2, 4, 8),
+) -> pd.DataFrame:
     """Per footprint fit, card and batch size: the fit's longest sequence beside the measured one."""
     frame = with_family(frame)
     records = []
@@ -149,10 +178,20 @@ def capacity_frontier(frame: pd.DataFrame, fits: list[FamilyFit], cards: tuple[s
         for card in cards:
             budget = CARD_MIB[card] * MIB
             for batch in batch_sizes:
-                seen_fit, seen_miss = measured_boundary(family_rows[family_rows["batch_size"] == batch], budget)
-                records.append({"family": fit.family, "card": card, "batch_size": batch,
-                                "fit_max_seq_len": fit.max_seq_len(budget, batch),
-                                "measured_longest_fitting": seen_fit, "measured_shortest_not_fitting": seen_miss})
+                seen_fit, seen_miss = measured_boundary(
+                    family_rows[family_rows["batch_size"] == batch], budget
+                )
+                records.append(
+                    {
+                        "family": fit.family,
+                        "card": card,
+                        "batch_size": batch,
+                        "fit_max_seq_len": fit.max_seq_len(budget, batch),
+                        "measured_longest_fitting": seen_fit,
+                        "measured_shortest_not_fitting": seen_miss,
+                    }
+                )
     measured = ["measured_longest_fitting", "measured_shortest_not_fitting"]
-    return pd.DataFrame(records, columns=["family", "card", "batch_size", "fit_max_seq_len", *measured]).astype(
-        {column: "Int64" for column in measured})
+    return pd.DataFrame(
+        records, columns=["family", "card", "batch_size", "fit_max_seq_len", *measured]
+    ).astype({column: "Int64" for column in measured})

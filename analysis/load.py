@@ -31,13 +31,23 @@ import pandas as pd
 from bench.cards import GIB
 from bench.schema import FIELDS
 from bench.spec import CellSpec
+from bench.store import MalformedRow, iter_numbered_rows, latest_rows
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS = REPO_ROOT / "results"
 
 #: Env fields that change memory: rows differing in any of them are kept apart (`env_stack`).
-STACK_FIELDS = ("gpu_name", "driver", "cuda", "torch", "transformers", "peft", "bitsandbytes",
-                "liger_kernel", "flash_attn")
+STACK_FIELDS = (
+    "gpu_name",
+    "driver",
+    "cuda",
+    "torch",
+    "transformers",
+    "peft",
+    "bitsandbytes",
+    "liger_kernel",
+    "flash_attn",
+)
 
 #: Row fields that hold objects; they are flattened into columns of their own.
 _NESTED = ("spec", "env", "sweep")
@@ -63,27 +73,19 @@ def result_files(paths: Sequence[str | Path] | None = None) -> list[Path]:
 
 
 def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, row) of a results file.
+    """(line number, row) of a results file, the last row of each (cell_id, repeat) only.
 
-    A last line cut short by a crash (no newline, not JSON) is skipped with a warning, as
-    bench.store does when it appends; anything else that is not a row is an error naming the line.
+    Reading is bench.store's: a last line cut short by a crash is skipped with a warning;
+    anything else that is not a row is an error naming the line.
     """
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
-    rows: list[tuple[int, dict[str, Any]]] = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if number == len(lines):  # the last line, no newline after it: a write cut short
-                warnings.warn(f"{path}:{number}: skipped a truncated last line ({exc.msg})", stacklevel=2)
-                continue
-            raise MalformedResults(f"{path}:{number}: not a JSON row ({exc.msg})") from None
+    try:
+        rows = list(iter_numbered_rows(path))
+    except MalformedRow as exc:
+        raise MalformedResults(str(exc)) from None
+    for number, row in rows:
         _check_row(row, path, number)
-        rows.append((number, row))
-    return rows
+    latest = {id(row) for row in latest_rows([row for _, row in rows])}
+    return [(number, row) for number, row in rows if id(row) in latest]
 
 
 def _check_row(row: Any, path: Path, number: int) -> None:
@@ -137,8 +139,17 @@ def frame_from_records(records: list[dict[str, Any]]) -> pd.DataFrame:
     """Typed frame with the derived columns; every schema column exists even with no rows."""
     frame = pd.DataFrame.from_records(records)
     flat_fields = [f for f in FIELDS if f not in _NESTED]
-    for name in [*flat_fields, *SPEC_COLUMNS, "spec", "env_gpu_name", "env_gpu_total_bytes", "sweep_name",
-                 "sweep_claims", "source_file", "source_line"]:
+    for name in [
+        *flat_fields,
+        *SPEC_COLUMNS,
+        "spec",
+        "env_gpu_name",
+        "env_gpu_total_bytes",
+        "sweep_name",
+        "sweep_claims",
+        "source_file",
+        "source_line",
+    ]:
         if name not in frame.columns:
             frame[name] = pd.Series([None] * len(frame), dtype=object)
     frame = _typed(frame)
@@ -148,12 +159,27 @@ def frame_from_records(records: list[dict[str, Any]]) -> pd.DataFrame:
 def _typed(frame: pd.DataFrame) -> pd.DataFrame:
     """Nullable ints for counts and bytes, nullable booleans for flags, datetimes for dates."""
     for column in frame.columns:
-        if column.endswith("_bytes") or column in ("seq_len", "batch_size", "grad_accum", "lora_r",
-                                                    "repeat", "schema_version", "source_line", "n_params",
-                                                    "n_trainable_params"):
+        if column.endswith("_bytes") or column in (
+            "seq_len",
+            "batch_size",
+            "grad_accum",
+            "lora_r",
+            "repeat",
+            "schema_version",
+            "source_line",
+            "n_params",
+            "n_trainable_params",
+        ):
             frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("Int64")
-    for column in ("gradient_checkpointing", "compile", "fused_ce", "kbit_fp32_upcast", "fits_budget",
-                   "double_quant", "gc_reentrant"):
+    for column in (
+        "gradient_checkpointing",
+        "compile",
+        "fused_ce",
+        "kbit_fp32_upcast",
+        "fits_budget",
+        "double_quant",
+        "gc_reentrant",
+    ):
         if column in frame.columns:
             frame[column] = frame[column].astype("boolean")
     if "env_started_at" in frame.columns:
@@ -168,8 +194,11 @@ def _derived(frame: pd.DataFrame) -> pd.DataFrame:
     frame["tokens"] = (frame["seq_len"] * frame["batch_size"]).astype("Int64")
     basis = pd.Series([None] * len(frame), index=frame.index, dtype=object)
     footprint = pd.Series(pd.NA, index=frame.index, dtype="Int64")
-    for name, column in (("allocated", "peak_allocated_bytes"), ("reserved", "peak_reserved_bytes"),
-                         ("nvml", "nvml_peak_process_bytes")):
+    for name, column in (
+        ("allocated", "peak_allocated_bytes"),
+        ("reserved", "peak_reserved_bytes"),
+        ("nvml", "nvml_peak_process_bytes"),
+    ):
         present = frame[column].notna()
         footprint = footprint.mask(present, frame[column])
         basis = basis.mask(present, name)
@@ -184,8 +213,11 @@ def _derived(frame: pd.DataFrame) -> pd.DataFrame:
 
 def _stack(row: dict[str, Any]) -> str:
     """GPU and library versions of a row in one string, so rows of different stacks stay apart."""
-    parts = [f"{field} {row.get('env_' + field)}" for field in STACK_FIELDS[1:]
-             if is_present(row.get("env_" + field))]
+    parts = [
+        f"{field} {row.get('env_' + field)}"
+        for field in STACK_FIELDS[1:]
+        if is_present(row.get("env_" + field))
+    ]
     gpu = row.get("env_gpu_name")
     return " | ".join([str(gpu) if is_present(gpu) else "no GPU", *parts])
 

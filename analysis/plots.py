@@ -25,7 +25,11 @@ from bench.cards import CARD_MIB, GIB, MIB
 
 GIB_LABEL = "GiB (2^30 bytes)"
 VERDICT_COLOURS = {"supported": "#43a047", "marginal": "#fbc02d", "refuted": "#e53935"}
-FIT_LABELS = {"supported": "fits with 5% to spare", "marginal": "within 5% of the card", "refuted": "does not fit (or OOM)"}
+FIT_LABELS = {
+    "supported": "fits with 5% to spare",
+    "marginal": "within 5% of the card",
+    "refuted": "does not fit (or OOM)",
+}
 MAX_PANELS = 6
 
 
@@ -54,8 +58,16 @@ def draw_cards(ax, top_gib: float) -> None:
     for card in STANDARD_CARDS:
         total = CARD_MIB[card] * MIB / GIB
         ax.axhline(total, color="0.55", lw=0.8, ls="-.", zorder=0)
-        ax.text(0.995, total, f"{card} ({total:.1f})", transform=ax.get_yaxis_transform(), ha="right",
-                va="bottom", fontsize=7, color="0.35")
+        ax.text(
+            0.995,
+            total,
+            f"{card} ({total:.1f})",
+            transform=ax.get_yaxis_transform(),
+            ha="right",
+            va="bottom",
+            fontsize=7,
+            color="0.35",
+        )
         if total > top_gib:
             ax.set_ylim(0, total * 1.08)
             return
@@ -105,8 +117,14 @@ def draw_family(ax, rows: pd.DataFrame, fit: FamilyFit | None) -> None:
         ax.plot(ok["seq_len"], ok["footprint_gib"], "o-", color=colour, label=f"batch {batch}")
         ax.plot(ok["seq_len"], ok["peak_allocated_gib"], ":", marker="o", mfc="none", color=colour, alpha=0.7)
         oom = at_batch[at_batch["status"] == "oom"]
-        ax.scatter(oom["seq_len"], oom["cap_bytes"].astype("float64") / GIB, marker="x", s=70, color=colour, zorder=5)
-        top = max(top, ok["footprint_gib"].max() if len(ok) else 0, (oom["cap_bytes"].max() or 0) / GIB if len(oom) else 0)
+        ax.scatter(
+            oom["seq_len"], oom["cap_bytes"].astype("float64") / GIB, marker="x", s=70, color=colour, zorder=5
+        )
+        top = max(
+            top,
+            ok["footprint_gib"].max() if len(ok) else 0,
+            (oom["cap_bytes"].max() or 0) / GIB if len(oom) else 0,
+        )
         if fit is not None:
             seqs = np.geomspace(rows["seq_len"].min() / 1.4, rows["seq_len"].max() * 1.4, 60)
             ax.plot(seqs, [fit.peak(s, batch) / GIB for s in seqs], "--", color=colour, lw=1, alpha=0.8)
@@ -125,10 +143,12 @@ def _provenance(rows: pd.DataFrame) -> str:
 
 
 def _style_handles() -> list:
-    return [Line2D([], [], color="k", marker="o", label="NVML process peak (measured)"),
-            Line2D([], [], color="k", ls=":", marker="o", mfc="none", label="allocated peak (measured)"),
-            Line2D([], [], color="k", ls="--", label="least-squares fit"),
-            Line2D([], [], color="k", marker="x", ls="", label="OOM, drawn at its cap")]
+    return [
+        Line2D([], [], color="k", marker="o", label="NVML process peak (measured)"),
+        Line2D([], [], color="k", ls=":", marker="o", mfc="none", label="allocated peak (measured)"),
+        Line2D([], [], color="k", ls="--", label="least-squares fit"),
+        Line2D([], [], color="k", marker="x", ls="", label="OOM, drawn at its cap"),
+    ]
 
 
 def _seq_axis(ax, seqs: pd.Series) -> None:
@@ -157,8 +177,13 @@ def plot_measured_vs_predicted(table: pd.DataFrame, out_dir: Path) -> list[Path]
     ax.plot(line, line, color="0.3", lw=1, label="predicted = measured")
     for (measure, rows), marker in zip(table.groupby("measure"), "os^", strict=False):
         ax.scatter(rows["measured_gib"], rows["predicted_gib"], marker=marker, label=measure, zorder=3)
-    ax.set(xlim=(0, top), ylim=(0, top), xlabel=f"measured peak, {GIB_LABEL}", ylabel=f"ftmem predicted peak, {GIB_LABEL}",
-           title="ftmem's prediction against the measurement")
+    ax.set(
+        xlim=(0, top),
+        ylim=(0, top),
+        xlabel=f"measured peak, {GIB_LABEL}",
+        ylabel=f"ftmem predicted peak, {GIB_LABEL}",
+        title="ftmem's prediction against the measurement",
+    )
     ax.set_aspect("equal")
     ax.legend(fontsize=8)
     return save(figure, out_dir, "measured_vs_predicted")
@@ -169,16 +194,34 @@ def plot_savings(savings: pd.DataFrame, out_dir: Path) -> list[Path]:
     """Horizontal bars: each optimisation's saving as % of peak (NVML and allocated), GiB written on."""
     if savings.empty or "footprint_saved_pct" not in savings.columns:
         return []
-    labels = [f"{o}: {c}\n{cfg}\n[{Path(b).name} vs {Path(v).name}]" for o, c, cfg, b, v in zip(
-        savings["optimisation"], savings["change"], savings["config"], savings["base_ref"], savings["variant_ref"],
-        strict=True)]
+    labels = [
+        f"{o}: {c}\n{cfg}\n[{Path(b).name} vs {Path(v).name}]"
+        for o, c, cfg, b, v in zip(
+            savings["optimisation"],
+            savings["change"],
+            savings["config"],
+            savings["base_ref"],
+            savings["variant_ref"],
+            strict=True,
+        )
+    ]
     y = np.arange(len(savings))
     figure = Figure(figsize=(8.5, 1.2 + 0.85 * len(savings)), layout="constrained")
     ax = figure.subplots()
-    bars = ax.barh(y - 0.18, savings["footprint_saved_pct"], height=0.34, color="#1e88e5", label="process peak (NVML)")
-    ax.barh(y + 0.18, savings["allocated_saved_pct"].astype("float64"), height=0.34, color="#90caf9", label="allocated peak")
+    bars = ax.barh(
+        y - 0.18, savings["footprint_saved_pct"], height=0.34, color="#1e88e5", label="process peak (NVML)"
+    )
+    ax.barh(
+        y + 0.18,
+        savings["allocated_saved_pct"].astype("float64"),
+        height=0.34,
+        color="#90caf9",
+        label="allocated peak",
+    )
     for bar, gib in zip(bars, savings["footprint_saved_gib"], strict=True):
-        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {gib:.1f} GiB", va="center", fontsize=8)
+        ax.text(
+            bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {gib:.1f} GiB", va="center", fontsize=8
+        )
     ax.set_yticks(y, labels, fontsize=8)
     ax.invert_yaxis()
     ax.axvline(0, color="0.3", lw=0.8)
@@ -190,7 +233,9 @@ def plot_savings(savings: pd.DataFrame, out_dir: Path) -> list[Path]:
 
 
 # -- fit / OOM map per card ----------------------------------------------------------------------
-def plot_oom_heatmaps(frame: pd.DataFrame, out_dir: Path, cards: tuple[str, ...] = STANDARD_CARDS) -> list[Path]:
+def plot_oom_heatmaps(
+    frame: pd.DataFrame, out_dir: Path, cards: tuple[str, ...] = STANDARD_CARDS
+) -> list[Path]:
     """Per card, one panel per family: a seq x batch grid coloured by whether the cell fits the
     card (green), is within 5% of it (amber) or not (red), from ok rows' footprints and OOM rows."""
     rows = measured_rows(frame)
@@ -202,8 +247,13 @@ def plot_oom_heatmaps(frame: pd.DataFrame, out_dir: Path, cards: tuple[str, ...]
         figure, axes = _panels(len(families), width=4.6, height=3.2)
         for ax, (_, family_rows) in zip(axes, families, strict=True):
             draw_heatmap(ax, family_rows, card)
-        figure.legend(handles=[Patch(color=c, label=FIT_LABELS[v]) for v, c in VERDICT_COLOURS.items()]
-                      + [Patch(color="0.92", label="not measured")], loc="outside lower center", ncols=4, fontsize=8)
+        figure.legend(
+            handles=[Patch(color=c, label=FIT_LABELS[v]) for v, c in VERDICT_COLOURS.items()]
+            + [Patch(color="0.92", label="not measured")],
+            loc="outside lower center",
+            ncols=4,
+            fontsize=8,
+        )
         figure.suptitle(f"Which cells fit {card} ({CARD_MIB[card] * MIB / GIB:.1f} GiB)")
         paths += save(figure, out_dir, f"oom_frontier_{card}")
     return paths
@@ -220,7 +270,11 @@ def draw_heatmap(ax, rows: pd.DataFrame, card: str) -> None:
         x, y = seqs.index(seq), batches.index(batch)
         colour = VERDICT_COLOURS[fit.verdict] if fit else "0.92"
         ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, color=colour, ec="white"))
-        text = "-" if fit is None else ("OOM" if fit.row["status"] == "oom" else f"{fit.row['footprint_gib']:.1f}")
+        text = (
+            "-"
+            if fit is None
+            else ("OOM" if fit.row["status"] == "oom" else f"{fit.row['footprint_gib']:.1f}")
+        )
         ax.text(x, y, text, ha="center", va="center", fontsize=8)
     ax.set_xticks(range(len(seqs)), [str(s) for s in seqs])
     ax.set_yticks(range(len(batches)), [str(b) for b in batches])
@@ -246,12 +300,23 @@ def plot_components(frame: pd.DataFrame, predict: Callable, out_dir: Path, limit
         _component_bar(ax, x, prediction.components, colours)
         ax.bar(x + 0.2, row["peak_allocated_gib"], 0.38, color="0.3")
         ax.plot([x + 0.01, x + 0.39], [row["footprint_gib"]] * 2, color="#d50000", lw=2)
-    ax.set_xticks(range(len(pairs)), [describe_spec(r["spec"]).replace(" seq", "\nseq") for r, _ in pairs],
-                  fontsize=7, rotation=30, ha="right")
+    ax.set_xticks(
+        range(len(pairs)),
+        [describe_spec(r["spec"]).replace(" seq", "\nseq") for r, _ in pairs],
+        fontsize=7,
+        rotation=30,
+        ha="right",
+    )
     handles = [Patch(color=colours[n], label=f"predicted: {n}") for n in names]
-    handles += [Patch(color="0.3", label="measured allocated peak"), Line2D([], [], color="#d50000", lw=2, label="measured NVML process peak")]
+    handles += [
+        Patch(color="0.3", label="measured allocated peak"),
+        Line2D([], [], color="#d50000", lw=2, label="measured NVML process peak"),
+    ]
     figure.legend(handles=handles, fontsize=7, loc="outside right upper")
-    ax.set(ylabel=f"memory, {GIB_LABEL}", title="ftmem's predicted components (left) beside the measurement (right)")
+    ax.set(
+        ylabel=f"memory, {GIB_LABEL}",
+        title="ftmem's predicted components (left) beside the measurement (right)",
+    )
     return save(figure, out_dir, "components")
 
 

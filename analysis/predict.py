@@ -86,9 +86,17 @@ class Setup:
     def dims(self) -> dict[str, int]:
         a = self.arch
         d = a.get("head_dim") or a["hidden_size"] // a["num_attention_heads"]
-        return {"h": a["hidden_size"], "i": a["intermediate_size"], "L": a["num_hidden_layers"],
-                "H": a["num_attention_heads"], "KV": a["num_key_value_heads"], "d": d, "V": a["vocab_size"],
-                "q": a["num_attention_heads"] * d, "kv": a["num_key_value_heads"] * d}
+        return {
+            "h": a["hidden_size"],
+            "i": a["intermediate_size"],
+            "L": a["num_hidden_layers"],
+            "H": a["num_attention_heads"],
+            "KV": a["num_key_value_heads"],
+            "d": d,
+            "V": a["vocab_size"],
+            "q": a["num_attention_heads"] * d,
+            "kv": a["num_key_value_heads"] * d,
+        }
 
 
 def _base_dtype(spec: CellSpec) -> str:
@@ -117,9 +125,14 @@ def setup(spec: CellSpec, arch: dict | None = None) -> Setup:
     upcast = spec.method in KBIT_METHODS and bool(spec.kbit_fp32_upcast)
     quant = {"qlora": spec.quant_type, "lora8bit": "int8"}.get(spec.method)
     return Setup(
-        spec=spec, arch=arch or architecture(spec.model), tokens=spec.seq_len * spec.batch_size,
-        autocast={"bf16_mixed": "bf16", "fp16_mixed": "fp16"}.get(spec.precision), base=base,
-        other="fp32" if upcast else base, quant=quant, adapter=_adapter_dtype(spec, base),
+        spec=spec,
+        arch=arch or architecture(spec.model),
+        tokens=spec.seq_len * spec.batch_size,
+        autocast={"bf16_mixed": "bf16", "fp16_mixed": "fp16"}.get(spec.precision),
+        base=base,
+        other="fp32" if upcast else base,
+        quant=quant,
+        adapter=_adapter_dtype(spec, base),
         full=spec.method == "full",
     )
 
@@ -445,8 +458,10 @@ def attention_eager(g: _Graph, q: _T, k: _T, v: _T) -> _T:
     probs = g.cast(soft, q.dtype)
     g.save(g.cast(probs, ac) if ac else probs)
     g.save(g.cast(vrep, ac) if ac else vrep)
-    g.bump(backward=scores * (BYTES[cd] + 4 + BYTES[masked]),
-           forward=scores * (BYTES[masked] + (4 if masked != "fp32" else 0)))
+    g.bump(
+        backward=scores * (BYTES[cd] + 4 + BYTES[masked]),
+        forward=scores * (BYTES[masked] + (4 if masked != "fp32" else 0)),
+    )
     return g.new(q.numel, cd, True)
 
 
@@ -460,7 +475,10 @@ def attention_math(g: _Graph, q: _T, k: _T, v: _T) -> _T:
     for _ in range(3):  # scaled q, scaled k repeated, v repeated
         g.save(g.new(q.numel, q.dtype, True))
     g.save(g.new(scores, q.dtype, True))
-    g.bump(backward=2 * scores * BYTES[q.dtype], forward=scores * BYTES[q.dtype] + spec.seq_len**2 * BYTES[q.dtype])
+    g.bump(
+        backward=2 * scores * BYTES[q.dtype],
+        forward=scores * BYTES[q.dtype] + spec.seq_len**2 * BYTES[q.dtype],
+    )
     return g.new(q.numel, q.dtype, True)
 
 
@@ -505,8 +523,10 @@ def mlp_block(g: _Graph, x: _T, lins: dict[str, _Linear]) -> _T:
 def _projections(st: Setup) -> dict[str, _Linear]:
     kind = st.quant or "dense"
     targets = st.spec.lora_targets or ()
-    return {name: _Linear(name, i, o, kind, st.base, st.full, name in targets)
-            for name, (i, o) in linear_shapes(st.arch).items()}
+    return {
+        name: _Linear(name, i, o, kind, st.base, st.full, name in targets)
+        for name, (i, o) in linear_shapes(st.arch).items()
+    }
 
 
 def layer_input_requires_grad(st: Setup, first: bool) -> bool:
@@ -561,8 +581,13 @@ def loss_bytes(st: Setup, logits_dtype: str) -> dict[str, int]:
         return fused_loss_bytes(st, logits_dtype)
     ld = BYTES[logits_dtype]
     upcast = 4 * tv if logits_dtype != "fp32" else 0
-    return {"forward": ld * tv + upcast + 4 * tv, "backward": 12 * tv, "saved": 4 * tv,
-            "logits_grad": ld * tv, "unreusable": ld * tv if ld < 4 else 0}
+    return {
+        "forward": ld * tv + upcast + 4 * tv,
+        "backward": 12 * tv,
+        "saved": 4 * tv,
+        "logits_grad": ld * tv,
+        "unreusable": ld * tv if ld < 4 else 0,
+    }
 
 
 def fused_loss_bytes(st: Setup, compute_dtype: str) -> dict[str, int]:
@@ -575,8 +600,13 @@ def fused_loss_bytes(st: Setup, compute_dtype: str) -> dict[str, int]:
     saved = bt * dm["h"] * BYTES[compute_dtype] + (dm["V"] * dm["h"] * BYTES[st.other] if st.full else 0)
     weight_cast = dm["V"] * dm["h"] * 2 if st.autocast and st.other == "fp32" else 0
     chunk_bytes = chunk * dm["V"] * BYTES[compute_dtype] + weight_cast + 8 * bt
-    return {"forward": saved + chunk_bytes, "backward": saved, "saved": saved, "logits_grad": 0,
-            "unreusable": 0}
+    return {
+        "forward": saved + chunk_bytes,
+        "backward": saved,
+        "saved": saved,
+        "logits_grad": 0,
+        "unreusable": 0,
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -629,8 +659,16 @@ def compiled_layer_saved(st: Setup) -> int:
     proj = BYTES[stream_dtype(st)] if st.quant else BYTES[st.autocast or st.base]
     attn = BYTES[st.autocast or ("bf16" if spec.attn_impl == "flash_attention_2" else stream_dtype(st))]
     lora = len(spec.lora_targets or ()) * (spec.lora_r or 0) * BYTES[st.autocast or st.adapter or "fp32"]
-    per_token = (2 * stream * dm["h"] + 2 * 4 + proj * (dm["q"] + 2 * dm["kv"]) + 4 * (dm["H"] + dm["KV"])
-                 + attn * dm["q"] + 4 * dm["H"] + lora + 2 * proj * dm["i"])
+    per_token = (
+        2 * stream * dm["h"]
+        + 2 * 4
+        + proj * (dm["q"] + 2 * dm["kv"])
+        + 4 * (dm["H"] + dm["KV"])
+        + attn * dm["q"]
+        + 4 * dm["H"]
+        + lora
+        + 2 * proj * dm["i"]
+    )
     scores = spec.batch_size * dm["H"] * spec.seq_len**2 * 6 if spec.attn_impl == "eager" else 0
     return tokens * per_token + scores
 
@@ -650,7 +688,9 @@ def activation_bytes(st: Setup, first: _Graph, other: _Graph, head: _Graph) -> d
         cos_sin = 2 * st.tokens * dm["d"] * BYTES[st.other]
         acts["layer_inputs"] = dm["L"] * st.tokens * dm["h"] * BYTES[stream_dtype(st)] + cos_sin
     else:
-        acts["layer_activations"] = layer_saved_bytes(st, first) + (dm["L"] - 1) * layer_saved_bytes(st, other)
+        acts["layer_activations"] = layer_saved_bytes(st, first) + (dm["L"] - 1) * layer_saved_bytes(
+            st, other
+        )
     return acts
 
 
@@ -662,12 +702,15 @@ def parts(st: Setup) -> Parts:
     layer_casts_fwd = first.forward_casts() + (L - 1) * other.forward_casts()
     layer_casts_saved = 0 if compiled else first.saved_casts() + (L - 1) * other.saved_casts()
     return Parts(
-        static=static, paged=paged, grads=grad_bytes(st),
+        static=static,
+        paged=paged,
+        grads=grad_bytes(st),
         layer_grads=sum(trainable_groups(st)["layer"]) * BYTES[trainable_dtype(st)],
         acts=activation_bytes(st, first, other, head),
         forward_casts=layer_casts_fwd + head.forward_casts(),
         backward_casts=(0 if gc else layer_casts_saved) + head.saved_casts(),
-        loss=loss_bytes(st, logits_dtype), layer_saved=layer_saved_bytes(st, other),
+        loss=loss_bytes(st, logits_dtype),
+        layer_saved=layer_saved_bytes(st, other),
         layer_casts=0 if compiled else other.saved_casts(),
         layer_input=st.tokens * st.dims["h"] * BYTES[stream_dtype(st)],
         fwd_transient=other.fwd_transient,
@@ -694,11 +737,14 @@ def forward_moments(st: Setup, p: Parts) -> dict[str, dict[str, int]]:
     the softmax of the last layer. Autocast's weight cache is alive throughout the forward."""
     held = {**p.static, **_accumulated(st, p), **p.acts, "autocast_weight_copies": p.forward_casts}
     lm_input = p.layer_input
-    moments = {"forward_end": _nonzero({**held, "lm_head_input": lm_input, "loss_forward": p.loss["forward"]})}
+    moments = {
+        "forward_end": _nonzero({**held, "lm_head_input": lm_input, "loss_forward": p.loss["forward"]})
+    }
     if p.fwd_transient:
         running = p.layer_saved if st.spec.gradient_checkpointing else 0
-        moments["forward_attention"] = _nonzero({**held, "layer_running": running,
-                                                 "attention_transient": p.fwd_transient})
+        moments["forward_attention"] = _nonzero(
+            {**held, "layer_running": running, "attention_transient": p.fwd_transient}
+        )
     return moments
 
 
@@ -715,8 +761,13 @@ def loss_backward_moments(st: Setup, p: Parts) -> dict[str, dict[str, int]]:
     if st.full:
         dm = st.dims
         head_grad = dm["V"] * dm["h"] * (BYTES[trainable_dtype(st)] + (2 if st.autocast else 0))
-        moments["lm_head_backward"] = _nonzero({**held, "logits_grad": p.loss["logits_grad"],
-                                                "lm_head_grads": 0 if st.spec.grad_accum > 1 else head_grad})
+        moments["lm_head_backward"] = _nonzero(
+            {
+                **held,
+                "logits_grad": p.loss["logits_grad"],
+                "lm_head_grads": 0 if st.spec.grad_accum > 1 else head_grad,
+            }
+        )
     return moments
 
 
@@ -735,8 +786,15 @@ def layer_backward_moments(st: Setup, p: Parts) -> dict[str, dict[str, int]]:
             acts["layer_activations"] -= done * p.layer_saved
         casts = p.layer_casts if gc else p.backward_casts - done * p.layer_casts
         grads = p.grads if accum else head_grads + (done + 1) * p.layer_grads
-        moments[name] = _nonzero({**p.static, **acts, "autocast_weight_copies": casts, "grads": grads,
-                                  "backward_transient": p.bwd_transient})
+        moments[name] = _nonzero(
+            {
+                **p.static,
+                **acts,
+                "autocast_weight_copies": casts,
+                "grads": grads,
+                "backward_transient": p.bwd_transient,
+            }
+        )
     return moments
 
 
@@ -744,22 +802,34 @@ def optimizer_moment(st: Setup, p: Parts) -> dict[str, dict[str, int]]:
     """End of backward and optimizer.step(): every grad alive, plus the optimizer's temporary or, for a
     trained tied embedding, the embedding's fresh grad before it is added into the lm_head grad."""
     dm = st.dims
-    tied_extra = dm["V"] * dm["h"] * BYTES[trainable_dtype(st)] if st.full and st.arch.get("tie_word_embeddings") else 0
+    tied_extra = (
+        dm["V"] * dm["h"] * BYTES[trainable_dtype(st)]
+        if st.full and st.arch.get("tie_word_embeddings")
+        else 0
+    )
     transient = max(optimizer_step_transient(st), tied_extra)
     return {"optimizer_step": _nonzero({**p.static, "grads": p.grads, "optimizer_transient": transient})}
 
 
 def moments(st: Setup, p: Parts) -> dict[str, dict[str, int]]:
     """Allocated bytes at each candidate moment of the step, as named terms."""
-    return {**forward_moments(st, p), **loss_backward_moments(st, p), **layer_backward_moments(st, p),
-            **optimizer_moment(st, p)}
+    return {
+        **forward_moments(st, p),
+        **loss_backward_moments(st, p),
+        **layer_backward_moments(st, p),
+        **optimizer_moment(st, p),
+    }
 
 
 def allocator_slack(p: Parts) -> int:
     """reserved - allocated at the peak. The half-precision logits block freed after the forward cannot
     hold the fp32 blocks the loss backward asks for, so it stays cached unused; the rest is fragmentation,
     fit (CALIBRATION) as a constant plus a fraction of one layer's saved activations."""
-    return int(p.loss["unreusable"] + CALIBRATION["slack_bytes"] + CALIBRATION["slack_layer_fraction"] * p.layer_saved)
+    return int(
+        p.loss["unreusable"]
+        + CALIBRATION["slack_bytes"]
+        + CALIBRATION["slack_layer_fraction"] * p.layer_saved
+    )
 
 
 def _as_spec(spec: dict | CellSpec, arch: dict | None) -> CellSpec:
@@ -782,12 +852,14 @@ def predict(spec: dict[str, Any] | CellSpec, arch: dict | None = None) -> Predic
     phase = max(table, key=lambda name: sum(table[name].values()))
     allocated = sum(table[phase].values())
     reserved = allocated + allocator_slack(p)
-    outside = _nonzero({
-        "allocator_slack": reserved - allocated,
-        "cuda_context": int(CALIBRATION["cuda_context_bytes"]),
-        "non_torch_process": int(CALIBRATION["nvml_non_torch_bytes"]),
-        "paged_optimizer_state (unified memory)": p.paged,
-    })
+    outside = _nonzero(
+        {
+            "allocator_slack": reserved - allocated,
+            "cuda_context": int(CALIBRATION["cuda_context_bytes"]),
+            "non_torch_process": int(CALIBRATION["nvml_non_torch_bytes"]),
+            "paged_optimizer_state (unified memory)": p.paged,
+        }
+    )
     nvml = reserved + sum(v for k, v in outside.items() if k != "allocator_slack")
     totals = {name: sum(terms.values()) for name, terms in table.items()}
     return Prediction(allocated, reserved, nvml, table[phase], phase, outside, totals)

@@ -34,7 +34,9 @@ def components_table(pred: Prediction, title: str):
     table.add_column("GiB (2^30 B)", justify="right")
     for name, value in sorted(pred.components.items(), key=lambda kv: -kv[1]):
         table.add_row(name, _gib(value))
-    table.add_row(f"[bold]peak allocated ({pred.peak_phase})[/bold]", f"[bold]{_gib(pred.peak_allocated_bytes)}[/bold]")
+    table.add_row(
+        f"[bold]peak allocated ({pred.peak_phase})[/bold]", f"[bold]{_gib(pred.peak_allocated_bytes)}[/bold]"
+    )
     for name, value in pred.outside_allocated.items():
         table.add_row(f"+ {name}", _gib(value))
     table.add_row("[bold]peak reserved[/bold]", f"[bold]{_gib(pred.peak_reserved_bytes)}[/bold]")
@@ -71,7 +73,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     pred = predict(spec)
     console = _console()
-    console.print(components_table(pred, f"Predicted memory of {spec.model} {spec.method}, seq {spec.seq_len} x batch {spec.batch_size}"))
+    console.print(
+        components_table(
+            pred,
+            f"Predicted memory of {spec.model} {spec.method}, seq {spec.seq_len} x batch {spec.batch_size}",
+        )
+    )
     console.print(verdict_table(pred, spec.budget_gb))
     return 0
 
@@ -122,13 +129,19 @@ def cmd_capacity(args: argparse.Namespace) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     lock = acquire(args.out)  # one runner per results file
     try:
-        results = verify(frontier_cells(base, budget, args.seq_lens, args.batch_sizes), _runner(args),
-                         args.seq_lens, args.batch_sizes)
+        results = verify(
+            frontier_cells(base, budget, args.seq_lens, args.batch_sizes),
+            _runner(args),
+            args.seq_lens,
+            args.batch_sizes,
+        )
     finally:
         lock.release()
     for result in results:
         point = result.point
-        console.print(f"{point.axis} frontier at {point.fixed}: runs {[s for _, s in result.runs]}, agrees={result.agrees}")
+        console.print(
+            f"{point.axis} frontier at {point.fixed}: runs {[s for _, s in result.runs]}, agrees={result.agrees}"
+        )
     return 0
 
 
@@ -173,10 +186,16 @@ def register(subparsers) -> None:
     c = subparsers.add_parser("capacity", help="largest seq_len / batch_size predicted to fit a budget")
     add_spec_arguments(c, required=("model", "method", "budget_gb"))
     c.add_argument("--seq-lens", type=_int_list, default=SEQ_LENS, help="comma-separated grid of seq_len")
-    c.add_argument("--batch-sizes", type=_int_list, default=BATCH_SIZES, help="comma-separated grid of batch_size")
+    c.add_argument(
+        "--batch-sizes", type=_int_list, default=BATCH_SIZES, help="comma-separated grid of batch_size"
+    )
     c.add_argument("--verify", action="store_true", help="run the frontier cells on the GPU (<= 3 per point)")
-    c.add_argument("--out", default=DEFAULT_VERIFY_OUT, help="JSONL file the verification rows are appended to")
-    c.add_argument("--timeout", type=float, default=900.0, help="wall-clock limit of each verification cell, s")
+    c.add_argument(
+        "--out", default=DEFAULT_VERIFY_OUT, help="JSONL file the verification rows are appended to"
+    )
+    c.add_argument(
+        "--timeout", type=float, default=900.0, help="wall-clock limit of each verification cell, s"
+    )
     c.set_defaults(func=cmd_capacity)
 
     a = subparsers.add_parser("accuracy", help="predicted vs measured peak memory of the results rows")

@@ -57,7 +57,9 @@ def build_report(paths: Sequence[str | Path] | None, out_dir: str | Path) -> Rep
     """Load, judge, tabulate and plot; the returned Report also feeds update_readme."""
     frame = load_results(paths)
     guide = load_guide()
-    report = Report(frame, guide, evaluate_claims(frame, guide), predictor(), Path(out_dir), fit_families(frame))
+    report = Report(
+        frame, guide, evaluate_claims(frame, guide), predictor(), Path(out_dir), fit_families(frame)
+    )
     report.tables = _write_tables(report)
     report.plots = _write_plots(report)
     report.index.write_text(index_markdown(report), encoding="utf-8")
@@ -66,13 +68,28 @@ def build_report(paths: Sequence[str | Path] | None, out_dir: str | Path) -> Rep
 
 def _write_tables(report: Report) -> dict[str, pd.DataFrame]:
     """Every table as tables/NAME.md and tables/NAME.csv."""
-    frame, guide, results, predict, fits = report.frame, report.guide, report.results, report.predict, report.fits
+    frame, guide, results, predict, fits = (
+        report.frame,
+        report.guide,
+        report.results,
+        report.predict,
+        report.fits,
+    )
     savings = tables.savings_table(frame)
-    built = {f"guide_{name}": tables.guide_table(frame, guide, results, name, predict) for name in tables.GUIDE_TABLES}
-    built.update(claims=tables.claims_table(results), savings=savings, savings_compact=tables.compact_savings(savings),
-                 fits=fits_table(fits), fit_residuals=residuals_table(fits),
-                 capacity_frontier=capacity_frontier(frame, fits), cells=tables.cells_table(frame),
-                 other_predictions=tables.predictions_table(guide))
+    built = {
+        f"guide_{name}": tables.guide_table(frame, guide, results, name, predict)
+        for name in tables.GUIDE_TABLES
+    }
+    built.update(
+        claims=tables.claims_table(results),
+        savings=savings,
+        savings_compact=tables.compact_savings(savings),
+        fits=fits_table(fits),
+        fit_residuals=residuals_table(fits),
+        capacity_frontier=capacity_frontier(frame, fits),
+        cells=tables.cells_table(frame),
+        other_predictions=tables.predictions_table(guide),
+    )
     if predict is not None:
         built["measured_vs_predicted"] = tables.measured_vs_predicted(frame, predict)
     for name, table in built.items():
@@ -89,7 +106,9 @@ def _write_plots(report: Report) -> dict[str, list[Path]]:
         "oom_frontier": plots.plot_oom_heatmaps(report.frame, out),
     }
     if report.predict is not None:
-        drawn["measured_vs_predicted"] = plots.plot_measured_vs_predicted(report.tables["measured_vs_predicted"], out)
+        drawn["measured_vs_predicted"] = plots.plot_measured_vs_predicted(
+            report.tables["measured_vs_predicted"], out
+        )
         drawn["components"] = plots.plot_components(report.frame, report.predict, out)
     return drawn
 
@@ -97,66 +116,123 @@ def _write_plots(report: Report) -> dict[str, list[Path]]:
 # -- index.md ------------------------------------------------------------------------------------
 def index_markdown(report: Report) -> str:
     """index.md: what the report rests on, the claims, the guide's tables, savings, fits, plots."""
-    parts = [_header(report), _claims_section(report), _guide_section(report), _savings_section(report),
-             _fits_section(report), _plots_section(report), _cells_section(report)]
+    parts = [
+        _header(report),
+        _claims_section(report),
+        _guide_section(report),
+        _savings_section(report),
+        _fits_section(report),
+        _plots_section(report),
+        _cells_section(report),
+    ]
     return "\n".join(parts)
 
 
 def _header(report: Report) -> str:
     frame = report.frame
-    files = frame.groupby("source_file")["status"].value_counts().unstack(fill_value=0) if len(frame) else None
-    lines = ["# ftmem report: the Qwen3-14B guide's claims against measured GPU memory", "",
-             f"{len(frame)} result rows" + ("." if files is None else " from:"), ""]
+    files = (
+        frame.groupby("source_file")["status"].value_counts().unstack(fill_value=0) if len(frame) else None
+    )
+    lines = [
+        "# ftmem report: the Qwen3-14B guide's claims against measured GPU memory",
+        "",
+        f"{len(frame)} result rows" + ("." if files is None else " from:"),
+        "",
+    ]
     if files is not None:
-        lines += [f"- `{name}`: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) for name, counts in files.iterrows()]
+        lines += [
+            f"- `{name}`: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+            for name, counts in files.iterrows()
+        ]
         lines += ["", "Software stacks (rows of different stacks are never paired or fitted together):", ""]
         lines += [f"- {stack}: {n} rows" for stack, n in frame["env_stack"].value_counts().items()]
     emulated = int(frame["budget_emulated"].sum()) if len(frame) else 0
-    lines += ["", "Units: GiB = 2^30 bytes; the guide's GB = 10^9 bytes; a card means its nvidia-smi total "
-              "(`bench/cards.py`; the guide's 24 GB card is an RTX 4090, 24564 MiB). A card's verdict uses the "
-              "NVML process peak (what nvidia-smi shows), else the reserved, else the allocated peak; marginal = "
-              "within 5% of the card.",
-              f"Budget-emulated rows (a cap on a larger GPU standing in for a card we lack): {emulated}.",
-              "ftmem's predictor: " + ("included." if report.predict else
-                                       "not available (analysis.predict missing): prediction columns and plots left out."),
-              ""]
+    lines += [
+        "",
+        "Units: GiB = 2^30 bytes; the guide's GB = 10^9 bytes; a card means its nvidia-smi total "
+        "(`bench/cards.py`; the guide's 24 GB card is an RTX 4090, 24564 MiB). A card's verdict uses the "
+        "NVML process peak (what nvidia-smi shows), else the reserved, else the allocated peak; marginal = "
+        "within 5% of the card.",
+        f"Budget-emulated rows (a cap on a larger GPU standing in for a card we lack): {emulated}.",
+        "ftmem's predictor: "
+        + (
+            "included."
+            if report.predict
+            else "not available (analysis.predict missing): prediction columns and plots left out."
+        ),
+        "",
+    ]
     return "\n".join(lines)
 
 
 def _claims_section(report: Report) -> str:
     counts = Counter(r.verdict for r in report.results)
-    summary = ", ".join(f"{counts[v]} {v}" for v in ("supported", "marginal", "refuted", "not measured", "not measurable"))
+    summary = ", ".join(
+        f"{counts[v]} {v}" for v in ("supported", "marginal", "refuted", "not measured", "not measurable")
+    )
     view = report.tables["claims"][["id", "claim", "guide", "verdict", "figures"]]
-    return "\n".join(["## Claims C1-C20", "", summary + ".", "", tables.to_markdown(view),
-                      _links("claims"), ""])
+    return "\n".join(
+        ["## Claims C1-C20", "", summary + ".", "", tables.to_markdown(view), _links("claims"), ""]
+    )
 
 
 def _guide_section(report: Report) -> str:
     lines = ["## The guide's tables with measured columns", ""]
     for name in tables.GUIDE_TABLES:
-        lines += [f"### {tables.guide_table_title(name)}", "", tables.to_markdown(report.tables[f"guide_{name}"]),
-                  _links(f"guide_{name}"), ""]
-    lines += ["Other published predictions:", "", tables.to_markdown(report.tables["other_predictions"]),
-              "The accelerate and DeepSpeed figures are computed here from the formulas those tools use "
-              "(model states only: weights, gradients, Adam moments; no activations) on the parameter counts "
-              "of `bench.models`; the others are as published.", _links("other_predictions"), ""]
+        lines += [
+            f"### {tables.guide_table_title(name)}",
+            "",
+            tables.to_markdown(report.tables[f"guide_{name}"]),
+            _links(f"guide_{name}"),
+            "",
+        ]
+    lines += [
+        "Other published predictions:",
+        "",
+        tables.to_markdown(report.tables["other_predictions"]),
+        "The accelerate and DeepSpeed figures are computed here from the formulas those tools use "
+        "(model states only: weights, gradients, Adam moments; no activations) on the parameter counts "
+        "of `bench.models`; the others are as published.",
+        _links("other_predictions"),
+        "",
+    ]
     return "\n".join(lines)
 
 
 def _savings_section(report: Report) -> str:
-    return "\n".join(["## Savings of each optimisation", "",
-                      "From pairs of ok rows equal in every other spec field, on one software stack.", "",
-                      tables.to_markdown(report.tables["savings_compact"]), _links("savings"), ""])
+    return "\n".join(
+        [
+            "## Savings of each optimisation",
+            "",
+            "From pairs of ok rows equal in every other spec field, on one software stack.",
+            "",
+            tables.to_markdown(report.tables["savings_compact"]),
+            _links("savings"),
+            "",
+        ]
+    )
 
 
 def _fits_section(report: Report) -> str:
-    return "\n".join(["## Fits and capacity", "",
-                      "Per family: peak = a + b x tokens (+ c x batch x seq^2 for eager attention), least squares "
-                      "over its ok rows. A fit through as many rows as coefficients is exact (R^2 = 1) and says "
-                      "little.", "", tables.to_markdown(report.tables["fits"]), _links("fits"),
-                      _links("fit_residuals"), "",
-                      "Capacity frontier (longest sequence per batch size and card, from the NVML-peak fit) beside "
-                      "the measured boundary:", "", _links("capacity_frontier"), ""])
+    return "\n".join(
+        [
+            "## Fits and capacity",
+            "",
+            "Per family: peak = a + b x tokens (+ c x batch x seq^2 for eager attention), least squares "
+            "over its ok rows. A fit through as many rows as coefficients is exact (R^2 = 1) and says "
+            "little.",
+            "",
+            tables.to_markdown(report.tables["fits"]),
+            _links("fits"),
+            _links("fit_residuals"),
+            "",
+            "Capacity frontier (longest sequence per batch size and card, from the NVML-peak fit) beside "
+            "the measured boundary:",
+            "",
+            _links("capacity_frontier"),
+            "",
+        ]
+    )
 
 
 def _plots_section(report: Report) -> str:
@@ -171,7 +247,9 @@ def _plots_section(report: Report) -> str:
 
 
 def _cells_section(report: Report) -> str:
-    return "\n".join(["## Measured cells", "", tables.to_markdown(report.tables["cells"]), _links("cells"), ""])
+    return "\n".join(
+        ["## Measured cells", "", tables.to_markdown(report.tables["cells"]), _links("cells"), ""]
+    )
 
 
 def _links(name: str) -> str:
@@ -183,8 +261,10 @@ def readme_claims(report: Report) -> str:
     """The compact claims table for the README."""
     view = report.tables["claims"][["id", "claim", "verdict", "measured"]]
     rows = len(report.frame)
-    return (f"Generated by `ftmem report --readme` from {rows} result rows; figures and rows behind each "
-            f"verdict: `report/index.md`.\n\n" + tables.to_markdown(view))
+    return (
+        f"Generated by `ftmem report --readme` from {rows} result rows; figures and rows behind each "
+        f"verdict: `report/index.md`.\n\n" + tables.to_markdown(view)
+    )
 
 
 def readme_plots(report: Report, docs_dir: Path) -> list[Path]:
@@ -197,8 +277,11 @@ def readme_plots(report: Report, docs_dir: Path) -> list[Path]:
         counts = report.frame[report.frame["status"] == "ok"]["method"].value_counts()
         best = max(peak, key=lambda p: counts.get(p.stem.removeprefix("peak_vs_seq_"), 0))
         chosen.append((best, "peak_vs_seq.png"))
-    second = [p for p in report.plots.get("savings", []) + report.plots.get("oom_frontier", [])
-              if p.suffix == ".png" and p.stem in ("savings", "oom_frontier_rtx4090-24gb")]
+    second = [
+        p
+        for p in report.plots.get("savings", []) + report.plots.get("oom_frontier", [])
+        if p.suffix == ".png" and p.stem in ("savings", "oom_frontier_rtx4090-24gb")
+    ]
     chosen += [(second[0], second[0].name)] if second else []
     for source, name in chosen:
         shutil.copyfile(source, docs_dir / name)

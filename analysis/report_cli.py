@@ -18,12 +18,21 @@ from analysis.load import REPO_ROOT, MalformedResults
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `report [RESULTS...] --out DIR [--readme [README]]`."""
     parser = subparsers.add_parser(
-        "report", help="tables, plots and the guide's claim verdicts from results files (no GPU needed)")
+        "report", help="tables, plots and the guide's claim verdicts from results files (no GPU needed)"
+    )
     parser.add_argument("results", nargs="*", help="results files or folders (default: the shipped results/)")
-    parser.add_argument("--out", default="report", help="folder to write index.md, tables/ and plots/ into (default report/)")
-    parser.add_argument("--readme", nargs="?", const=str(REPO_ROOT / "README.md"), default=None, metavar="README",
-                        help="also fill the claims and plots sections of README.md (between its "
-                             "<!-- claims:start/end --> and <!-- plots:start/end --> markers), copying plots to docs/")
+    parser.add_argument(
+        "--out", default="report", help="folder to write index.md, tables/ and plots/ into (default report/)"
+    )
+    parser.add_argument(
+        "--readme",
+        nargs="?",
+        const=str(REPO_ROOT / "README.md"),
+        default=None,
+        metavar="README",
+        help="also fill the claims and plots sections of README.md (between its "
+        "<!-- claims:start/end --> and <!-- plots:start/end --> markers), copying plots to docs/",
+    )
     parser.set_defaults(func=cmd_report)
 
 
@@ -39,7 +48,19 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"ftmem report: error: {exc}", file=sys.stderr)
         return 2
     verdicts = Counter(r.verdict for r in report.results)
-    print(f"report: {report.index} ({len(report.frame)} rows; " + ", ".join(f"{n} {v}" for v, n in verdicts.items()) + ")")
-    print(json.dumps({"index": str(report.index), "rows": len(report.frame), "verdicts": dict(verdicts),
-                      "readme": args.readme}))
+    print(
+        f"report: {report.index} ({len(report.frame)} rows; "
+        + ", ".join(f"{n} {v}" for v, n in verdicts.items())
+        + ")"
+    )
+    print(
+        json.dumps(
+            {
+                "index": str(report.index),
+                "rows": len(report.frame),
+                "verdicts": dict(verdicts),
+                "readme": args.readme,
+            }
+        )
+    )
     return 0

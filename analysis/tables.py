@@ -29,8 +29,11 @@ from analysis.fits import STANDARD_CARDS
 from analysis.load import describe_spec, is_present, predict_spec, row_ref
 from bench.cards import CARD_MIB, GB, GIB, MIB
 
-GUIDE_TABLES = {"method": "by fine-tuning method (C1-C7)", "measured": "of measured references (C15-C17)",
-                "scenario": "by scenario (C18-C20)"}
+GUIDE_TABLES = {
+    "method": "by fine-tuning method (C1-C7)",
+    "measured": "of measured references (C15-C17)",
+    "scenario": "by scenario (C18-C20)",
+}
 #: Check kinds whose configuration has rows that measure it (multi-GPU and qualitative ones have none).
 MEASURED_KINDS = ("min_memory", "fits_budget", "memory_figure")
 
@@ -42,7 +45,12 @@ SAVINGS = (
     ("attention implementation", "attn_impl", "eager", "flash_attention_2"),
     ("torch.compile", "compile", False, True),
     ("fused cross-entropy (liger)", "fused_ce", False, True),
-    ("8-bit optimizer", "optimizer", ["adamw", "adamw_fused", "adamw_foreach"], ["adamw_8bit", "paged_adamw_8bit"]),
+    (
+        "8-bit optimizer",
+        "optimizer",
+        ["adamw", "adamw_fused", "adamw_foreach"],
+        ["adamw_8bit", "paged_adamw_8bit"],
+    ),
     ("fp32 upcast of k-bit models", "kbit_fp32_upcast", True, False),
 )
 
@@ -60,7 +68,9 @@ def to_markdown(table: pd.DataFrame) -> str:
     """A GitHub Markdown table (pipes in cells escaped); a note in place of an empty table."""
     if table.empty:
         return "_No rows measured yet._\n"
-    cells = [[fmt(v).replace("|", "\\|").replace("\n", " ") for v in row] for row in table.itertuples(index=False)]
+    cells = [
+        [fmt(v).replace("|", "\\|").replace("\n", " ") for v in row] for row in table.itertuples(index=False)
+    ]
     lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells]) + "\n"
 
@@ -89,7 +99,9 @@ def smallest_card(footprint_bytes: Any) -> str:
 def evidence_rows(frame: pd.DataFrame, guide: Guide, claim: Claim) -> pd.DataFrame:
     """Rows of a claim's configuration: the union over its memory checks' configurations (none for
     a claim about several GPUs or not about memory: single-GPU rows do not measure those)."""
-    parts = [claim_rows(frame, guide, claim, check) for check in claim.checks if check["kind"] in MEASURED_KINDS]
+    parts = [
+        claim_rows(frame, guide, claim, check) for check in claim.checks if check["kind"] in MEASURED_KINDS
+    ]
     if not parts:
         return frame.iloc[0:0]
     rows = pd.concat(parts)
@@ -104,19 +116,27 @@ def measured_on(rows: pd.DataFrame) -> str:
     return gpus + (" (budget emulated)" if rows["budget_emulated"].any() else "")
 
 
-def guide_table(frame: pd.DataFrame, guide: Guide, results: list[ClaimResult], table: str,
-                predict: Callable | None = None) -> pd.DataFrame:
+def guide_table(
+    frame: pd.DataFrame, guide: Guide, results: list[ClaimResult], table: str, predict: Callable | None = None
+) -> pd.DataFrame:
     """One of the guide's tables with measured minima, the smallest card, verdict and predictions."""
     records = []
     for result in [r for r in results if r.claim.table == table]:
         rows = evidence_rows(frame, guide, result.claim)
         ok = rows[(rows["status"] == "ok") & rows["footprint_bytes"].notna()]
-        record = {"claim": result.claim.id, "method": result.claim.method, "guide": result.claim.guide_figure,
-                  "rows ok/oom": f"{len(ok)}/{int((rows['status'] == 'oom').sum())}", "min allocated GiB": ok["peak_allocated_gib"].min(),
-                  "min reserved GiB": ok["peak_reserved_gib"].min(), "min NVML GiB": ok["nvml_peak_process_gib"].min(),
-                  "smallest card": smallest_card(ok["footprint_bytes"].min() if len(ok) else None),
-                  "verdict": result.verdict, "measured on": measured_on(rows[rows["status"].isin(["ok", "oom"])]),
-                  "other predictions": predictions_text(guide, result.claim) or "-"}
+        record = {
+            "claim": result.claim.id,
+            "method": result.claim.method,
+            "guide": result.claim.guide_figure,
+            "rows ok/oom": f"{len(ok)}/{int((rows['status'] == 'oom').sum())}",
+            "min allocated GiB": ok["peak_allocated_gib"].min(),
+            "min reserved GiB": ok["peak_reserved_gib"].min(),
+            "min NVML GiB": ok["nvml_peak_process_gib"].min(),
+            "smallest card": smallest_card(ok["footprint_bytes"].min() if len(ok) else None),
+            "verdict": result.verdict,
+            "measured on": measured_on(rows[rows["status"].isin(["ok", "oom"])]),
+            "other predictions": predictions_text(guide, result.claim) or "-",
+        }
         if predict is not None:
             record["ftmem predicts for"] = claim_spec_text(guide, result.claim)
             record["ftmem predicted NVML GiB"] = predicted_gib(guide, result.claim, predict)
@@ -133,11 +153,21 @@ def predicted_gib(guide: Guide, claim: Claim, predict: Callable) -> float | None
 
 def claims_table(results: list[ClaimResult]) -> pd.DataFrame:
     """C1-C20: the claim in our words, the guide's figure, the verdict and the figures behind it."""
-    return pd.DataFrame([{
-        "id": r.claim.id, "claim": r.claim.statement, "guide": r.claim.guide_figure, "verdict": r.verdict,
-        "measured": r.headline or "-", "figures": r.figures, "assumed": r.claim.assumes or "-",
-        "rows": " ".join(r.rows) or "-",
-    } for r in results])
+    return pd.DataFrame(
+        [
+            {
+                "id": r.claim.id,
+                "claim": r.claim.statement,
+                "guide": r.claim.guide_figure,
+                "verdict": r.verdict,
+                "measured": r.headline or "-",
+                "figures": r.figures,
+                "assumed": r.claim.assumes or "-",
+                "rows": " ".join(r.rows) or "-",
+            }
+            for r in results
+        ]
+    )
 
 
 def savings_table(frame: pd.DataFrame) -> pd.DataFrame:
@@ -162,7 +192,8 @@ def compact_savings(table: pd.DataFrame) -> pd.DataFrame:
     for measure, title in (("allocated", "allocated"), ("reserved", "reserved"), ("nvml", "NVML process")):
         view[f"{title} saved"] = [
             "-" if pd.isna(gib) else f"{gib:.2f} GiB ({pct:.1f}%)"
-            for gib, pct in zip(table[f"{measure}_saved_gib"], table[f"{measure}_saved_pct"], strict=True)]
+            for gib, pct in zip(table[f"{measure}_saved_gib"], table[f"{measure}_saved_pct"], strict=True)
+        ]
     view["rows"] = table["base_ref"] + " vs " + table["variant_ref"]
     view["GPU"] = table["env_stack"].str.split(" | ", regex=False).str[0]
     return view
@@ -170,18 +201,31 @@ def compact_savings(table: pd.DataFrame) -> pd.DataFrame:
 
 def cells_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Every loaded row in one line: configuration, status, budget, peaks in GiB, where it ran."""
-    return pd.DataFrame([{
-        "row": row_ref(r), "model": r["model"], "config": describe_spec(r["spec"]), "status": r["status"],
-        "budget": r["budget_gb"] if is_present(r["budget_gb"]) else "-",
-        "allocated GiB": r["peak_allocated_gib"], "reserved GiB": r["peak_reserved_gib"],
-        "NVML GiB": r["nvml_peak_process_gib"], "GPU": r["env_gpu_name"],
-        "emulated": bool(r["budget_emulated"]), "stack": r["env_stack"],
-    } for r in frame.to_dict("records")])
+    return pd.DataFrame(
+        [
+            {
+                "row": row_ref(r),
+                "model": r["model"],
+                "config": describe_spec(r["spec"]),
+                "status": r["status"],
+                "budget": r["budget_gb"] if is_present(r["budget_gb"]) else "-",
+                "allocated GiB": r["peak_allocated_gib"],
+                "reserved GiB": r["peak_reserved_gib"],
+                "NVML GiB": r["nvml_peak_process_gib"],
+                "GPU": r["env_gpu_name"],
+                "emulated": bool(r["budget_emulated"]),
+                "stack": r["env_stack"],
+            }
+            for r in frame.to_dict("records")
+        ]
+    )
 
 
-PREDICTED_MEASURES = (("allocated", "peak_allocated_bytes", "peak_allocated_bytes"),
-                      ("reserved", "peak_reserved_bytes", "peak_reserved_bytes"),
-                      ("NVML process", "nvml_peak_process_bytes", "nvml_process_bytes"))
+PREDICTED_MEASURES = (
+    ("allocated", "peak_allocated_bytes", "peak_allocated_bytes"),
+    ("reserved", "peak_reserved_bytes", "peak_reserved_bytes"),
+    ("NVML process", "nvml_peak_process_bytes", "nvml_process_bytes"),
+)
 
 
 def measured_vs_predicted(frame: pd.DataFrame, predict: Callable) -> pd.DataFrame:
@@ -193,10 +237,19 @@ def measured_vs_predicted(frame: pd.DataFrame, predict: Callable) -> pd.DataFram
         for measure, column, attribute in PREDICTED_MEASURES if prediction is not None else ():
             measured, predicted = row[column], getattr(prediction, attribute, None)
             if is_present(measured) and predicted is not None:
-                records.append({"row": row_ref(row), "config": describe_spec(row["spec"]), "measure": measure,
-                                "measured_gib": measured / GIB, "predicted_gib": predicted / GIB,
-                                "error_pct": 100 * (predicted - measured) / measured})
-    return pd.DataFrame(records, columns=["row", "config", "measure", "measured_gib", "predicted_gib", "error_pct"])
+                records.append(
+                    {
+                        "row": row_ref(row),
+                        "config": describe_spec(row["spec"]),
+                        "measure": measure,
+                        "measured_gib": measured / GIB,
+                        "predicted_gib": predicted / GIB,
+                        "error_pct": 100 * (predicted - measured) / measured,
+                    }
+                )
+    return pd.DataFrame(
+        records, columns=["row", "config", "measure", "measured_gib", "predicted_gib", "error_pct"]
+    )
 
 
 def predictions_table(guide: Guide) -> pd.DataFrame:
@@ -205,10 +258,17 @@ def predictions_table(guide: Guide) -> pd.DataFrame:
     records = []
     for pid, prediction in guide.predictions.items():
         n_bytes = prediction_bytes(prediction, model)
-        records.append({"id": pid, "label": prediction["label"], "source": prediction["source"],
-                        "what": prediction["what"],
-                        "how": "as published" if "gb" in prediction else f"computed for {model} (model states only)",
-                        "GB": n_bytes / GB, "GiB": n_bytes / GIB})
+        records.append(
+            {
+                "id": pid,
+                "label": prediction["label"],
+                "source": prediction["source"],
+                "what": prediction["what"],
+                "how": "as published" if "gb" in prediction else f"computed for {model} (model states only)",
+                "GB": n_bytes / GB,
+                "GiB": n_bytes / GIB,
+            }
+        )
     return pd.DataFrame(records)
 
 

@@ -102,7 +102,9 @@ def _build_random(spec: CellSpec, device: torch.device) -> nn.Module:
 
     config = hf_config(spec)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=base_dtype(spec), attn_implementation=spec.attn_impl)
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=base_dtype(spec), attn_implementation=spec.attn_impl
+        )
     quantizer = None
     if spec.method in KBIT_METHODS:
         from transformers.quantizers import AutoHfQuantizer
@@ -129,7 +131,9 @@ def _load_checkpoint(spec: CellSpec, device: torch.device) -> nn.Module:
     return model
 
 
-def materialize(model: nn.Module, device: torch.device, dtype: torch.dtype, generator: torch.Generator) -> None:
+def materialize(
+    model: nn.Module, device: torch.device, dtype: torch.dtype, generator: torch.Generator
+) -> None:
     """Replace every meta tensor by a random one on `device`, quantizing bitsandbytes weights at once.
 
     A parameter shared by two modules (tied embeddings) is made once and shared again.
@@ -148,9 +152,13 @@ def materialize(model: nn.Module, device: torch.device, dtype: torch.dtype, gene
 def _random_parameter(module_name, param, device, dtype, generator) -> nn.Parameter:
     kind = type(param).__name__
     if "norm" in module_name.rsplit(".", 1)[-1]:
-        return nn.Parameter(torch.ones(param.shape, dtype=param.dtype, device=device), requires_grad=param.requires_grad)
+        return nn.Parameter(
+            torch.ones(param.shape, dtype=param.dtype, device=device), requires_grad=param.requires_grad
+        )
     value_dtype = dtype if kind in ("Params4bit", "Int8Params") else param.dtype
-    value = torch.empty(param.shape, dtype=value_dtype, device=device).normal_(0.0, INIT_STD, generator=generator)
+    value = torch.empty(param.shape, dtype=value_dtype, device=device).normal_(
+        0.0, INIT_STD, generator=generator
+    )
     if kind == "Params4bit":
         import bitsandbytes as bnb
 
@@ -167,7 +175,9 @@ def _random_parameter(module_name, param, device, dtype, generator) -> nn.Parame
 def _rebuild_buffers(model: nn.Module, module_name: str, module: nn.Module, device: torch.device) -> None:
     """Meta buffers are derived tables (rotary inv_freq): rebuild the module on the device."""
     if not hasattr(module, "rope_init_fn") and "rotary" not in module_name:
-        raise RuntimeError(f"don't know how to materialize the buffers of {module_name} ({type(module).__name__})")
+        raise RuntimeError(
+            f"don't know how to materialize the buffers of {module_name} ({type(module).__name__})"
+        )
     parent_name, _, child = module_name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     with torch.device(device):
@@ -183,7 +193,9 @@ def _prepare_for_training(model: nn.Module, spec: CellSpec) -> None:
     for param in model.parameters():
         param.requires_grad_(spec.method == "full")
     if spec.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": spec.gc_reentrant})
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": spec.gc_reentrant}
+        )
         if spec.gc_reentrant and spec.method in LORA_METHODS:
             # Reentrant checkpointing needs an input that requires grad when the base is frozen.
             model.enable_input_require_grads()
@@ -208,7 +220,12 @@ def _apply_fused_ce(model: nn.Module) -> None:
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     apply_liger_kernel_to_qwen3(
-        rope=False, rms_norm=False, swiglu=False, cross_entropy=False, fused_linear_cross_entropy=True, model=base
+        rope=False,
+        rms_norm=False,
+        swiglu=False,
+        cross_entropy=False,
+        fused_linear_cross_entropy=True,
+        model=base,
     )
 
 

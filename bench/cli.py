@@ -38,17 +38,28 @@ def add_spec_arguments(parser: argparse.ArgumentParser, required: tuple[str, ...
         text = f.metadata.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else None
         if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"{text} (default {default})")
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=f"{text} (default {default})"
+            )
             continue
         kind = _SPECIAL.get(f.name) or _PARSERS.get(type(default), str)
         if f.name in ("seq_len", "batch_size"):
             kind = int
-        parser.add_argument(flag, type=kind, default=None, required=f.name in required,
-                            help=f"{text}" + (f" (default {default})" if default is not None else ""))
+        parser.add_argument(
+            flag,
+            type=kind,
+            default=None,
+            required=f.name in required,
+            help=f"{text}" + (f" (default {default})" if default is not None else ""),
+        )
 
 
 def spec_from_args(args: argparse.Namespace) -> CellSpec:
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(CellSpec) if getattr(args, f.name) is not None}
+    given = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(CellSpec)
+        if getattr(args, f.name) is not None
+    }
     return CellSpec.create(**given)
 
 
@@ -62,9 +73,14 @@ def cmd_models(args: argparse.Namespace) -> int:
     for name, arch in ARCHITECTURES.items():
         total = parameter_counts(arch)["total"]
         table.add_row(
-            name, f"{total / 1e9:.3f} B" if total > 1e8 else f"{total:,}", str(arch["num_hidden_layers"]),
-            str(arch["hidden_size"]), f"{arch['num_attention_heads']}/{arch['num_key_value_heads']}",
-            str(arch["vocab_size"]), str(arch["tie_word_embeddings"]), f"{gib(2 * total):.2f}",
+            name,
+            f"{total / 1e9:.3f} B" if total > 1e8 else f"{total:,}",
+            str(arch["num_hidden_layers"]),
+            str(arch["hidden_size"]),
+            f"{arch['num_attention_heads']}/{arch['num_key_value_heads']}",
+            str(arch["vocab_size"]),
+            str(arch["tie_word_embeddings"]),
+            f"{gib(2 * total):.2f}",
         )
     Console().print(table)
     return 0

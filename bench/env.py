@@ -46,7 +46,11 @@ def git_commit() -> tuple[str | None, bool | None]:
         dirty = bool(
             subprocess.run(
                 ["git", "status", "--porcelain", "--untracked-files=no"],
-                cwd=root, capture_output=True, text=True, check=True, timeout=10,
+                cwd=root,
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=10,
             ).stdout.strip()
         )
         return commit, dirty

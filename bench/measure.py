@@ -160,7 +160,9 @@ class CellRun:
         if phase != self.phase:
             return
         if kind == "oom":
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by FTMEM_TEST_FAULT)")
+            raise torch.OutOfMemoryError(
+                "CUDA out of memory. Tried to allocate 2.00 GiB (injected by FTMEM_TEST_FAULT)"
+            )
         if kind == "error":
             raise RuntimeError("injected failure (FTMEM_TEST_FAULT)")
         if kind == "hang":

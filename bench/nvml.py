@@ -72,7 +72,9 @@ def process_used_bytes(pid: int | None = None, index: int | None = None) -> int 
         return None
     pid = os.getpid() if pid is None else pid
     try:
-        procs = pynvml.nvmlDeviceGetComputeRunningProcesses(_handle(device_index() if index is None else index))
+        procs = pynvml.nvmlDeviceGetComputeRunningProcesses(
+            _handle(device_index() if index is None else index)
+        )
     except pynvml.NVMLError:
         return None
     for proc in procs:

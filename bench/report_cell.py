@@ -31,8 +31,10 @@ _MEMORY = (
 def print_summary(row: dict[str, Any], console: Console | None = None) -> None:
     console = console or Console()
     spec = row["spec"]
-    title = (f"{spec.get('model')} {spec.get('method')} {spec.get('precision')} seq {spec.get('seq_len')} "
-             f"x batch {spec.get('batch_size')}: [bold]{row['status']}[/bold]  (cell {row['cell_id']})")
+    title = (
+        f"{spec.get('model')} {spec.get('method')} {spec.get('precision')} seq {spec.get('seq_len')} "
+        f"x batch {spec.get('batch_size')}: [bold]{row['status']}[/bold]  (cell {row['cell_id']})"
+    )
     table = Table(title=title)
     table.add_column("memory")
     table.add_column("GiB (2^30 B)", justify="right")
@@ -43,12 +45,16 @@ def print_summary(row: dict[str, Any], console: Console | None = None) -> None:
             table.add_row(label, f"{gib(value):.3f}", f"{value:,}")
     console.print(table)
     if row.get("step_time_s") is not None:
-        console.print(f"step time {row['step_time_s']:.3f} s (median), {row['tokens_per_s']:.0f} tokens/s; "
-                      f"process start to first step {row['startup_to_first_step_s']:.1f} s")
+        console.print(
+            f"step time {row['step_time_s']:.3f} s (median), {row['tokens_per_s']:.0f} tokens/s; "
+            f"process start to first step {row['startup_to_first_step_s']:.1f} s"
+        )
     if row.get("fits_budget") is not None:
         console.print(f"fits the budget: {row['fits_budget']}")
     if row.get("error"):
         console.print(f"[red]{row['error'][:500]}[/red]")
     env = row.get("env") or {}
-    console.print(f"[dim]{env.get('gpu_name') or 'CPU'}, torch {env.get('torch')}, transformers "
-                  f"{env.get('transformers')}, commit {str(env.get('git_commit'))[:10]}[/dim]")
+    console.print(
+        f"[dim]{env.get('gpu_name') or 'CPU'}, torch {env.get('torch')}, transformers "
+        f"{env.get('transformers')}, commit {str(env.get('git_commit'))[:10]}[/dim]"
+    )

@@ -27,7 +27,10 @@ def run_cell(spec: CellSpec, timeout_s: float = DEFAULT_TIMEOUT_S, repeat: int =
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "bench.worker", str(spec_path), str(row_path)],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=_child_env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=_child_env(),
             )
             timed_out = _wait(proc, timeout_s)
         wall = time.monotonic() - start

@@ -74,7 +74,9 @@ class CellSpec:
         "qlora/lora8bit: cast the non-quantized modules to fp32 as prepare_model_for_kbit_training does",
         True,
     )
-    optimizer: str = _help("adamw (torch default) | adamw_fused | adamw_foreach | bitsandbytes | sgd", "adamw")
+    optimizer: str = _help(
+        "adamw (torch default) | adamw_fused | adamw_foreach | bitsandbytes | sgd", "adamw"
+    )
     gradient_checkpointing: bool = _help("recompute activations in backward", False)
     gc_reentrant: bool | None = _help("reentrant checkpointing (torch.utils.checkpoint)", False)
     attn_impl: str = _help("eager | sdpa | flash_attention_2", "sdpa")
@@ -199,7 +201,9 @@ def check_field(key: str, value: Any) -> None:
         try:
             budget_bytes(value)
         except ValueError:
-            raise SpecError(key, value, f"a positive number of GB (10^9 bytes) or a card: {', '.join(CARD_MIB)}") from None
+            raise SpecError(
+                key, value, f"a positive number of GB (10^9 bytes) or a card: {', '.join(CARD_MIB)}"
+            ) from None
 
 
 def _normalised(spec: CellSpec) -> dict[str, Any]:
@@ -241,14 +245,22 @@ def validate(spec: CellSpec) -> None:
     try:
         arch = architecture(spec.model)
     except UnknownModelError:
-        raise SpecError("model", spec.model, f"allowed: {', '.join(ARCHITECTURES)} or a folder holding config.json") from None
+        raise SpecError(
+            "model", spec.model, f"allowed: {', '.join(ARCHITECTURES)} or a folder holding config.json"
+        ) from None
     if spec.seq_len > arch["max_position_embeddings"]:
-        raise SpecError("seq_len", spec.seq_len, f"must be <= max_position_embeddings {arch['max_position_embeddings']}")
+        raise SpecError(
+            "seq_len", spec.seq_len, f"must be <= max_position_embeddings {arch['max_position_embeddings']}"
+        )
     if spec.budget_gb is not None:
         try:
             budget_bytes(spec.budget_gb)
         except ValueError:
-            raise SpecError("budget_gb", spec.budget_gb, f"a positive number of GB (10^9 bytes) or a card: {', '.join(CARD_MIB)}") from None
+            raise SpecError(
+                "budget_gb",
+                spec.budget_gb,
+                f"a positive number of GB (10^9 bytes) or a card: {', '.join(CARD_MIB)}",
+            ) from None
     if spec.method in LORA_METHODS:
         _validate_lora(spec)
     if spec.method == "qlora":
@@ -263,7 +275,9 @@ def _validate_lora(spec: CellSpec) -> None:
     if spec.lora_alpha is None or spec.lora_alpha <= 0:
         raise SpecError("lora_alpha", spec.lora_alpha, "must be > 0 for LoRA methods")
     if not spec.lora_targets:
-        raise SpecError("lora_targets", spec.lora_targets, f"a non-empty subset of {', '.join(LINEAR_PROJECTIONS)}")
+        raise SpecError(
+            "lora_targets", spec.lora_targets, f"a non-empty subset of {', '.join(LINEAR_PROJECTIONS)}"
+        )
     for target in spec.lora_targets:
         _one_of("lora_targets", target, LINEAR_PROJECTIONS)
     if spec.lora_dropout is None or not 0 <= spec.lora_dropout < 1:
@@ -272,10 +286,17 @@ def _validate_lora(spec: CellSpec) -> None:
 
 def _validate_combinations(spec: CellSpec) -> None:
     if spec.attn_impl == "flash_attention_2" and spec.precision == "fp32":
-        raise SpecError("attn_impl", spec.attn_impl, "flash_attention_2 needs fp16 or bf16: precision fp16_mixed, bf16_mixed or bf16, not fp32")
+        raise SpecError(
+            "attn_impl",
+            spec.attn_impl,
+            "flash_attention_2 needs fp16 or bf16: precision fp16_mixed, bf16_mixed or bf16, not fp32",
+        )
     if spec.device == "cpu":
         cpu_rules = {
-            "optimizer": (spec.optimizer in BNB_OPTIMIZERS, "bitsandbytes 8-bit and paged optimizers need device cuda"),
+            "optimizer": (
+                spec.optimizer in BNB_OPTIMIZERS,
+                "bitsandbytes 8-bit and paged optimizers need device cuda",
+            ),
             "attn_impl": (spec.attn_impl == "flash_attention_2", "flash_attention_2 needs device cuda"),
             "fused_ce": (spec.fused_ce, "liger fused cross-entropy (Triton) needs device cuda"),
             "budget_gb": (spec.budget_gb is not None, "a memory budget is emulated on device cuda only"),
@@ -284,5 +305,11 @@ def _validate_combinations(spec: CellSpec) -> None:
         for key, (broken, why) in cpu_rules.items():
             if broken:
                 raise SpecError(key, getattr(spec, key), why)
-    if spec.method in KBIT_METHODS and spec.precision == "fp32" and spec.quant_compute_dtype not in (None, "fp32"):
-        raise SpecError("quant_compute_dtype", spec.quant_compute_dtype, "precision fp32 needs quant_compute_dtype fp32")
+    if (
+        spec.method in KBIT_METHODS
+        and spec.precision == "fp32"
+        and spec.quant_compute_dtype not in (None, "fp32")
+    ):
+        raise SpecError(
+            "quant_compute_dtype", spec.quant_compute_dtype, "precision fp32 needs quant_compute_dtype fp32"
+        )

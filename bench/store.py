@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,9 @@ def acquire(path: str | Path) -> FileLock:
     try:
         file_lock.acquire(timeout=0)
     except Timeout:
-        raise ResultsLocked(f"{path} is in use by another ftmem runner (lock {file_lock.lock_file})") from None
+        raise ResultsLocked(
+            f"{path} is in use by another ftmem runner (lock {file_lock.lock_file})"
+        ) from None
     return file_lock
 
 
@@ -59,8 +62,9 @@ def append_row(path: str | Path, row: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def iter_rows(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Rows of a results file; a truncated last line is skipped, a bad line elsewhere raises."""
+def iter_numbered_rows(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, row) of a results file; a truncated last line is skipped with a warning,
+    a bad line elsewhere raises MalformedRow naming the file and the line."""
     path = Path(path)
     if not path.exists():
         return
@@ -72,12 +76,23 @@ def iter_rows(path: str | Path) -> Iterator[dict[str, Any]]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             if number == len(lines):  # the last line, not newline-terminated: a write cut short
+                warnings.warn(f"{path}:{number}: skipped a truncated last line ({exc.msg})", stacklevel=2)
                 return
             raise MalformedRow(f"{path}:{number}: not a JSON row ({exc.msg})") from None
         if not isinstance(row, dict):
-            raise MalformedRow(f"{path}:{number}: a row must be a JSON object")
-        yield row
+            raise MalformedRow(f"{path}:{number}: a row must be a JSON object, not {type(row).__name__}")
+        yield number, row
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    return list(iter_rows(path))
+    return [row for _, row in iter_numbered_rows(path)]
+
+
+def latest_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The last row of each (cell_id, repeat): a re-run (--retry-failed) supersedes the row before it."""
+    last: dict[tuple[Any, Any], dict[str, Any]] = {}
+    for row in rows:
+        key = (row.get("cell_id"), row.get("repeat") or 0)
+        last.pop(key, None)
+        last[key] = row
+    return list(last.values())

@@ -28,7 +28,19 @@ import yaml
 
 from bench.spec import CellSpec, SpecError, check_field
 
-SWEEP_KEYS = ("name", "description", "base", "axes", "zip", "include", "exclude", "budgets", "repeats", "claims", "grids")
+SWEEP_KEYS = (
+    "name",
+    "description",
+    "base",
+    "axes",
+    "zip",
+    "include",
+    "exclude",
+    "budgets",
+    "repeats",
+    "claims",
+    "grids",
+)
 GRID_KEYS = ("base", "axes", "zip", "include", "exclude", "budgets", "claims", "description")
 
 
@@ -174,7 +186,7 @@ def _grid_assignments(grid: dict) -> list[dict[str, Any]]:
         factors.append([{key: v} for v in values])
     for group in grid.get("zip") or []:
         keys = list(group)
-        factors.append([dict(zip(keys, combo)) for combo in zip(*group.values())])
+        factors.append([dict(zip(keys, combo, strict=True)) for combo in zip(*group.values(), strict=True)])
     if grid.get("budgets"):
         factors.append([{"budget_gb": b} for b in grid["budgets"]])
     if not factors and grid.get("include"):
@@ -210,4 +222,3 @@ def expand(sweep: Sweep) -> list[Cell]:
                 cell = Cell(known.raw, merged, known.spec, known.invalid_reason)
             cells[cell.cell_id] = cell
     return list(cells.values())
-

@@ -8,7 +8,14 @@ from collections import Counter
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from bench.cards import gib
@@ -26,7 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--retry-failed", action="store_true", help="run error and timeout cells again")
     parser.add_argument("--no-prune", action="store_true", help="run cells that a smaller OOM cell implies")
     parser.add_argument("--shard", help="i/n: run only this machine's share of the cells")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="wall-clock limit per cell, s")
+    parser.add_argument(
+        "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="wall-clock limit per cell, s"
+    )
     parser.set_defaults(func=cmd_sweep)
 
 
@@ -42,9 +51,23 @@ def _predicted_gib(spec) -> str:
 
 
 def print_plan(plan: Plan, console: Console) -> None:
-    table = Table(title=f"sweep {plan.sweep.name}: {len(plan.todo)} to run, {len(plan.done)} done, "
-                        f"{len(plan.invalid)} invalid")
-    for col in ("cell_id", "rep", "method", "seq", "batch", "GC", "attn", "budget", "claims", "pred. GiB", "fits?"):
+    table = Table(
+        title=f"sweep {plan.sweep.name}: {len(plan.todo)} to run, {len(plan.done)} done, "
+        f"{len(plan.invalid)} invalid"
+    )
+    for col in (
+        "cell_id",
+        "rep",
+        "method",
+        "seq",
+        "batch",
+        "GC",
+        "attn",
+        "budget",
+        "claims",
+        "pred. GiB",
+        "fits?",
+    ):
         table.add_column(col)
     for cell, repeat in plan.todo:
         s = cell.spec
@@ -52,9 +75,19 @@ def print_plan(plan: Plan, console: Console) -> None:
         fits = "-"
         if s.budget_bytes is not None and predicted not in ("-", "?"):
             fits = "yes" if float(predicted) * 2**30 <= s.budget_bytes else "[red]OOM?[/red]"
-        table.add_row(cell.cell_id, str(repeat), s.method, str(s.seq_len), str(s.batch_size),
-                      "on" if s.gradient_checkpointing else "off", s.attn_impl, str(s.budget_gb or "-"),
-                      ",".join(cell.claims), predicted, fits)
+        table.add_row(
+            cell.cell_id,
+            str(repeat),
+            s.method,
+            str(s.seq_len),
+            str(s.batch_size),
+            "on" if s.gradient_checkpointing else "off",
+            s.attn_impl,
+            str(s.budget_gb or "-"),
+            ",".join(cell.claims),
+            predicted,
+            fits,
+        )
     console.print(table)
     for cell, _ in plan.invalid:
         console.print(f"[yellow]invalid[/yellow] {cell.cell_id}: {cell.invalid_reason}")
@@ -72,12 +105,27 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         plan = make_plan(sweep, read_rows(out), shard, args.retry_failed)
         print_plan(plan, Console())
-        print(json.dumps({"sweep": sweep.name, "to_run": len(plan.todo), "done": len(plan.done),
-                          "invalid": len(plan.invalid)}))
+        print(
+            json.dumps(
+                {
+                    "sweep": sweep.name,
+                    "to_run": len(plan.todo),
+                    "done": len(plan.done),
+                    "invalid": len(plan.invalid),
+                }
+            )
+        )
         return 0
     counts: Counter[str] = Counter()
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), TextColumn("{task.fields[last]}"), console=console) as progress:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[last]}"),
+        console=console,
+    ) as progress:
         task = progress.add_task(sweep.name, total=None, last="")
 
         def on_plan(plan: Plan) -> None:
@@ -90,8 +138,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             progress.update(task, completed=done, last=f"last: {row['cell_id']} {row['status']} peak {shown}")
 
         try:
-            run_sweep(sweep, out, shard, args.retry_failed, not args.no_prune, args.timeout,
-                      on_plan=on_plan, on_row=on_row)
+            run_sweep(
+                sweep,
+                out,
+                shard,
+                args.retry_failed,
+                not args.no_prune,
+                args.timeout,
+                on_plan=on_plan,
+                on_row=on_row,
+            )
         except ResultsLocked as exc:
             console.print(f"[red]ftmem sweep: error:[/red] {exc}")
             return 2

@@ -61,6 +61,7 @@ def _family(spec_dict: dict[str, Any]) -> tuple:
 
 def order_cells(cells: Iterable[Cell]) -> list[Cell]:
     """Small cells first (tokens per micro-batch, then seq_len), so OOM pruning can act."""
+
     def key(cell: Cell) -> tuple[int, int]:
         values = cell.spec_dict
         seq, batch = values.get("seq_len") or 0, values.get("batch_size") or 0
@@ -69,7 +70,9 @@ def order_cells(cells: Iterable[Cell]) -> list[Cell]:
     return sorted(cells, key=key)
 
 
-def make_plan(sweep: Sweep, existing: list[dict], shard: Shard | None = None, retry_failed: bool = False) -> Plan:
+def make_plan(
+    sweep: Sweep, existing: list[dict], shard: Shard | None = None, retry_failed: bool = False
+) -> Plan:
     plan = Plan(sweep)
     last: dict[tuple[str, int], dict] = {}
     for row in existing:
@@ -93,8 +96,11 @@ def implied_oom(spec_dict: dict[str, Any], ooms: list[dict[str, Any]]) -> str | 
     family = _family(spec_dict)
     for row in ooms:
         other = row["spec"]
-        if (_family(other) == family and other["seq_len"] <= spec_dict["seq_len"]
-                and other["batch_size"] <= spec_dict["batch_size"]):
+        if (
+            _family(other) == family
+            and other["seq_len"] <= spec_dict["seq_len"]
+            and other["batch_size"] <= spec_dict["batch_size"]
+        ):
             return row["cell_id"]
     return None
 
@@ -113,8 +119,14 @@ RunCell = Callable[..., dict[str, Any]]
 OnRow = Callable[[dict[str, Any], int, int], None]
 
 
-def run_plan(plan: Plan, out_path: str, timeout_s: float = DEFAULT_TIMEOUT_S, prune: bool = True,
-             runner: RunCell = run_cell, on_row: OnRow | None = None) -> list[dict[str, Any]]:
+def run_plan(
+    plan: Plan,
+    out_path: str,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    prune: bool = True,
+    runner: RunCell = run_cell,
+    on_row: OnRow | None = None,
+) -> list[dict[str, Any]]:
     """Run every cell still to do, appending each row at once. Returns the rows written."""
     written: list[dict[str, Any]] = []
     ooms = [r for r in plan.done.values() if r["status"] == "oom"]
@@ -131,8 +143,12 @@ def run_plan(plan: Plan, out_path: str, timeout_s: float = DEFAULT_TIMEOUT_S, pr
     for cell, repeat in plan.todo:
         implied_by = implied_oom(cell.spec_dict, ooms) if prune else None
         if implied_by is not None:
-            row = failure_row(cell.spec, "skipped", f"implied OOM: cell {implied_by} is no larger and ran out of memory",
-                              implied_by=implied_by)
+            row = failure_row(
+                cell.spec,
+                "skipped",
+                f"implied OOM: cell {implied_by} is no larger and ran out of memory",
+                implied_by=implied_by,
+            )
         else:
             row = runner(cell.spec, timeout_s=timeout_s, repeat=repeat)
         row["repeat"] = repeat
@@ -143,9 +159,17 @@ def run_plan(plan: Plan, out_path: str, timeout_s: float = DEFAULT_TIMEOUT_S, pr
     return written
 
 
-def run_sweep(sweep: Sweep, out_path: str, shard: Shard | None = None, retry_failed: bool = False,
-              prune: bool = True, timeout_s: float = DEFAULT_TIMEOUT_S, runner: RunCell = run_cell,
-              on_plan: Callable[[Plan], None] | None = None, on_row: OnRow | None = None) -> list[dict[str, Any]]:
+def run_sweep(
+    sweep: Sweep,
+    out_path: str,
+    shard: Shard | None = None,
+    retry_failed: bool = False,
+    prune: bool = True,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    runner: RunCell = run_cell,
+    on_plan: Callable[[Plan], None] | None = None,
+    on_row: OnRow | None = None,
+) -> list[dict[str, Any]]:
     """Lock the results file, plan against what it holds, run the rest."""
     file_lock = acquire(out_path)
     try:

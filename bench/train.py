@@ -17,7 +17,9 @@ def make_optimizer(spec: CellSpec, model: nn.Module) -> torch.optim.Optimizer:
     if spec.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr)
     if spec.optimizer in ("adamw", "adamw_fused", "adamw_foreach"):
-        impl = {"adamw": {}, "adamw_fused": {"fused": True}, "adamw_foreach": {"foreach": True}}[spec.optimizer]
+        impl = {"adamw": {}, "adamw_fused": {"fused": True}, "adamw_foreach": {"foreach": True}}[
+            spec.optimizer
+        ]
         return torch.optim.AdamW(params, lr=lr, **impl)
     import bitsandbytes as bnb
 
@@ -33,13 +35,17 @@ def make_batches(spec: CellSpec, vocab_size: int, device: torch.device) -> list[
     """`grad_accum` micro-batches of random token ids (labels are the inputs, shifted by the model)."""
     generator = torch.Generator(device="cpu").manual_seed(spec.seed + 1)
     shape = (spec.batch_size, spec.seq_len)
-    return [torch.randint(0, vocab_size, shape, generator=generator).to(device) for _ in range(spec.grad_accum)]
+    return [
+        torch.randint(0, vocab_size, shape, generator=generator).to(device) for _ in range(spec.grad_accum)
+    ]
 
 
 class Stepper:
     """Runs one optimizer step over the micro-batches, with autocast and loss scaling as the spec says."""
 
-    def __init__(self, spec: CellSpec, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device):
+    def __init__(
+        self, spec: CellSpec, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device
+    ):
         self.spec, self.model, self.optimizer, self.device = spec, model, optimizer, device
         self.autocast = autocast_dtype(spec)
         self.scaler = torch.amp.GradScaler(device.type) if spec.precision == "fp16_mixed" else None

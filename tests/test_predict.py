@@ -68,8 +68,16 @@ def test_lora_adapters_grads_and_adam():
 def test_8bit_and_paged_optimizer_state():
     st = setup_of(optimizer="adamw_8bit")  # every tiny adapter has < 4096 elements: fp32 states
     assert pr.optimizer_state_bytes(st) == (2 * 4 * 19_456 + 2 * 256 * 4, 0)
-    big = pr.setup(CellSpec.create(model="qwen3-14b", method="lora", seq_len=8, batch_size=1,
-                                   optimizer="paged_adamw_8bit", lora_targets=("gate_proj",)))
+    big = pr.setup(
+        CellSpec.create(
+            model="qwen3-14b",
+            method="lora",
+            seq_len=8,
+            batch_size=1,
+            optimizer="paged_adamw_8bit",
+            lora_targets=("gate_proj",),
+        )
+    )
     a, b = 8 * 5120, 17_408 * 8  # A 40,960 (< 1e5: device), B 139,264 (paged)
     device, paged = pr.optimizer_state_bytes(big)
     assert paged == 40 * 2 * b
@@ -93,13 +101,24 @@ def test_lora_layer_saved_activations():
     SDPA q, k, v, out (2q + 2kv + 2kv + 2q) + lse (4H); SwiGLU gate, silu(gate), up (3 x 2I); LoRA A
     outputs saved by B (7 x 2r)."""
     h, i, q, kv, heads, kvh, r = 64, 192, 64, 32, 4, 2, 8
-    per_token = (2 * (4 * h + 4) + 5 * 2 * h + 2 * q + 2 * i + (4 * q + 4 * heads) + (4 * kv + 4 * kvh)
-                 + (2 * q + 4 * kv + 2 * q + 4 * heads) + 3 * 2 * i + 7 * 2 * r)
+    per_token = (
+        2 * (4 * h + 4)
+        + 5 * 2 * h
+        + 2 * q
+        + 2 * i
+        + (4 * q + 4 * heads)
+        + (4 * kv + 4 * kvh)
+        + (2 * q + 4 * kv + 2 * q + 4 * heads)
+        + 3 * 2 * i
+        + 7 * 2 * r
+    )
     assert per_token == 3744
     graph, out = pr.layer_graph(setup_of())
     assert graph.saved_bytes() == per_token * T
     assert out.dtype == "bf16"
-    first, _ = pr.layer_graph(setup_of(), first=True)  # the embedding output needs no grad: no input-norm saves
+    first, _ = pr.layer_graph(
+        setup_of(), first=True
+    )  # the embedding output needs no grad: no input-norm saves
     assert first.saved_bytes() == (per_token - 4 * h - 4) * T
 
 
@@ -181,7 +200,9 @@ def test_components_sum_and_ordering():
     assert p.nvml_process_bytes > p.peak_reserved_bytes
     assert p.phases[p.peak_phase] == max(p.phases.values())
     assert pr.predict({**TINY, "gradient_checkpointing": True}).peak_allocated_bytes < p.peak_allocated_bytes
-    assert pr.predict({**TINY, "grad_accum": 4}).peak_allocated_bytes == p.peak_allocated_bytes + pr.grad_bytes(setup_of())
+    assert pr.predict(
+        {**TINY, "grad_accum": 4}
+    ).peak_allocated_bytes == p.peak_allocated_bytes + pr.grad_bytes(setup_of())
 
 
 def test_predict_accepts_an_explicit_architecture():
@@ -246,7 +267,10 @@ class FakeRunner:
     def __call__(self, spec: CellSpec) -> dict:
         self.calls.append(spec)
         pred = pr.predict(spec)
-        fits = pred.peak_allocated_bytes * self.factor + pr.CALIBRATION["cuda_context_bytes"] <= spec.budget_bytes
+        fits = (
+            pred.peak_allocated_bytes * self.factor + pr.CALIBRATION["cuda_context_bytes"]
+            <= spec.budget_bytes
+        )
         return new_row(spec.to_dict(), spec.cell_id, status="ok" if fits else "oom")
 
 
@@ -333,13 +357,39 @@ def _parser() -> argparse.ArgumentParser:
 
 def test_cli_predict_capacity_accuracy(capsys, tmp_path):
     parser = _parser()
-    args = parser.parse_args(["predict", "--model", "qwen3-14b", "--method", "qlora", "--seq-len", "2048",
-                              "--batch-size", "1", "--budget-gb", "24"])
+    args = parser.parse_args(
+        [
+            "predict",
+            "--model",
+            "qwen3-14b",
+            "--method",
+            "qlora",
+            "--seq-len",
+            "2048",
+            "--batch-size",
+            "1",
+            "--budget-gb",
+            "24",
+        ]
+    )
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "GiB (2^30 B)" in out and "rtx4090-24gb" in out and "--budget-gb 24" in out
-    args = parser.parse_args(["capacity", "--model", "qwen3-tiny", "--method", "lora", "--budget-gb", "1",
-                              "--seq-lens", "256,512", "--batch-sizes", "1,2"])
+    args = parser.parse_args(
+        [
+            "capacity",
+            "--model",
+            "qwen3-tiny",
+            "--method",
+            "lora",
+            "--budget-gb",
+            "1",
+            "--seq-lens",
+            "256,512",
+            "--batch-sizes",
+            "1,2",
+        ]
+    )
     assert args.func(args) == 0
     assert "Largest seq_len" in capsys.readouterr().out
     args = parser.parse_args(["accuracy", "--results", str(tmp_path)])
@@ -350,15 +400,33 @@ def test_cli_capacity_verify_with_a_fake_runner(capsys, tmp_path, monkeypatch):
     import analysis.predict_cli as cli
 
     monkeypatch.setattr(cli, "_runner", lambda args: FakeRunner(1.0))
-    args = _parser().parse_args(["capacity", "--model", "qwen3-14b", "--method", "lora", "--gradient-checkpointing",
-                                 "--budget-gb", "60", "--seq-lens", "2048,4096", "--batch-sizes", "1,2",
-                                 "--verify", "--out", str(tmp_path / "verify.jsonl")])
+    args = _parser().parse_args(
+        [
+            "capacity",
+            "--model",
+            "qwen3-14b",
+            "--method",
+            "lora",
+            "--gradient-checkpointing",
+            "--budget-gb",
+            "60",
+            "--seq-lens",
+            "2048,4096",
+            "--batch-sizes",
+            "1,2",
+            "--verify",
+            "--out",
+            str(tmp_path / "verify.jsonl"),
+        ]
+    )
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "agrees=True" in out and "agrees=False" not in out
 
 
 def test_analysis_imports_no_torch():
-    code = ("import sys, analysis.predict, analysis.capacity, analysis.accuracy, analysis.predict_cli, bench.cli; "
-            "assert 'torch' not in sys.modules, 'torch imported'")
+    code = (
+        "import sys, analysis.predict, analysis.capacity, analysis.accuracy, analysis.predict_cli, bench.cli; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -33,11 +33,27 @@ FIXTURE = ROOT / "tests" / "fixtures" / "report_rows.jsonl"
 RTX4090 = CARD_MIB["rtx4090-24gb"] * MIB
 
 
-def make_row(status: str = "ok", *, alloc: float | None = None, reserved: float | None = None,
-             nvml: float | None = None, gpu_total: float = 150e9, torch: str = "t1", **spec) -> dict:
+def make_row(
+    status: str = "ok",
+    *,
+    alloc: float | None = None,
+    reserved: float | None = None,
+    nvml: float | None = None,
+    gpu_total: float = 150e9,
+    torch: str = "t1",
+    **spec,
+) -> dict:
     """A schema row of qwen3-14b LoRA (GC on, seq 2048, batch 1 unless given); peaks in GiB."""
-    cell = CellSpec.create(**{"model": "qwen3-14b", "method": "lora", "seq_len": 2048, "batch_size": 1,
-                              "gradient_checkpointing": True, **spec})
+    cell = CellSpec.create(
+        **{
+            "model": "qwen3-14b",
+            "method": "lora",
+            "seq_len": 2048,
+            "batch_size": 1,
+            "gradient_checkpointing": True,
+            **spec,
+        }
+    )
     peaks = {"peak_allocated_bytes": alloc, "peak_reserved_bytes": reserved, "nvml_peak_process_bytes": nvml}
     values = {k: int(v * GIB) for k, v in peaks.items() if v is not None}
     env = {"gpu_name": "synthetic-test", "gpu_total_bytes": int(gpu_total), "torch": torch}
@@ -54,7 +70,10 @@ def test_load_flattens_types_and_derives(tmp_path):
     assert len(df) == 11 and set(df["env_gpu_name"]) == {"synthetic-fixture"}
     first = df.iloc[0]
     assert first["method"] == "lora" and first["seq_len"] == 512 and isinstance(first["lora_targets"], tuple)
-    assert str(df["peak_allocated_bytes"].dtype) == "Int64" and str(df["gradient_checkpointing"].dtype) == "boolean"
+    assert (
+        str(df["peak_allocated_bytes"].dtype) == "Int64"
+        and str(df["gradient_checkpointing"].dtype) == "boolean"
+    )
     assert first["peak_allocated_gib"] == pytest.approx(28.5)
     assert first["footprint_basis"] == "nvml" and first["footprint_gib"] == pytest.approx(30.25)
     assert first["source_file"] == "tests/fixtures/report_rows.jsonl" and first["source_line"] == 1
@@ -86,8 +105,10 @@ def test_malformed_line_names_file_and_line(tmp_path):
         load_results([path])
 
 
-@pytest.mark.parametrize("line, why", [("[1, 2]", "JSON object"), ('{"status": "ok"}', "no 'spec'"),
-                                       ('{"spec": {}}', "no 'status'")])
+@pytest.mark.parametrize(
+    "line, why",
+    [("[1, 2]", "JSON object"), ('{"status": "ok"}', "no 'spec'"), ('{"spec": {}}', "no 'status'")],
+)
 def test_rows_that_are_not_rows_are_errors(tmp_path, line, why):
     path = _write(tmp_path / "odd.jsonl", [json.dumps(make_row(alloc=1)), line], trailing_newline=True)
     with pytest.raises(MalformedResults, match=rf"odd\.jsonl:2: .*{why}"):
@@ -161,12 +182,17 @@ def judge(check: dict, *rows: dict) -> C.CheckResult:
     return C._CHECKS[check["kind"]](frame(*rows), check)
 
 
-@pytest.mark.parametrize("nvml_gib, verdict", [(20.0, "supported"), (23.5, "marginal"), (24.9, "marginal"),
-                                               (25.5, "refuted")])
+@pytest.mark.parametrize(
+    "nvml_gib, verdict", [(20.0, "supported"), (23.5, "marginal"), (24.9, "marginal"), (25.5, "refuted")]
+)
 def test_fits_budget_margins(nvml_gib, verdict):
-    result = judge({"kind": "fits_budget", "card": "rtx4090-24gb"}, make_row(alloc=nvml_gib - 2, nvml=nvml_gib))
+    result = judge(
+        {"kind": "fits_budget", "card": "rtx4090-24gb"}, make_row(alloc=nvml_gib - 2, nvml=nvml_gib)
+    )
     assert result.verdict == verdict
-    assert result.measured_gib == pytest.approx(nvml_gib) and result.budget_gib == pytest.approx(RTX4090 / GIB)
+    assert result.measured_gib == pytest.approx(nvml_gib) and result.budget_gib == pytest.approx(
+        RTX4090 / GIB
+    )
 
 
 def test_fits_uses_nvml_over_reserved_over_allocated():
@@ -213,11 +239,15 @@ def test_fits_expect_false():
     check = {"kind": "fits_budget", "card": "h100-80gb", "expect": False}
     full = {"method": "full", "budget_gb": "h100-80gb"}
     assert judge(check, make_row("oom", **full)).verdict == "supported"
-    assert judge(check, make_row("oom", **full), make_row(alloc=60, nvml=62, seq_len=128, method="full")).verdict == "refuted"
+    assert (
+        judge(check, make_row("oom", **full), make_row(alloc=60, nvml=62, seq_len=128, method="full")).verdict
+        == "refuted"
+    )
 
 
-@pytest.mark.parametrize("nvml_gb, verdict", [(22.5, "supported"), (23.8, "marginal"), (30.0, "refuted"),
-                                              (20.0, "refuted")])
+@pytest.mark.parametrize(
+    "nvml_gb, verdict", [(22.5, "supported"), (23.8, "marginal"), (30.0, "refuted"), (20.0, "refuted")]
+)
 def test_memory_figure(nvml_gb, verdict):
     row = make_row(alloc=1, nvml=nvml_gb * GB / GIB)
     assert judge({"kind": "memory_figure", "min_gb": 22, "max_gb": 23}, row).verdict == verdict
@@ -234,8 +264,14 @@ def test_memory_figure_from_oom_lower_bound():
 def test_saving_percent_pairs(after, verdict):
     base = make_row(alloc=100, nvml=100, gradient_checkpointing=False)
     variant = make_row(alloc=after, nvml=after)  # GC on: gc_reentrant differs too, and may
-    check = {"kind": "saving_percent", "flag": "gradient_checkpointing", "from": False, "to": True,
-             "min_pct": 30, "max_pct": 40}
+    check = {
+        "kind": "saving_percent",
+        "flag": "gradient_checkpointing",
+        "from": False,
+        "to": True,
+        "min_pct": 30,
+        "max_pct": 40,
+    }
     result = judge(check, base, variant)
     assert result.verdict == verdict and f"{100 - after:.1f}%" in result.summary
 
@@ -243,13 +279,23 @@ def test_saving_percent_pairs(after, verdict):
 def test_saving_pairs_match_every_other_field():
     base = make_row(alloc=100, nvml=100, gradient_checkpointing=False)
     other = make_row(alloc=65, nvml=65, seq_len=1024)
-    check = {"kind": "saving_percent", "flag": "gradient_checkpointing", "from": False, "to": True, "min_pct": 30}
+    check = {
+        "kind": "saving_percent",
+        "flag": "gradient_checkpointing",
+        "from": False,
+        "to": True,
+        "min_pct": 30,
+    }
     assert judge(check, base, other).verdict == "not measured"
 
 
 def test_savings_table_reports_gib_and_percent():
-    table = savings_table(frame(make_row(alloc=50, reserved=52, nvml=53, gradient_checkpointing=False),
-                                make_row(alloc=30, reserved=32, nvml=33)))
+    table = savings_table(
+        frame(
+            make_row(alloc=50, reserved=52, nvml=53, gradient_checkpointing=False),
+            make_row(alloc=30, reserved=32, nvml=33),
+        )
+    )
     row = table.iloc[0]
     assert row["optimisation"] == "gradient checkpointing"
     assert row["allocated_saved_gib"] == pytest.approx(20) and row["allocated_saved_pct"] == pytest.approx(40)
@@ -257,7 +303,10 @@ def test_savings_table_reports_gib_and_percent():
 
 
 def test_multi_gpu_and_qualitative():
-    assert judge({"kind": "multi_gpu", "gpus": 2, "card": "h100-80gb"}, make_row(alloc=1)).verdict == "not measured"
+    assert (
+        judge({"kind": "multi_gpu", "gpus": 2, "card": "h100-80gb"}, make_row(alloc=1)).verdict
+        == "not measured"
+    )
     assert judge({"kind": "qualitative", "reason": "stability"}).verdict == "not measurable"
 
 
@@ -271,9 +320,19 @@ def test_combine_verdicts():
 
 def test_fixture_verdicts_end_to_end():
     results = {r.claim.id: r for r in C.evaluate_claims(load_results([FIXTURE]))}
-    expected = {"C1": "refuted", "C3": "refuted", "C4": "supported", "C5": "marginal", "C6": "supported",
-                "C7": "supported", "C8": "refuted", "C11": "not measurable", "C13": "not measured",
-                "C16": "refuted", "C17": "not measured"}
+    expected = {
+        "C1": "refuted",
+        "C3": "refuted",
+        "C4": "supported",
+        "C5": "marginal",
+        "C6": "supported",
+        "C7": "supported",
+        "C8": "refuted",
+        "C11": "not measurable",
+        "C13": "not measured",
+        "C16": "refuted",
+        "C17": "not measured",
+    }
     assert {k: results[k].verdict for k in expected} == expected
     table = claims_table(list(results.values()))
     assert "tests/fixtures/report_rows.jsonl:1" in table.set_index("id").loc["C1", "figures"]
@@ -302,8 +361,10 @@ def test_linear_fit_recovers_known_coefficients():
 
 def test_eager_fit_adds_the_quadratic_term():
     a, b, c = 20 * GIB, 2 * MIB, 80.0
-    (fit,) = fit_families(frame(*_synthetic(lambda s, n: a + b * s * n + c * n * s * s, "eager")),
-                          measures=("peak_allocated_bytes",))
+    (fit,) = fit_families(
+        frame(*_synthetic(lambda s, n: a + b * s * n + c * n * s * s, "eager")),
+        measures=("peak_allocated_bytes",),
+    )
     assert fit.c == pytest.approx(c, rel=1e-4) and fit.b == pytest.approx(b, rel=1e-4)
     budget = fit.peak(3000, 2)
     assert fit.max_seq_len(int(budget), 2) == pytest.approx(3000, abs=1)
@@ -347,7 +408,15 @@ def test_report_end_to_end_on_fixture(tmp_path):
     assert "synthetic-fixture" in text and "## Claims C1-C20" in text and "| C1 |" in text
     links = _links(index)
     assert links and all(p.exists() for p in links)
-    for name in ("claims", "guide_method", "guide_measured", "guide_scenario", "savings", "fits", "capacity_frontier"):
+    for name in (
+        "claims",
+        "guide_method",
+        "guide_measured",
+        "guide_scenario",
+        "savings",
+        "fits",
+        "capacity_frontier",
+    ):
         assert (tmp_path / "report" / "tables" / f"{name}.csv").exists()
     for name in ("peak_vs_seq_lora", "savings", "oom_frontier_rtx4090-24gb"):
         assert (tmp_path / "report" / "plots" / f"{name}.png").stat().st_size > 1000
@@ -372,7 +441,9 @@ class _FakePrediction:
 def test_report_with_a_predictor(tmp_path, monkeypatch):
     monkeypatch.setattr("analysis.report.predictor", lambda: _FakePrediction)
     report = build_report([FIXTURE], tmp_path)
-    assert (tmp_path / "plots" / "measured_vs_predicted.png").exists() and (tmp_path / "plots" / "components.png").exists()
+    assert (tmp_path / "plots" / "measured_vs_predicted.png").exists() and (
+        tmp_path / "plots" / "components.png"
+    ).exists()
     assert report.tables["guide_method"]["ftmem predicted NVML GiB"].notna().any()
     compared = report.tables["measured_vs_predicted"]
     assert set(compared["measure"]) == {"allocated", "reserved", "NVML process"}
@@ -395,7 +466,9 @@ def _cli(*argv: str) -> int:
 
 def test_cli_report_and_readme(tmp_path, capsys):
     readme = tmp_path / "README.md"
-    readme.write_text("# x\n<!-- claims:start -->\nSTALE TABLE\n<!-- claims:end -->\ntext\n<!-- plots:start -->\n<!-- plots:end -->\n")
+    readme.write_text(
+        "# x\n<!-- claims:start -->\nSTALE TABLE\n<!-- claims:end -->\ntext\n<!-- plots:start -->\n<!-- plots:end -->\n"
+    )
     assert _cli("report", str(FIXTURE), "--out", str(tmp_path / "r"), "--readme", str(readme)) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["rows"] == 11 and (tmp_path / "r" / "index.md").exists()
@@ -416,9 +489,13 @@ def test_cli_errors_exit_2(tmp_path, capsys):
 
 
 def test_analysis_never_imports_torch(tmp_path):
-    code = ("import sys; import analysis.report_cli; from analysis.report import write_report; "
-            "write_report([sys.argv[1]], sys.argv[2]); assert 'torch' not in sys.modules, 'torch was imported'")
-    result = subprocess.run([sys.executable, "-c", code, str(FIXTURE), str(tmp_path)], capture_output=True, text=True)
+    code = (
+        "import sys; import analysis.report_cli; from analysis.report import write_report; "
+        "write_report([sys.argv[1]], sys.argv[2]); assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(FIXTURE), str(tmp_path)], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -427,7 +504,12 @@ def test_notebooks_execute(name, tmp_path, monkeypatch):
     monkeypatch.setenv("FTMEM_RESULTS", str(FIXTURE))
     notebook = nbformat.read(ROOT / "notebooks" / name, as_version=4)
     assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")  # stripped
-    NotebookClient(notebook, kernel_name="python3", timeout=180,
-                   resources={"metadata": {"path": str(tmp_path)}}).execute()
-    text = "".join(str(o.get("text", "")) + json.dumps(o.get("data", {})) for c in notebook.cells for o in c.get("outputs", []))
+    NotebookClient(
+        notebook, kernel_name="python3", timeout=180, resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
+    text = "".join(
+        str(o.get("text", "")) + json.dumps(o.get("data", {}))
+        for c in notebook.cells
+        for o in c.get("outputs", [])
+    )
     assert "11 rows" in text

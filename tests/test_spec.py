@@ -69,8 +69,14 @@ def test_named_card_budget_is_nvidia_smi_total():
 
 def test_shipped_architectures_match_published_sizes():
     # Published totals: 0.6B, 1.7B, 4.0B, 8.2B, 14.8B, 32.8B parameters.
-    expected = {"qwen3-0.6b": 0.596, "qwen3-1.7b": 1.721, "qwen3-4b": 4.022, "qwen3-8b": 8.191,
-                "qwen3-14b": 14.768, "qwen3-32b": 32.762}
+    expected = {
+        "qwen3-0.6b": 0.596,
+        "qwen3-1.7b": 1.721,
+        "qwen3-4b": 4.022,
+        "qwen3-8b": 8.191,
+        "qwen3-14b": 14.768,
+        "qwen3-32b": 32.762,
+    }
     for name, billions in expected.items():
         assert round(parameter_counts(ARCHITECTURES[name])["total"] / 1e9, 3) == billions
     assert architecture("qwen3-14b")["vocab_size"] == 151936
@@ -80,5 +86,9 @@ def test_lora_parameter_count_qwen3_14b_r8():
     arch = ARCHITECTURES["qwen3-14b"]
     # r * (in + out) per projection, 40 layers.
     per_layer = 8 * ((5120 + 5120) * 2 + (5120 + 1024) * 2 + (5120 + 17408) * 2 + (17408 + 5120))
-    assert lora_parameter_count(arch, 8, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                          "down_proj")) == 40 * per_layer
+    assert (
+        lora_parameter_count(
+            arch, 8, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        )
+        == 40 * per_layer
+    )

@@ -16,21 +16,44 @@ def cells(data):
 def test_axes_are_crossed():
     out = cells({"base": BASE, "axes": {"seq_len": [32, 64], "batch_size": [1, 2, 4]}})
     assert sorted((c.spec.seq_len, c.spec.batch_size) for c in out) == [
-        (32, 1), (32, 2), (32, 4), (64, 1), (64, 2), (64, 4)]
+        (32, 1),
+        (32, 2),
+        (32, 4),
+        (64, 1),
+        (64, 2),
+        (64, 4),
+    ]
 
 
 def test_zip_varies_together_and_crosses_with_axes():
-    out = cells({"base": BASE, "zip": [{"seq_len": [32, 64], "batch_size": [4, 2]}],
-                 "axes": {"gradient_checkpointing": [False, True]}})
+    out = cells(
+        {
+            "base": BASE,
+            "zip": [{"seq_len": [32, 64], "batch_size": [4, 2]}],
+            "axes": {"gradient_checkpointing": [False, True]},
+        }
+    )
     assert sorted((c.spec.seq_len, c.spec.batch_size, c.spec.gradient_checkpointing) for c in out) == [
-        (32, 4, False), (32, 4, True), (64, 2, False), (64, 2, True)]
+        (32, 4, False),
+        (32, 4, True),
+        (64, 2, False),
+        (64, 2, True),
+    ]
 
 
 def test_include_and_exclude():
-    out = cells({"base": BASE, "axes": {"batch_size": [1, 2]}, "exclude": [{"batch_size": 2}],
-                 "include": [{"method": "qlora", "lora_r": 64}]})
+    out = cells(
+        {
+            "base": BASE,
+            "axes": {"batch_size": [1, 2]},
+            "exclude": [{"batch_size": 2}],
+            "include": [{"method": "qlora", "lora_r": 64}],
+        }
+    )
     assert sorted((c.spec.method, c.spec.batch_size, c.spec.lora_r) for c in out) == [
-        ("lora", 1, 8), ("qlora", 1, 64)]
+        ("lora", 1, 8),
+        ("qlora", 1, 64),
+    ]
 
 
 def test_budgets_become_an_axis_of_named_cards():
@@ -41,10 +64,16 @@ def test_budgets_become_an_axis_of_named_cards():
 
 
 def test_grids_merge_base_and_claims_and_dedupe():
-    out = cells({"base": BASE, "claims": ["C0"], "grids": [
-        {"claims": ["C1"], "axes": {"batch_size": [1, 2]}},
-        {"claims": ["C2"], "base": {"batch_size": 2}},
-    ]})
+    out = cells(
+        {
+            "base": BASE,
+            "claims": ["C0"],
+            "grids": [
+                {"claims": ["C1"], "axes": {"batch_size": [1, 2]}},
+                {"claims": ["C2"], "base": {"batch_size": 2}},
+            ],
+        }
+    )
     by_batch = {c.spec.batch_size: c for c in out}
     assert set(by_batch) == {1, 2}
     assert by_batch[2].claims == ("C0", "C1", "C2") and by_batch[1].claims == ("C0", "C1")
@@ -57,20 +86,35 @@ def test_impossible_combination_is_an_invalid_cell_not_an_error():
     assert len(invalid[0].cell_id) == 16
 
 
-@pytest.mark.parametrize("data, where, allowed", [
-    ({"name": "t", "base": BASE, "axis": {}}, "t.yaml: axis", "allowed: name"),
-    ({"name": "t", "base": {**BASE, "metod": "lora"}}, "t.yaml: base.metod", "unknown key"),
-    ({"name": "t", "base": BASE, "axes": {"method": ["lora", "lorra"]}}, "t.yaml: axes.method[1]", "allowed: full"),
-    ({"name": "t", "base": BASE, "axes": {"seq_len": ["long"]}}, "t.yaml: axes.seq_len[0]", "expected int"),
-    ({"name": "t", "base": BASE, "axes": {"seq_len": 32}}, "t.yaml: axes.seq_len", "non-empty list"),
-    ({"name": "t", "base": BASE, "budgets": ["rtx9090"]}, "t.yaml: budgets[0]", "rtx4090-24gb"),
-    ({"name": "t", "base": BASE, "zip": [{"seq_len": [1, 2], "batch_size": [1]}]}, "t.yaml: zip[0]", "equal lengths"),
-    ({"name": "t", "base": BASE, "repeats": 0}, "t.yaml: repeats", "integer >= 1"),
-    ({"base": BASE}, "t.yaml: name", "non-empty string"),
-    ({"name": "t", "grids": [{"axes": {"steps": [0]}}]}, "t.yaml: grids[0].axes.steps[0]", ">= 1"),
-    ({"name": "t", "grids": [{"bogus": 1}]}, "t.yaml: grids[0].bogus", "unknown key"),
-    ({"name": "t", "include": [{"method": "x"}]}, "t.yaml: include[0].method", "allowed"),
-])
+@pytest.mark.parametrize(
+    "data, where, allowed",
+    [
+        ({"name": "t", "base": BASE, "axis": {}}, "t.yaml: axis", "allowed: name"),
+        ({"name": "t", "base": {**BASE, "metod": "lora"}}, "t.yaml: base.metod", "unknown key"),
+        (
+            {"name": "t", "base": BASE, "axes": {"method": ["lora", "lorra"]}},
+            "t.yaml: axes.method[1]",
+            "allowed: full",
+        ),
+        (
+            {"name": "t", "base": BASE, "axes": {"seq_len": ["long"]}},
+            "t.yaml: axes.seq_len[0]",
+            "expected int",
+        ),
+        ({"name": "t", "base": BASE, "axes": {"seq_len": 32}}, "t.yaml: axes.seq_len", "non-empty list"),
+        ({"name": "t", "base": BASE, "budgets": ["rtx9090"]}, "t.yaml: budgets[0]", "rtx4090-24gb"),
+        (
+            {"name": "t", "base": BASE, "zip": [{"seq_len": [1, 2], "batch_size": [1]}]},
+            "t.yaml: zip[0]",
+            "equal lengths",
+        ),
+        ({"name": "t", "base": BASE, "repeats": 0}, "t.yaml: repeats", "integer >= 1"),
+        ({"base": BASE}, "t.yaml: name", "non-empty string"),
+        ({"name": "t", "grids": [{"axes": {"steps": [0]}}]}, "t.yaml: grids[0].axes.steps[0]", ">= 1"),
+        ({"name": "t", "grids": [{"bogus": 1}]}, "t.yaml: grids[0].bogus", "unknown key"),
+        ({"name": "t", "include": [{"method": "x"}]}, "t.yaml: include[0].method", "allowed"),
+    ],
+)
 def test_validation_errors_name_file_key_path_and_allowed(data, where, allowed):
     with pytest.raises(SweepError) as err:
         parse_sweep(data, "t.yaml")

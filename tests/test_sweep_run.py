@@ -10,10 +10,10 @@ import pytest
 import yaml
 
 from bench.runner import failure_row
+from bench.schema import new_row
 from bench.store import ResultsLocked, acquire, append_row, read_rows
 from bench.sweep import parse_sweep
 from bench.sweep_run import Shard, make_plan, run_sweep
-from bench.schema import new_row
 
 BASE = {"model": "qwen3-tiny", "method": "lora", "seq_len": 32, "batch_size": 1, "device": "cpu"}
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,12 +25,19 @@ def sweep_of(axes, repeats=1):
 
 def fake_runner(oom_over_tokens=None, calls=None):
     """Stands in for bench.runner.run_cell: OOM when seq*batch exceeds a threshold."""
+
     def run(spec, timeout_s, repeat=0):
         if calls is not None:
             calls.append(spec.cell_id)
         big = oom_over_tokens is not None and spec.seq_len * spec.batch_size > oom_over_tokens
-        return new_row(spec.to_dict(), spec.cell_id, status="oom" if big else "ok", repeat=repeat,
-                       peak_allocated_bytes=None if big else spec.seq_len * spec.batch_size)
+        return new_row(
+            spec.to_dict(),
+            spec.cell_id,
+            status="oom" if big else "ok",
+            repeat=repeat,
+            peak_allocated_bytes=None if big else spec.seq_len * spec.batch_size,
+        )
+
     return run
 
 
@@ -42,7 +49,10 @@ def test_oom_pruning_skips_larger_cells_and_names_the_cause(tmp_path):
     by_size = {(r["spec"]["seq_len"], r["spec"]["batch_size"]): r for r in rows}
     assert by_size[(64, 2)]["status"] == "oom"
     skipped = by_size[(128, 2)]
-    assert skipped["status"] == "skipped" and skipped["implied_by"] in {by_size[(128, 1)]["cell_id"], by_size[(64, 2)]["cell_id"]}
+    assert skipped["status"] == "skipped" and skipped["implied_by"] in {
+        by_size[(128, 1)]["cell_id"],
+        by_size[(64, 2)]["cell_id"],
+    }
     assert len(calls) == 5 and len(read_rows(out)) == 6
 
 
@@ -70,7 +80,9 @@ def test_resume_skips_done_cells_and_retry_failed_reruns_errors(tmp_path):
 def test_shards_partition_the_cells():
     sweep = sweep_of({"seq_len": [32, 64, 128, 256], "batch_size": [1, 2, 3]})
     ids = [{c.cell_id for c, _ in make_plan(sweep, [], Shard(i, 3)).todo} for i in range(3)]
-    assert sum(len(s) for s in ids) == 12 and set.union(*ids) == {c.cell_id for c, _ in make_plan(sweep, []).todo}
+    assert sum(len(s) for s in ids) == 12 and set.union(*ids) == {
+        c.cell_id for c, _ in make_plan(sweep, []).todo
+    }
     assert not (ids[0] & ids[1]) and not (ids[1] & ids[2])
     with pytest.raises(ValueError, match="0 <= i < n"):
         Shard.parse("3/3")
@@ -117,12 +129,15 @@ def test_lock_keeps_a_second_runner_out(tmp_path):
 def test_kill_9_mid_cell_loses_only_that_cell(tmp_path):
     """A real sweep of tiny CPU cells, killed with SIGKILL while a cell runs, then resumed."""
     sweep_file = tmp_path / "s.yaml"
-    sweep_file.write_text(yaml.safe_dump({"name": "kill", "base": {**BASE, "steps": 1},
-                                          "axes": {"seq_len": [16, 32, 48]}}))
+    sweep_file.write_text(
+        yaml.safe_dump({"name": "kill", "base": {**BASE, "steps": 1}, "axes": {"seq_len": [16, 32, 48]}})
+    )
     out = tmp_path / "r.jsonl"
     cmd = [sys.executable, "-m", "bench.cli", "sweep", str(sweep_file), "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 120
     while len(read_rows(out)) < 1 and time.monotonic() < deadline:
         time.sleep(0.2)
