@@ -92,3 +92,21 @@ def test_lora_parameter_count_qwen3_14b_r8():
         )
         == 40 * per_layer
     )
+
+
+def test_cell_ids_of_published_results_never_change():
+    """Resuming a sweep matches rows by cell_id: a new spec field must not change old ids."""
+    lora_gc_off = CellSpec.create(**BASE, precision="bf16_mixed", gradient_checkpointing=False)
+    assert lora_gc_off.cell_id == "526a5bd9fc1004a6"  # results/nvidia-h200-x1/foundation.jsonl, line 1
+
+
+def test_every_shipped_row_spec_rebuilds_to_its_cell_id():
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "results"
+    for path in root.glob("**/*.jsonl"):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            if row["status"] != "invalid":
+                assert CellSpec.from_dict(row["spec"]).cell_id == row["cell_id"], (path, row["cell_id"])
