@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis.predict import CALIBRATION, fits_budget, predict
+from analysis.predict import CALIBRATION, CALIBRATION_CELL_IDS, fits_budget, predict
 from bench.models import UnknownModelError, architecture
 from bench.store import latest_rows, read_rows
 
@@ -98,6 +98,7 @@ def evaluate(row: dict[str, Any], peaks: dict[str, int] | None = None) -> dict[s
         "predicted_fit": None,
         "measured_fit": None,
         "close_call": None,
+        "calibration": row.get("cell_id") in CALIBRATION_CELL_IDS,
     }
     if row["status"] == "ok" and row.get("peak_allocated_bytes"):
         out["measured"] = row["peak_allocated_bytes"]
@@ -175,6 +176,8 @@ def accuracy_table(frame: pd.DataFrame) -> pd.DataFrame:
         for value, group in frame.groupby(flag, dropna=True):
             lines.append({"family": f"{flag}={value}", **_family_stats(group)})
     lines.append({"family": "all", **_family_stats(frame)})
+    held_out = frame[~frame["calibration"].astype(bool)]
+    lines.append({"family": "all, held out (rows not used for calibration)", **_family_stats(held_out)})
     return pd.DataFrame(lines)
 
 
