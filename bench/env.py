@@ -6,8 +6,10 @@ row (a timeout, a crash) without importing torch.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
+import runpy
 import socket
 import subprocess
 import sys
@@ -33,6 +35,18 @@ def package_version(dist: str) -> str | None:
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
+        return None
+
+
+def torch_cuda_version() -> str | None:
+    """torch.version.cuda read from torch's version.py, without importing torch (parent rows)."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    version_file = Path(spec.submodule_search_locations[0]) / "version.py"
+    try:
+        return runpy.run_path(str(version_file)).get("cuda")
+    except Exception:  # an unusual build: the row says null rather than failing the cell
         return None
 
 
@@ -68,7 +82,7 @@ def collect(cuda_runtime: str | None = None) -> dict:
         "gpu_total_bytes": gpu.get("total_bytes"),
         "gpu_count": gpu.get("count"),
         "driver": gpu.get("driver"),
-        "cuda": cuda_runtime,
+        "cuda": cuda_runtime if cuda_runtime is not None else torch_cuda_version(),
         "cuda_driver_api": gpu.get("cuda_driver"),
     }
     env.update({key: package_version(dist) for key, dist in PACKAGES.items()})
