@@ -51,6 +51,8 @@ STACK_FIELDS = (
 
 #: Row fields that hold objects; they are flattened into columns of their own.
 _NESTED = ("spec", "env", "sweep")
+#: `*_bytes` fields that hold a dict (category -> bytes), kept as objects rather than numbers.
+OBJECT_BYTES = ("profile_categories_bytes",)
 #: Spec columns every frame has, so an empty frame still answers the analysis' filters.
 SPEC_COLUMNS = tuple(f.name for f in dataclasses.fields(CellSpec))
 
@@ -159,7 +161,7 @@ def frame_from_records(records: list[dict[str, Any]]) -> pd.DataFrame:
 def _typed(frame: pd.DataFrame) -> pd.DataFrame:
     """Nullable ints for counts and bytes, nullable booleans for flags, datetimes for dates."""
     for column in frame.columns:
-        if column.endswith("_bytes") or column in (
+        if (column.endswith("_bytes") and column not in OBJECT_BYTES) or column in (
             "seq_len",
             "batch_size",
             "grad_accum",
@@ -189,7 +191,7 @@ def _typed(frame: pd.DataFrame) -> pd.DataFrame:
 
 def _derived(frame: pd.DataFrame) -> pd.DataFrame:
     """GiB twins of byte columns, tokens, the footprint a card must hold, the cap it ran under."""
-    for column in [c for c in frame.columns if c.endswith("_bytes")]:
+    for column in [c for c in frame.columns if c.endswith("_bytes") and c not in OBJECT_BYTES]:
         frame[column[: -len("_bytes")] + "_gib"] = frame[column].astype("float64") / GIB
     frame["tokens"] = (frame["seq_len"] * frame["batch_size"]).astype("Int64")
     basis = pd.Series([None] * len(frame), index=frame.index, dtype=object)
@@ -256,6 +258,8 @@ def describe_spec(spec: dict[str, Any], shape: bool = True) -> str:
         "fused CE": spec.get("fused_ce"),
         "no fp32 upcast": spec.get("kbit_fp32_upcast") is False,
         f"GA {spec.get('grad_accum')}": (spec.get("grad_accum") or 1) > 1,
+        "profiled": spec.get("profile_memory"),
+        "snapshot": spec.get("snapshot"),
     }
     return " ".join(words + [name for name, on in flags.items() if on])
 

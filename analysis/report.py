@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import plots, tables
+from analysis import plots, tables, timeline
 from analysis.claims import ClaimResult, Guide, evaluate_claims, load_guide
 from analysis.fits import FamilyFit, capacity_frontier, fit_families, fits_table, residuals_table
 from analysis.load import REPO_ROOT, load_results, predictor
@@ -92,6 +92,7 @@ def _write_tables(report: Report) -> dict[str, pd.DataFrame]:
     )
     if predict is not None:
         built["measured_vs_predicted"] = tables.measured_vs_predicted(frame, predict)
+    built.update(timeline.profile_tables(frame, predict))  # profiled rows only (issue 8)
     for name, table in built.items():
         tables.write_table(table, report.out_dir / "tables", name)
     return built
@@ -110,6 +111,7 @@ def _write_plots(report: Report) -> dict[str, list[Path]]:
             report.tables["measured_vs_predicted"], out
         )
         drawn["components"] = plots.plot_components(report.frame, report.predict, out)
+    drawn.update(timeline.write_plots(report.frame, report.tables, out))  # profiled rows only
     return drawn
 
 
@@ -122,6 +124,7 @@ def index_markdown(report: Report) -> str:
         _guide_section(report),
         _savings_section(report),
         _fits_section(report),
+        timeline.index_section(report.tables),
         _plots_section(report),
         _cells_section(report),
     ]

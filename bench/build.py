@@ -279,9 +279,14 @@ def _logical_numel(p: torch.Tensor) -> int:
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of optimizer.state held by this process (a sharded DTensor state counts its local shard)."""
     return sum(
-        v.numel() * v.element_size()
+        _local(v).numel() * v.element_size()
         for state in optimizer.state.values()
         for v in state.values()
         if isinstance(v, torch.Tensor)
     )
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t

@@ -91,7 +91,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bench.runner import run_cell
 
     spec = spec_from_args(args)
-    row = run_cell(spec, timeout_s=args.timeout)
+    from bench.artifacts import beside
+
+    row = run_cell(spec, timeout_s=args.timeout, artifacts_dir=beside(args.out) if args.out else None)
     if args.out:
         from bench.store import append_row
 

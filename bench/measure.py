@@ -27,7 +27,7 @@ from typing import Any
 import psutil
 import torch
 
-from bench import build, nvml, train
+from bench import build, nvml, profile, train
 from bench.spec import CellSpec
 
 _OOM_SIZE = re.compile(r"Tried to allocate ([\d.]+) (GiB|MiB|KiB|B)")
@@ -66,6 +66,7 @@ class CellRun:
         self.cuda = self.device.type == "cuda"
         self.phase = "setup"
         self.values: dict[str, Any] = {}
+        self.profiler: profile.CellProfiler | None = None  # profile_memory / snapshot (bench.profile)
 
     # -- phases ------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -106,7 +107,7 @@ class CellRun:
         self._fault()
         self._reset_peaks()
         start = time.perf_counter()
-        model = build.build_model(self.spec, self.device)
+        model = self._build_model()
         self._sync()
         self.values["build_time_s"] = time.perf_counter() - start
         if self.cuda:
@@ -119,9 +120,11 @@ class CellRun:
 
     def _train(self, model) -> None:
         spec = self.spec
-        optimizer = train.make_optimizer(spec, model)
         batches = train.make_batches(spec, model.config.vocab_size, self.device)
-        stepper = train.Stepper(spec, model, optimizer, self.device)
+        optimizer, stepper = self._training(model)
+        self.profiler = profile.for_cell(spec, self.device)
+        if self.profiler is not None:  # warm-up steps and the first measured step
+            self.profiler.start(stepper)
 
         self.phase = "first_step"
         self._fault()
@@ -140,7 +143,10 @@ class CellRun:
         if self.cuda:
             torch.cuda.empty_cache()
         self._reset_peaks()
-        times = [self._timed(stepper, batches) for _ in range(spec.steps)]
+        times = [self._timed(stepper, batches)]
+        if self.profiler is not None:
+            self.profiler.stop()
+        times += [self._timed(stepper, batches) for _ in range(spec.steps - 1)]
         if self.cuda:
             self.values["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
             self.values["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)
@@ -152,11 +158,25 @@ class CellRun:
             final_loss=stepper.last_loss,
             optimizer_state_bytes=build.optimizer_state_bytes(optimizer),
         )
+        if self.profiler is not None:  # analysed after the measured steps, outside their timing
+            self.values.update(self.profiler.results())
 
     # -- helpers -----------------------------------------------------------------------------
+    def _build_model(self):
+        """The model of the build phase (bench.dist.RankCellRun builds ZeRO-3 models partitioned)."""
+        return build.build_model(self.spec, self.device)
+
+    def _training(self, model) -> tuple[Any, train.Stepper]:
+        """(optimizer, stepper) of the training phases; bench.dist wraps the model first (DDP, FSDP2, DeepSpeed)."""
+        optimizer = train.make_optimizer(self.spec, model)
+        return optimizer, train.Stepper(self.spec, model, optimizer, self.device)
+
     def _fault(self) -> None:
         """Test hook: FTMEM_TEST_FAULT=<kind>:<phase> fails this phase (oom, error, hang or crash)."""
         kind, _, phase = os.environ.get("FTMEM_TEST_FAULT", "").partition(":")
+        only_rank = os.environ.get("FTMEM_TEST_FAULT_RANK")  # multi-GPU cells: fail this rank only
+        if only_rank is not None and only_rank != os.environ.get("RANK", "0"):
+            return
         if phase != self.phase:
             return
         if kind == "oom":
@@ -187,6 +207,8 @@ class CellRun:
 
     def record_oom(self, exc: BaseException) -> None:
         self.values["oom_phase"] = self.phase
+        if self.profiler is not None:  # the allocator snapshot up to the OOM, if recording
+            self.values.update(self.profiler.on_failure())
         self.values["oom_requested_bytes"] = oom_requested_bytes(str(exc))
         if self.cuda:
             self.values["oom_allocated_bytes"] = torch.cuda.memory_allocated(self.device)
@@ -213,9 +235,9 @@ class CellRun:
             self.values["fits_budget"] = not over
 
 
-def measure(spec: CellSpec) -> tuple[str, str | None, dict[str, Any]]:
+def measure(spec: CellSpec, cell_class: type[CellRun] = CellRun) -> tuple[str, str | None, dict[str, Any]]:
     """Run the cell; return (status, error message, measured values). Never raises for a cell failure."""
-    cell = CellRun(spec)
+    cell = cell_class(spec)  # bench.dist.RankCellRun for a rank of a multi-GPU cell
     status, error = "ok", None
     with nvml.PeakSampler() as sampler:
         try:

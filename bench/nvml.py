@@ -36,9 +36,18 @@ def _handle(index: int = 0):
 
 
 def device_index() -> int:
-    """Physical index of the device this process uses (first of CUDA_VISIBLE_DEVICES)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
-    return int(visible) if visible.isdigit() else 0
+    """Physical index of the device this process uses: entry LOCAL_RANK (0 outside torchrun) of
+    CUDA_VISIBLE_DEVICES, or LOCAL_RANK itself when that is unset (UUID entries are not resolved)."""
+    local_rank = os.environ.get("LOCAL_RANK", "0")
+    return visible_indices(int(local_rank) + 1)[-1] if local_rank.isdigit() else 0
+
+
+def visible_indices(count: int) -> list[int]:
+    """Physical indices of the first `count` devices a child process would see as cuda:0, cuda:1, ..."""
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if "CUDA_VISIBLE_DEVICES" not in os.environ:
+        return list(range(count))
+    return [int(v) if v.isdigit() else 0 for v in visible[:count]] + [0] * max(0, count - len(visible))
 
 
 def device_info() -> dict:
@@ -115,3 +124,45 @@ class PeakSampler:
         if self._thread.is_alive():
             self._thread.join()
             self.sample()
+
+
+class DevicesSampler:
+    """The parent's view of a multi-GPU cell: NVML used memory of each of `indices`, sampled together.
+
+    `peak_sum_bytes` is the peak of the sum over the devices at one instant (what the cell holds on
+    this node, NCCL buffers and every rank's context included); `peak_bytes` each device's own peak.
+    """
+
+    def __init__(self, indices: list[int], interval_s: float = 0.01):
+        self.indices, self.interval_s = list(indices), interval_s
+        self.peak_sum_bytes: int | None = None
+        self.baseline_sum_bytes: int | None = None
+        self.peak_bytes: list[int | None] = [None] * len(self.indices)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="nvml-devices-sampler", daemon=True)
+
+    def sample(self) -> None:
+        used = [device_used_bytes(i) for i in self.indices]
+        if any(u is None for u in used):
+            return
+        total = sum(used)
+        if self.baseline_sum_bytes is None:
+            self.baseline_sum_bytes = total
+        self.peak_sum_bytes = max(total, self.peak_sum_bytes or 0)
+        self.peak_bytes = [max(u, p or 0) for u, p in zip(used, self.peak_bytes, strict=True)]
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            time.sleep(self.interval_s)
+
+    def __enter__(self) -> DevicesSampler:
+        if available() and self.indices:
+            self.sample()
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()

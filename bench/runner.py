@@ -12,14 +12,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import env, schema
+from bench import artifacts, env, schema
 from bench.spec import CellSpec
 
 DEFAULT_TIMEOUT_S = 900.0
 
 
-def run_cell(spec: CellSpec, timeout_s: float = DEFAULT_TIMEOUT_S, repeat: int = 0) -> dict[str, Any]:
-    """Measure `spec` in a new process; return its row (status ok/oom/error/timeout)."""
+def run_cell(
+    spec: CellSpec,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    repeat: int = 0,
+    artifacts_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Measure `spec` in a new process; return its row (status ok/oom/error/timeout).
+
+    Artifact files (memory timelines, allocator snapshots) go to `artifacts_dir` (bench.artifacts:
+    default runs/artifacts); the row's paths to them are relative to that folder's parent."""
+    if spec.gpus > 1 or spec.dist != "none":  # multi-GPU cells: torchrun, one JSON per rank
+        from bench.launch import run_dist_cell
+
+        return run_dist_cell(spec, timeout_s=timeout_s, repeat=repeat)
     with tempfile.TemporaryDirectory(prefix="ftmem-cell-") as tmp:
         spec_path, row_path, log_path = Path(tmp, "spec.json"), Path(tmp, "row.json"), Path(tmp, "log.txt")
         spec_path.write_text(json.dumps(spec.to_dict()))
@@ -30,7 +42,7 @@ def run_cell(spec: CellSpec, timeout_s: float = DEFAULT_TIMEOUT_S, repeat: int =
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                env=_child_env(),
+                env={**_child_env(), **artifacts.child_env(spec.cell_id, repeat, artifacts_dir)},
             )
             timed_out = _wait(proc, timeout_s)
         wall = time.monotonic() - start
@@ -43,7 +55,7 @@ def run_cell(spec: CellSpec, timeout_s: float = DEFAULT_TIMEOUT_S, repeat: int =
             row = failure_row(spec, "error", f"worker exited with code {proc.returncode} and no row:\n{tail}")
     row["cell_wall_time_s"] = wall
     row["repeat"] = repeat
-    return row
+    return artifacts.relativise(row, artifacts_dir)
 
 
 def _child_env() -> dict[str, str]:

@@ -30,6 +30,8 @@ FIELDS: dict[str, str] = {
     "oom_requested_bytes": "bytes the failing allocation asked for (parsed from torch's message)",
     "oom_allocated_bytes": "torch.cuda.memory_allocated() when the OOM was caught",
     "oom_reserved_bytes": "torch.cuda.memory_reserved() when the OOM was caught",
+    "oom_rank": "multi-GPU cells (spec gpus/dist): the first rank that ran out of memory (status oom); "
+    "the oom_* fields are that rank's",
     "context_bytes": "NVML process memory after CUDA context creation, before any tensor (the baseline)",
     "build_peak_allocated_bytes": "torch max_memory_allocated while building the model (weights, quantization)",
     "build_peak_reserved_bytes": "torch max_memory_reserved while building the model",
@@ -38,8 +40,10 @@ FIELDS: dict[str, str] = {
     "peak_allocated_bytes": "max_memory_allocated over the measured (steady-state) steps: the headline figure",
     "peak_reserved_bytes": "max_memory_reserved over the measured steps (allocated + caching-allocator slack)",
     "nvml_peak_process_bytes": "peak NVML memory of this process over the whole cell (context + reserved + non-torch)",
-    "nvml_peak_device_bytes": "peak NVML used memory of the whole device over the whole cell",
-    "nvml_baseline_device_bytes": "NVML used memory of the device before the cell's process touched CUDA",
+    "nvml_peak_device_bytes": "peak NVML used memory of the whole device over the whole cell; multi-GPU "
+    "cells: the peak of the sum over the cell's GPUs on this node, sampled together by the parent",
+    "nvml_baseline_device_bytes": "NVML used memory of the device before the cell's process touched CUDA "
+    "(multi-GPU: summed over the GPUs, before torchrun started)",
     "peak_rss_bytes": "CPU cells: peak resident set size of the process (ru_maxrss)",
     "baseline_rss_bytes": "CPU cells: resident set size before the model was built",
     "param_bytes": "bytes of all parameters (packed bytes + quantization constants for 4/8-bit)",
@@ -51,7 +55,7 @@ FIELDS: dict[str, str] = {
     "buffer_bytes": "bytes of the model's buffers (rotary tables)",
     "step_time_s": "median wall time of one measured optimizer step (grad_accum micro-batches)",
     "step_times_s": "wall time of each measured step",
-    "tokens_per_s": "tokens per optimizer step / step_time_s",
+    "tokens_per_s": "tokens per optimizer step / step_time_s (multi-GPU: all ranks' tokens / the slowest rank)",
     "first_step_time_s": "wall time of the first (warm-up) step, compilation included",
     "build_time_s": "wall time of building the model",
     "startup_to_first_step_s": "process start to the start of the first training step",
@@ -59,6 +63,22 @@ FIELDS: dict[str, str] = {
     "final_loss": "loss of the last measured micro-batch (random weights: a sanity value only)",
     "attn_impl_used": "attention implementation the model really ran with",
     "unavailable": "features asked for that this machine lacks (e.g. flash_attention_2)",
+    "profile_peak_bytes": "profile_memory cells: peak of torch's memory profiler timeline over the profiled steps "
+    "(warm-up + first measured; tensor bytes on the cell's device, no allocator rounding)",
+    "profile_categories_bytes": "profile_memory cells: bytes by category at that peak: parameters, gradients, "
+    "optimizer_state, activations, temporaries, other (inputs, autograd_detail, unknown); sums to profile_peak_bytes",
+    "profile_peak_phase": "profile_memory cells: forward | backward | optimizer_step | zero_grad | other: "
+    "the part of the step (record_function markers of bench.train.Stepper) the peak fell in",
+    "profile_peak_step": "profile_memory cells: the profiled step of the peak, 'warmup N' or 'measured 1'",
+    "profile_timeline_file": "profile_memory cells: the memory timeline JSON (bench.profile), relative to the "
+    "results file's folder (runner's artifacts folder)",
+    "profile_analysis_s": "profile_memory cells: seconds spent building the memory profile after the steps",
+    "snapshot_file": "snapshot cells: the CUDA allocator snapshot pickle (for pytorch.org/memory_viz), "
+    "relative like profile_timeline_file",
+    "ranks": "multi-GPU cells: one object per rank (rank, local_rank, host, status, error and that rank's "
+    "measured fields); the row's peaks, times and model-state bytes are the max over ranks, and model-state "
+    "bytes count the rank's own shard. torch's counters miss NCCL buffers and workspaces: only the NVML "
+    "figures (nvml_peak_process_bytes per rank, nvml_peak_device_bytes summed) see them. Null for 1-process cells",
     "env": "provenance: gpu_name, gpu_total_bytes, gpu_count, driver, cuda, torch, transformers, peft, "
     "bitsandbytes, accelerate, liger_kernel, flash_attn, python, platform, hostname, git_commit, git_dirty, started_at",
 }

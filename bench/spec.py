@@ -36,11 +36,21 @@ COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
 DEVICES = ("cuda", "cpu")
 LORA_METHODS = ("lora", "qlora", "lora8bit")
 KBIT_METHODS = ("qlora", "lora8bit")
+#: Multi-GPU strategies (bench.dist): none = the single-process cell.
+DISTS = ("none", "ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp2")
+DEEPSPEED_DISTS = ("deepspeed_zero2", "deepspeed_zero3")
+ZERO_OFFLOADS = ("none", "optimizer", "optimizer_and_params")
 
 
 #: Fields added after the first published results, with the default that keeps them out of cell ids.
 #: A new knob goes here with its default (and into CellSpec and _TYPES).
-LATER_FIELDS: dict[str, Any] = {}
+LATER_FIELDS: dict[str, Any] = {
+    "profile_memory": False,
+    "snapshot": False,
+    "gpus": 1,
+    "dist": "none",
+    "zero_offload": "none",
+}
 
 
 class SpecError(ValueError):
@@ -92,6 +102,21 @@ class CellSpec:
     steps: int = _help("measured optimizer steps", 3)
     seed: int = _help("seed of the random weights and tokens", 0)
     device: str = _help("cuda | cpu", "cuda")
+    profile_memory: bool = _help(
+        "profile warm-up + first measured step with torch's memory profiler (by category; costs memory)",
+        False,
+    )
+    snapshot: bool = _help(
+        "cuda: dump the allocator snapshot (memory_viz pickle) of the profiled steps", False
+    )
+    gpus: int = _help("processes (one GPU each) over all nodes; budget_gb and the peaks are per GPU", 1)
+    dist: str = _help(
+        "none | ddp | deepspeed_zero2 | deepspeed_zero3 | fsdp2 (torch fully_shard): how the ranks share the work",
+        "none",
+    )
+    zero_offload: str = _help(
+        "DeepSpeed ZeRO-Offload to CPU: none | optimizer (ZeRO-2/3) | optimizer_and_params (ZeRO-3)", "none"
+    )
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -169,6 +194,11 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "steps": (int,),
     "seed": (int,),
     "device": (str,),
+    "profile_memory": (bool,),
+    "snapshot": (bool,),
+    "gpus": (int,),
+    "dist": (str,),
+    "zero_offload": (str,),
 }
 
 
@@ -185,6 +215,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "device": DEVICES,
     "quant_type": QUANT_TYPES,
     "quant_compute_dtype": COMPUTE_DTYPES,
+    "dist": DISTS,
+    "zero_offload": ZERO_OFFLOADS,
 }
 FIELD_NAMES = tuple(_TYPES)
 
@@ -204,7 +236,7 @@ def check_field(key: str, value: Any) -> None:
     if key == "lora_targets" and value is not None:
         for target in value:
             _one_of(key, target, LINEAR_PROJECTIONS)
-    if key in ("seq_len", "batch_size", "grad_accum", "steps") and value < 1:
+    if key in ("seq_len", "batch_size", "grad_accum", "steps", "gpus") and value < 1:
         raise SpecError(key, value, "must be >= 1")
     if key == "budget_gb" and value is not None:
         try:
@@ -310,6 +342,11 @@ def _validate_combinations(spec: CellSpec) -> None:
             "fused_ce": (spec.fused_ce, "liger fused cross-entropy (Triton) needs device cuda"),
             "budget_gb": (spec.budget_gb is not None, "a memory budget is emulated on device cuda only"),
             "precision": (spec.precision == "fp16_mixed", "fp16 autocast with GradScaler needs device cuda"),
+            "snapshot": (spec.snapshot, "allocator snapshots (torch.cuda.memory) need device cuda"),
+            "dist": (
+                spec.dist in DEEPSPEED_DISTS,
+                "DeepSpeed needs device cuda (ddp and fsdp2 run on cpu with gloo)",
+            ),
         }
         for key, (broken, why) in cpu_rules.items():
             if broken:
@@ -322,3 +359,57 @@ def _validate_combinations(spec: CellSpec) -> None:
         raise SpecError(
             "quant_compute_dtype", spec.quant_compute_dtype, "precision fp32 needs quant_compute_dtype fp32"
         )
+    _validate_dist(spec)
+
+
+def _validate_dist(spec: CellSpec) -> None:
+    """Multi-GPU rules. dist != none with gpus 1 is allowed: one rank measures the wrapper's own cost
+    (DDP buckets, ZeRO-Offload on one card, FSDP2's unsharded mesh). budget_gb applies to every GPU."""
+    _one_of("dist", spec.dist, DISTS)
+    _one_of("zero_offload", spec.zero_offload, ZERO_OFFLOADS)
+    if spec.gpus > 1 and spec.dist == "none":
+        raise SpecError("dist", spec.dist, f"gpus {spec.gpus} needs a strategy: {', '.join(DISTS[1:])}")
+    if spec.zero_offload != "none" and spec.dist not in DEEPSPEED_DISTS:
+        raise SpecError(
+            "zero_offload",
+            spec.zero_offload,
+            "offload is DeepSpeed's: dist deepspeed_zero2 or deepspeed_zero3",
+        )
+    if spec.zero_offload == "optimizer_and_params" and spec.dist != "deepspeed_zero3":
+        raise SpecError(
+            "zero_offload",
+            spec.zero_offload,
+            "parameter offload needs dist deepspeed_zero3 (ZeRO-2 offloads the optimizer only)",
+        )
+    if spec.dist == "fsdp2" and spec.method in KBIT_METHODS:
+        # bitsandbytes Params4bit / Int8Params are not DTensor-aware: fully_shard would shard the packed
+        # storage without the quant_state. FSDP QLoRA needs bnb_4bit_quant_storage and FSDP1's flat params
+        # (or torchao's NF4Tensor under FSDP2), neither of which the build here does.
+        raise SpecError(
+            "method",
+            spec.method,
+            "fsdp2 shards full, lora (4/8-bit bitsandbytes weights are not DTensor-aware)",
+        )
+    if spec.dist == "deepspeed_zero3" and spec.method in KBIT_METHODS:
+        raise SpecError(
+            "method",
+            spec.method,
+            "deepspeed_zero3 partitions full, lora (ZeRO-3 QLoRA needs bnb_4bit_quant_storage at load)",
+        )
+    if spec.dist in DEEPSPEED_DISTS:
+        if spec.precision == "bf16":
+            raise SpecError(
+                "precision",
+                spec.precision,
+                "DeepSpeed keeps fp32 master weights: use bf16_mixed (its bf16 mode), fp16_mixed or fp32",
+            )
+        if spec.optimizer not in ("adamw", "adamw_fused", "adamw_foreach"):
+            raise SpecError(
+                "optimizer",
+                spec.optimizer,
+                "DeepSpeed cells use its AdamW: adamw, adamw_fused, adamw_foreach",
+            )
+        if spec.compile:
+            raise SpecError(
+                "compile", spec.compile, "torch.compile of layers is not combined with DeepSpeed here"
+            )

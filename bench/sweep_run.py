@@ -12,12 +12,14 @@ the cell that implies it. Cells run in order of tokens per micro-batch so the sm
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench import schema
+from bench import artifacts, schema
 from bench.runner import DEFAULT_TIMEOUT_S, failure_row, run_cell
+from bench.spec import LATER_FIELDS
 from bench.store import acquire, append_row, read_rows
 from bench.sweep import Cell, Sweep, expand
 
@@ -55,8 +57,15 @@ class Plan:
 
 
 def _family(spec_dict: dict[str, Any]) -> tuple:
-    """Everything but seq_len and batch_size: cells of one family differ only in size."""
-    return tuple(sorted((k, str(v)) for k, v in spec_dict.items() if k not in ("seq_len", "batch_size")))
+    """Everything but seq_len and batch_size: cells of one family differ only in size. Knobs added
+    later count only away from their default, so rows written before they existed still match."""
+    return tuple(
+        sorted(
+            (k, str(v))
+            for k, v in spec_dict.items()
+            if k not in ("seq_len", "batch_size") and not (k in LATER_FIELDS and v == LATER_FIELDS[k])
+        )
+    )
 
 
 def order_cells(cells: Iterable[Cell]) -> list[Cell]:
@@ -130,6 +139,8 @@ def run_plan(
     """Run every cell still to do, appending each row at once. Returns the rows written."""
     written: list[dict[str, Any]] = []
     ooms = [r for r in plan.done.values() if r["status"] == "oom"]
+    if runner is run_cell:  # artifact files (bench.artifacts) beside the results file
+        runner = functools.partial(run_cell, artifacts_dir=artifacts.beside(out_path))
     total = len(plan.todo) + len(plan.invalid)
 
     def emit(row: dict[str, Any]) -> None:

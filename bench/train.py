@@ -50,6 +50,11 @@ class Stepper:
         self.autocast = autocast_dtype(spec)
         self.scaler = torch.amp.GradScaler(device.type) if spec.precision == "fp16_mixed" else None
         self.last_loss: float | None = None
+        #: Optional name -> context manager around each part of the step (bench.profile's markers).
+        self.marker = None
+
+    def _mark(self, name: str):
+        return contextlib.nullcontext() if self.marker is None else self.marker(name)
 
     def _autocast(self):
         if self.autocast is None:
@@ -57,18 +62,25 @@ class Stepper:
         return torch.autocast(self.device.type, dtype=self.autocast)
 
     def step(self, batches: list[torch.Tensor]) -> None:
+        with self._mark("step"):
+            self._step(batches)
+
+    def _step(self, batches: list[torch.Tensor]) -> None:
         for ids in batches:
-            with self._autocast():
+            with self._mark("forward"), self._autocast():
                 loss = self.model(input_ids=ids, labels=ids).loss / len(batches)
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-            else:
-                loss.backward()
+            with self._mark("backward"):
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
             self.last_loss = float(loss.detach()) * len(batches)
             del loss
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with self._mark("optimizer_step"):
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+        with self._mark("zero_grad"):
+            self.optimizer.zero_grad(set_to_none=True)

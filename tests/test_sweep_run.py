@@ -153,3 +153,12 @@ def test_kill_9_mid_cell_loses_only_that_cell(tmp_path):
     assert all(r["status"] == "ok" for r in rows)
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["ok"] == 3 - len(before)
+
+
+def test_oom_rows_written_before_a_knob_existed_still_prune():
+    from bench.sweep_run import implied_oom
+
+    old = {"cell_id": "old", "status": "oom", "spec": {**BASE, "seq_len": 32, "batch_size": 1}}
+    new_spec = {**BASE, "seq_len": 64, "batch_size": 1, "profile_memory": False, "gpus": 1}
+    assert implied_oom(new_spec, [old]) == "old"
+    assert implied_oom({**new_spec, "profile_memory": True}, [old]) is None

@@ -1,0 +1,270 @@
+"""Issue 8: where the memory goes. A real tiny CPU cell under torch's memory profiler, the spec
+rules of profile_memory / snapshot, the timeline plot, the measured-vs-predicted table and the
+report's hook. The timeline of test_timeline_plot_* is constructed, not measured."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from analysis import timeline as T
+from analysis.load import rows_to_frame
+from analysis.predict import predict
+from analysis.report import write_report
+from bench import artifacts
+from bench.runner import run_cell
+from bench.schema import check_row
+from bench.spec import LATER_FIELDS, CellSpec, SpecError
+from tests.conftest import TINY
+
+#: Full fine-tuning, fp32, AdamW (torch's for-loop implementation on CPU), one warm-up step.
+FULL = {**TINY, "method": "full", "precision": "fp32"}
+
+
+@pytest.fixture(scope="module")
+def profiled(tmp_path_factory):
+    """One profiled cell run through the runner (fresh process), its artifacts in a temp folder."""
+    folder = tmp_path_factory.mktemp("profiled")
+    results = folder / "results.jsonl"
+    spec = CellSpec.create(**FULL, profile_memory=True)
+    row = run_cell(spec, timeout_s=180, artifacts_dir=artifacts.beside(results))
+    results.write_text(json.dumps(row) + "\n")
+    return spec, row, results
+
+
+def test_profiled_cell_breakdown_sums_to_the_peak_and_matches_the_row(profiled):
+    spec, row, results = profiled
+    assert row["status"] == "ok", row["error"]
+    assert check_row(row) == []
+    cats = row["profile_categories_bytes"]
+    assert set(cats) == {"parameters", "gradients", "optimizer_state", "activations", "temporaries", "other"}
+    # The categories are the columns of the profiler's timeline at its peak: they sum to it exactly
+    # (tolerance 0 bytes; every tensor byte on the device falls in one category, `other` included).
+    assert sum(cats.values()) == row["profile_peak_bytes"] > 0
+    # Against the row's own figures (bench.build), within 1%: every parameter and the whole AdamW
+    # state are resident through the measured step; parameter bytes are the storages' bytes, the
+    # state includes the 4-byte step counters as optimizer_state_bytes does.
+    assert cats["parameters"] == pytest.approx(row["param_bytes"], rel=0.01)
+    assert cats["optimizer_state"] == pytest.approx(row["optimizer_state_bytes"], rel=0.01)
+    assert row["profile_peak_bytes"] >= row["param_bytes"] + row["optimizer_state_bytes"]
+    # Nothing the profiler counts can exceed what the process held.
+    assert row["profile_peak_bytes"] < row["peak_rss_bytes"]
+    # The timeline file lies beside the results, its path relative to the results file's folder.
+    path = results.parent / row["profile_timeline_file"]
+    assert path.is_file() and row["profile_timeline_file"].startswith("results.artifacts/")
+    assert path.name == f"{spec.cell_id}-r0.timeline.json"
+    timeline = json.loads(path.read_text())
+    # At the end of backward every gradient exists: the gradient category's maximum is grad_bytes.
+    assert timeline["category_max"]["gradients"] == pytest.approx(row["grad_bytes"], rel=0.01)
+    assert timeline["peak"]["total"] == row["profile_peak_bytes"]
+    assert [m["name"] for m in timeline["markers"] if m["name"].startswith("step:")] == [
+        "step:warmup 1",
+        "step:measured 1",
+    ]
+    assert row["profile_analysis_s"] > 0 and row["snapshot_file"] is None
+
+
+def test_peak_phase_of_full_adamw_on_the_tiny_model(profiled):
+    """Where the peak must fall, worked out from the sizes of the tiny model (P = 919,040 B of fp32
+    parameters; 64 tokens x vocab 1024 fp32 logits = 256 KiB each).
+
+    Warm-up step: AdamW creates its state (2P) lazily inside optimizer.step(), so that step's peak is
+    there: P weights + P grads + 2P state (+ small for-loop temporaries) = 4P, about 3.7 MB. Its
+    forward and backward hold only P + activations + grads, far less.
+
+    Measured step: P + 2P are resident from the start. In optimizer.step() the grads add P again (3.7 MB
+    in all); early in backward the activations saved by the forward (about 1.1 MB, the logits among
+    them) are still held, with the gradient of the logits (autograd detail, 2 x 256 KiB) on top: about
+    1.6 MB > P. So the profiled peak is in the measured step's backward, above the warm-up step's peak,
+    with few gradients made yet."""
+    _, row, results = profiled
+    assert row["profile_peak_step"] == "measured 1"
+    assert row["profile_peak_phase"] == "backward"
+    cats = row["profile_categories_bytes"]
+    assert cats["activations"] + cats["other"] > row["param_bytes"]
+    assert cats["gradients"] < row["grad_bytes"]
+    timeline = json.loads((results.parent / row["profile_timeline_file"]).read_text())
+    steps = {p["step"]: p for p in timeline["step_peaks"]}
+    assert steps["warmup 1"]["phase"] == "optimizer_step"
+    assert steps["warmup 1"]["total"] < steps["measured 1"]["total"] == row["profile_peak_bytes"]
+
+
+def test_report_plots_profiled_rows_and_compares_with_the_predictor(profiled, tmp_path):
+    _, row, results = profiled
+    index = write_report([results], tmp_path / "report")
+    text = index.read_text()
+    assert "Where the memory goes" in text
+    assert (tmp_path / "report" / "plots" / f"profile_timeline_{row['cell_id']}_r0.png").is_file()
+    assert (tmp_path / "report" / "plots" / "profile_components.svg").is_file()
+    table = T.component_table(rows_to_frame([row], source=str(results)), predict)
+    assert list(table["category"]) == [*T.CATEGORIES, "working set", "total"]
+    measured = table.set_index("category")["measured_bytes"]
+    assert measured["total"] == row["profile_peak_bytes"]
+    # The parameter bytes are a count both sides agree on exactly (fp32 weights of the tiny model).
+    assert table.set_index("category")["predicted_bytes"]["parameters"] == row["param_bytes"]
+
+
+def test_overhead_pairs_rows_differing_only_in_profiling():
+    base = CellSpec.create(**{**FULL, "device": "cuda"})
+    on = CellSpec.create(**{**FULL, "device": "cuda", "profile_memory": True})
+    env = {"gpu_name": "synthetic", "torch": "t"}
+
+    def row(spec, peak):
+        return {
+            "cell_id": spec.cell_id,
+            "spec": spec.to_dict(),
+            "status": "ok",
+            "peak_allocated_bytes": peak,
+            "step_time_s": 1.0,
+            "env": env,
+        }
+
+    frame = rows_to_frame([row(base, 1000), row(on, 1300)])
+    table = T.overhead_table(frame)
+    assert len(table) == 1 and table.iloc[0]["peak_allocated_diff_bytes"] == 300
+    assert table.iloc[0]["profiled"] == "profile_memory"
+
+
+def test_snapshot_is_rejected_on_cpu_and_accepted_on_cuda():
+    with pytest.raises(SpecError) as err:
+        CellSpec.create(**FULL, snapshot=True)
+    assert err.value.key == "snapshot" and "cuda" in str(err.value)
+    assert CellSpec.create(**{**FULL, "device": "cuda"}, snapshot=True).snapshot is True
+
+
+def test_profile_flags_default_off_and_leave_cell_ids_unchanged():
+    assert LATER_FIELDS["profile_memory"] is False and LATER_FIELDS["snapshot"] is False
+    plain = CellSpec.create(**FULL)
+    assert not plain.profile_memory and not plain.snapshot
+    assert "profile_memory" not in plain.canonical_json() and "snapshot" not in plain.canonical_json()
+    assert CellSpec.create(**FULL, profile_memory=False).cell_id == plain.cell_id
+    # Profiling costs memory, so a profiled cell is a cell of its own.
+    assert CellSpec.create(**FULL, profile_memory=True).cell_id != plain.cell_id
+    with pytest.raises(SpecError):
+        CellSpec.create(**FULL, profile_memory="yes")
+
+
+def test_cli_flags_come_from_the_spec():
+    from bench.cli import build_parser, spec_from_args
+
+    args = build_parser().parse_args(
+        [
+            "run",
+            "--model",
+            "qwen3-tiny",
+            "--method",
+            "lora",
+            "--seq-len",
+            "8",
+            "--batch-size",
+            "1",
+            "--device",
+            "cuda",
+            "--profile-memory",
+            "--snapshot",
+        ]
+    )
+    spec = spec_from_args(args)
+    assert spec.profile_memory and spec.snapshot
+
+
+def constructed_timeline() -> dict:
+    """A made-up timeline in bench.profile's format: two steps, the peak in the second backward."""
+    cats = [
+        "parameters",
+        "gradients",
+        "optimizer_state",
+        "activations",
+        "temporaries",
+        "autograd_detail",
+        "inputs",
+        "unknown",
+    ]
+    g = 2**30
+    points = [
+        (0.0, [4 * g, 0, 0, 0, 0, 0, 0, 0]),
+        (1.0, [4 * g, 0, 0, 6 * g, 0, 0, 0, 0]),
+        (2.0, [4 * g, 2 * g, 0, 2 * g, 0, g, 0, 0]),
+        (3.0, [4 * g, 4 * g, 8 * g, 0, g, 0, 0, 0]),
+        (4.0, [4 * g, 0, 8 * g, 6 * g, 0, g, 0, 0]),
+        (5.0, [4 * g, 4 * g, 8 * g, 0, 0, 0, 0, 0]),
+    ]
+    peak = dict(zip(cats, points[4][1], strict=True))
+    return {
+        "format": "ftmem-memory-timeline/1",
+        "device": "cuda:0",
+        "categories": cats,
+        "t": [p[0] for p in points],
+        "bytes": [p[1] for p in points],
+        "markers": [
+            {"name": "step:warmup 1", "step": "warmup 1", "start": 0.0, "end": 3.5},
+            {"name": "forward", "step": "warmup 1", "start": 0.0, "end": 1.5},
+            {"name": "backward", "step": "warmup 1", "start": 1.5, "end": 2.5},
+            {"name": "optimizer_step", "step": "warmup 1", "start": 2.5, "end": 3.5},
+            {"name": "step:measured 1", "step": "measured 1", "start": 3.5, "end": 6.0},
+            {"name": "backward", "step": "measured 1", "start": 3.8, "end": 4.5},
+        ],
+        "peak": {
+            "t": 4.0,
+            "total": sum(points[4][1]),
+            "categories": peak,
+            "phase": "backward",
+            "step": "measured 1",
+        },
+    }
+
+
+def test_timeline_plot_on_a_constructed_timeline(tmp_path):
+    timeline = constructed_timeline()
+    times, series = T.row_series(timeline)
+    assert series["other"][4] == 2**30 and sum(v[4] for v in series.values()) == timeline["peak"]["total"]
+    paths = T.plot_timeline(timeline, tmp_path, "constructed", "a constructed timeline")
+    assert [p.suffix for p in paths] == [".png", ".svg"] and all(p.stat().st_size > 0 for p in paths)
+    svg = paths[1].read_text()
+    assert "GiB (2^30 bytes)" in svg and "measured 1" in svg
+
+
+def test_component_mapping_covers_the_predictors_components():
+    """Every component the predictor names, for a spread of specs, has a category in the one table."""
+    specs = [
+        dict(model="qwen3-14b", method="lora", seq_len=2048, batch_size=1, gradient_checkpointing=True),
+        dict(model="qwen3-14b", method="qlora", seq_len=1024, batch_size=2),
+        dict(model="qwen3-0.6b", method="full", seq_len=512, batch_size=2, grad_accum=2, attn_impl="eager"),
+    ]
+    for spec in specs:
+        components = predict(spec).components
+        for name in components:
+            category = T.component_category(name)
+            assert category in (*T.CATEGORIES, T.NOT_PROFILED)
+            matched = name in T.COMPONENT_CATEGORY or any(
+                p.endswith("_") and name.startswith(p) for p in T.COMPONENT_CATEGORY
+            )
+            assert matched, f"{name} is not in COMPONENT_CATEGORY"
+        assert sum(T.predicted_categories(components).values()) == sum(components.values())
+
+
+def test_artifact_paths_are_relative_to_the_results_folder(tmp_path):
+    folder = artifacts.beside(tmp_path / "sweep.jsonl")
+    assert folder == tmp_path / "sweep.artifacts"
+    row = {"profile_timeline_file": str(folder / "abc-r0.timeline.json"), "snapshot_file": None}
+    assert (
+        artifacts.relativise(row, folder)["profile_timeline_file"] == "sweep.artifacts/abc-r0.timeline.json"
+    )
+    env = artifacts.child_env("abc", 2, folder)
+    assert env[artifacts.ENV_STEM] == "abc-r2" and Path(env[artifacts.ENV_DIR]).is_absolute()
+
+
+@pytest.mark.gpu
+def test_snapshot_and_profile_on_cuda(tmp_path):
+    """On a GPU: a profiled, snapshotted tiny cell writes both files and a peak at or under the
+    allocator's (the profiler counts tensor bytes, the allocator rounds blocks up)."""
+    spec = CellSpec.create(**{**FULL, "device": "cuda"}, profile_memory=True, snapshot=True)
+    row = run_cell(spec, timeout_s=300, artifacts_dir=tmp_path / "art")
+    assert row["status"] == "ok", row["error"]
+    assert (tmp_path / row["snapshot_file"]).is_file() and (tmp_path / row["profile_timeline_file"]).is_file()
+    # warmup_steps 1: the profiled steps are the first step and the first measured one.
+    allocator_peak = max(row["first_step_peak_allocated_bytes"], row["peak_allocated_bytes"])
+    assert 0 < row["profile_peak_bytes"] <= allocator_peak
+    assert row["profile_categories_bytes"]["parameters"] == pytest.approx(row["param_bytes"], rel=0.01)
