@@ -11,6 +11,7 @@ LoRA adapters come from peft, as users get them.
 from __future__ import annotations
 
 import importlib.util
+import time
 from typing import Any
 
 import torch
@@ -80,21 +81,52 @@ def bnb_config(spec: CellSpec):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def build_model(spec: CellSpec, device: torch.device) -> nn.Module:
+class BuildStages:
+    """Wall time of each build stage (synchronized on CUDA): where a cell's start-up time goes."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds, self._last = device, {}, time.perf_counter()
+
+    def done(self, name: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds[name] = now - self._last
+        self._last = now
+
+
+def build_model(spec: CellSpec, device: torch.device, stages: BuildStages | None = None) -> nn.Module:
     """The trainable model of a cell, on `device`, ready for its optimizer."""
+    stages = stages or BuildStages(device)
+    _import_libraries(spec)
+    stages.done("imports")
     if is_checkpoint_dir(spec.model):
         model = _load_checkpoint(spec, device)
     else:
         model = _build_random(spec, device)
+    stages.done("weights")
     _prepare_for_training(model, spec)
+    stages.done("prepare")
     if spec.method in LORA_METHODS:
         model = _add_lora(model, spec)
+        stages.done("lora")
     if spec.fused_ce:
         _apply_fused_ce(model)
     if spec.compile:
         _compile_layers(model)
     model.train()
+    stages.done("wrap")
     return model
+
+
+def _import_libraries(spec: CellSpec) -> None:
+    """Import what the build uses up front (seconds on a cold start), so the stages time the work."""
+    import transformers.models.qwen3.modeling_qwen3  # noqa: F401
+
+    if spec.method in LORA_METHODS:
+        import peft  # noqa: F401
+    if spec.method in KBIT_METHODS:
+        import bitsandbytes  # noqa: F401
 
 
 def _build_random(spec: CellSpec, device: torch.device) -> nn.Module:

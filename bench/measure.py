@@ -164,7 +164,10 @@ class CellRun:
     # -- helpers -----------------------------------------------------------------------------
     def _build_model(self):
         """The model of the build phase (bench.dist.RankCellRun builds ZeRO-3 models partitioned)."""
-        return build.build_model(self.spec, self.device)
+        stages = build.BuildStages(self.device)
+        model = build.build_model(self.spec, self.device, stages)
+        self.values["build_breakdown_s"] = stages.seconds
+        return model
 
     def _training(self, model) -> tuple[Any, train.Stepper]:
         """(optimizer, stepper) of the training phases; bench.dist wraps the model first (DDP, FSDP2, DeepSpeed)."""

@@ -58,6 +58,7 @@ FIELDS: dict[str, str] = {
     "tokens_per_s": "tokens per optimizer step / step_time_s (multi-GPU: all ranks' tokens / the slowest rank)",
     "first_step_time_s": "wall time of the first (warm-up) step, compilation included",
     "build_time_s": "wall time of building the model",
+    "build_breakdown_s": "build time by stage: imports (transformers, peft, bitsandbytes), weights (skeleton, random init, quantization), prepare, lora, wrap",
     "startup_to_first_step_s": "process start to the start of the first training step",
     "cell_wall_time_s": "wall time of the cell as the parent saw it (process start to row)",
     "final_loss": "loss of the last measured micro-batch (random weights: a sanity value only)",

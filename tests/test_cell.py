@@ -22,6 +22,8 @@ def test_real_cell_runs_and_records_a_complete_row(method):
     assert row["peak_rss_bytes"] > row["baseline_rss_bytes"] > 0
     assert row["step_time_s"] > 0 and row["tokens_per_s"] > 0 and len(row["step_times_s"]) == spec.steps
     assert row["param_bytes"] > 0 and row["n_params"] >= 229_760
+    assert {"imports", "weights", "prepare", "wrap"} <= set(row["build_breakdown_s"])
+    assert sum(row["build_breakdown_s"].values()) <= row["build_time_s"] + 0.01
     assert row["env"]["torch"] and row["env"]["python"] and row["env"]["started_at"]
     trainable = row["n_trainable_params"]
     if method == "full":
