@@ -1,7 +1,10 @@
 """How far the predictor is from the measured rows: relative error of peak_allocated per family, and the
 fit / OOM verdict under each row's budget. Imports no torch.
 
-Rows: every results/**/*.jsonl row measured on CUDA for a Qwen3 architecture. Errors use the `ok` rows;
+Rows: every results/**/*.jsonl row measured on CUDA for a Qwen3 architecture. Multi-GPU rows (spec gpus /
+dist; older rows without them are 1 / none) are compared per rank: the prediction is one rank's, the row's
+headline `peak_allocated_bytes` the max over its ranks; they form families of their own (strategy and GPU
+count in the family), apart from the single-GPU families and flag lines. Errors use the `ok` rows;
 verdicts use the ok and oom rows that ran under a budget. A verdict counts as correct when it matches,
 and rows whose measured peak lies within 3% of the budget are reported apart as too close to call
 (the prediction's own error is of that order).
@@ -90,6 +93,9 @@ def evaluate(row: dict[str, Any], peaks: dict[str, int] | None = None) -> dict[s
                 *FLAG_FAMILIES,
             )
         },
+        "gpus": spec.get("gpus") or 1,
+        "dist": spec.get("dist") or "none",
+        "zero_offload": spec.get("zero_offload") or "none",
         "status": row["status"],
         "predicted": pred.peak_allocated_bytes,
         "measured": None,
@@ -168,17 +174,37 @@ def accuracy_table(frame: pd.DataFrame) -> pd.DataFrame:
                 "close_calls_correct",
             ]
         )
+    frame = _with_dist_columns(frame)
+    multi = (frame["dist"] != "none") | (frame["gpus"] > 1)
+    single_rows, multi_rows = frame[~multi], frame[multi]
     lines = []
-    for key, group in frame.groupby(["method", "gradient_checkpointing", "attn_impl"], dropna=False):
+    for key, group in single_rows.groupby(["method", "gradient_checkpointing", "attn_impl"], dropna=False):
         method, gc, attn = key
         lines.append({"family": f"{method} / GC {'on' if gc else 'off'} / {attn}", **_family_stats(group)})
+    keys = ["method", "gradient_checkpointing", "attn_impl", "dist", "gpus", "zero_offload"]
+    for key, group in multi_rows.groupby(keys, dropna=False):
+        method, gc, attn, dist, gpus, offload = key
+        extra = f" + offload {offload}" if offload != "none" else ""
+        family = f"{method} / GC {'on' if gc else 'off'} / {attn} / {dist} x{gpus}{extra} (per rank)"
+        lines.append({"family": family, **_family_stats(group)})
     for flag in FLAG_FAMILIES:
-        for value, group in frame.groupby(flag, dropna=True):
+        for value, group in single_rows.groupby(flag, dropna=True):
             lines.append({"family": f"{flag}={value}", **_family_stats(group)})
     lines.append({"family": "all", **_family_stats(frame)})
+    if len(multi_rows):
+        lines.append({"family": "all single-GPU", **_family_stats(single_rows)})
+        lines.append({"family": "all multi-GPU (per rank, not yet calibrated)", **_family_stats(multi_rows)})
     held_out = frame[~frame["calibration"].astype(bool)]
     lines.append({"family": "all, held out (rows not used for calibration)", **_family_stats(held_out)})
     return pd.DataFrame(lines)
+
+
+def _with_dist_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    """gpus / dist / zero_offload columns with the single-GPU defaults where a frame or row lacks them."""
+    defaults = {"gpus": 1, "dist": "none", "zero_offload": "none"}
+    return frame.assign(
+        **{k: frame[k].fillna(v) if k in frame.columns else v for k, v in defaults.items()}
+    )
 
 
 def accuracy(results_dir: str | Path = "results") -> pd.DataFrame:

@@ -9,6 +9,7 @@ emulated by capping a larger GPU. Never imports torch.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,8 @@ SAVING_MARGIN_PCT = 2.0
 DEPENDENT = {"gradient_checkpointing": ("gc_reentrant",)}
 TUPLE_COLUMNS = ("lora_targets",)
 _RANK = {"refuted": 0, "marginal": 1, "supported": 2}
+#: Spec fields of multi-GPU cells; the spec of a 1-GPU baseline differs from its multi-GPU cell in these.
+MULTI_GPU_FIELDS = ("gpus", "dist", "zero_offload")
 
 
 @dataclass(frozen=True)
@@ -160,8 +163,13 @@ def match_rows(frame: pd.DataFrame, filters: dict[str, Any]) -> pd.DataFrame:
 def claim_rows(
     frame: pd.DataFrame, guide: Guide, claim: Claim, check: dict[str, Any] | None = None
 ) -> pd.DataFrame:
-    """Rows of the configuration a claim (and one of its checks) implies."""
-    filters = {**guide.defaults, **claim.config, **((check or {}).get("config") or {})}
+    """Rows of the configuration a claim (and one of its checks) implies. A multi_gpu check drops the
+    defaults' single-process filters (gpus, dist, zero_offload): it picks its multi-GPU rows and their
+    1-GPU baselines itself (`multi_gpu_rows`)."""
+    defaults = guide.defaults
+    if (check or {}).get("kind") == "multi_gpu":
+        defaults = {k: v for k, v in defaults.items() if k not in MULTI_GPU_FIELDS}
+    filters = {**defaults, **claim.config, **((check or {}).get("config") or {})}
     return match_rows(frame, filters)
 
 
@@ -428,14 +436,107 @@ def check_saving(rows: pd.DataFrame, check: dict[str, Any]) -> CheckResult:
     )
 
 
-# -- claims that rows cannot answer (yet) --------------------------------------------------------
+# -- several GPUs ----------------------------------------------------------------------------------
+def multi_gpu_rows(rows: pd.DataFrame, check: dict[str, Any]) -> pd.DataFrame:
+    """The multi-GPU rows a multi_gpu check speaks of: gpus as the check says (a count, a list or
+    {min, max}; default at least 2) and, if the check names one, the strategy (`dist`)."""
+    if rows.empty or "multi_gpu" not in rows.columns:
+        return rows.iloc[0:0]
+    mask = rows["multi_gpu"].astype(bool) & condition_mask(rows["gpus"], check.get("gpus", {"min": 2}))
+    if check.get("dist") is not None:
+        mask &= condition_mask(rows["dist"], check["dist"])
+    return rows[mask]
+
+
+def _gpus_text(check: dict[str, Any]) -> str:
+    gpus = check.get("gpus", {"min": 2})
+    if isinstance(gpus, dict):
+        return f"{gpus.get('min', 2)}+"
+    return " or ".join(map(str, gpus)) if isinstance(gpus, list) else str(gpus)
+
+
 def check_multi_gpu(rows: pd.DataFrame, check: dict[str, Any]) -> CheckResult:
-    """multi_gpu: ftmem's rows come from one process on one GPU, so these wait for such rows."""
-    return CheckResult(
-        "multi_gpu",
-        "not measured",
-        f"needs {check['gpus']} x {check['card']} in one job; every ftmem row is one process on one GPU",
+    """multi_gpu: a claim about several GPUs of one job, judged on rows with gpus >= 2 (per-rank peaks,
+    the row's headline being the max over ranks; the budget is per GPU). By default (`compare` absent)
+    like fits_budget over those rows (any configuration fits the card, or with expect false none does);
+    `compare: one_gpu` asks whether the multi-GPU cells hold less per card than their 1-GPU baselines
+    (`check_lower_per_card`). Without such rows: not measured."""
+    multi = multi_gpu_rows(rows, check)
+    budget, label = budget_of(check)
+    if multi.empty or not multi["status"].isin(["ok", "oom"]).any():
+        strategy = f" under {check['dist']}" if check.get("dist") else ""
+        return CheckResult(
+            "multi_gpu",
+            "not measured",
+            f"needs rows of {_gpus_text(check)} x {label} in one job{strategy}; no multi-GPU row of this "
+            "configuration yet",
+            budget_gib=budget / GIB,
+        )
+    if check.get("compare") == "one_gpu":
+        return check_lower_per_card(rows, multi, check)
+    result = check_fits(multi, {**check, "over": check.get("over", "any" if check.get("expect", True) else "all")})
+    return dataclasses.replace(
+        result, summary=f"{_gpus_text(check)} GPUs, budget per GPU: {result.summary}",
+        headline=f"{result.headline} per GPU" if result.headline else "",
     )
+
+
+def one_gpu_verdict(multi: dict[str, Any], base: dict[str, Any]) -> tuple[str, str] | None:
+    """Does a multi-GPU row hold less per card than its 1-GPU baseline? Both ok: their footprints
+    (supported when it saves more than SAVING_MARGIN_PCT, marginal when less, refuted when it holds as
+    much or more); the baseline OOM under a cap at least the multi-GPU footprint: supported; the
+    multi-GPU row OOM under a cap at least the baseline's footprint: refuted; else None (no answer)."""
+    ok_m, ok_b = multi["status"] == "ok", base["status"] == "ok"
+    if ok_m and ok_b:
+        before, after = float(base["footprint_bytes"]), float(multi["footprint_bytes"])
+        saved = 100 * (before - after) / before
+        verdict = "supported" if saved > SAVING_MARGIN_PCT else ("marginal" if saved > 0 else "refuted")
+        return verdict, f"{before / GIB:.2f} -> {after / GIB:.2f} GiB per card ({saved:+.1f}% saved)"
+    if ok_m and base["status"] == "oom" and is_present(base["cap_bytes"]):
+        if float(base["cap_bytes"]) >= float(multi["footprint_bytes"]):
+            return "supported", (
+                f"1 GPU OOM under {base['cap_bytes'] / GIB:.2f} GiB -> {multi['footprint_gib']:.2f} GiB per card"
+            )
+    if multi["status"] == "oom" and ok_b and is_present(multi["cap_bytes"]):
+        if float(multi["cap_bytes"]) >= float(base["footprint_bytes"]):
+            return "refuted", (
+                f"{base['footprint_gib']:.2f} GiB on 1 GPU -> OOM under {multi['cap_bytes'] / GIB:.2f} GiB per card"
+            )
+    return None
+
+
+def check_lower_per_card(rows: pd.DataFrame, multi: pd.DataFrame, check: dict[str, Any]) -> CheckResult:
+    """compare one_gpu: pairs of a multi-GPU row and its 1-GPU baseline (the same spec but gpus 1,
+    dist none, zero_offload none, any budget; the same software stack), each judged by
+    `one_gpu_verdict`; over all (default) the worst pair decides, over any the best."""
+    base = rows[~rows["multi_gpu"].astype(bool) & rows["status"].isin(["ok", "oom"])]
+    drop = (*MULTI_GPU_FIELDS, "budget_gb")
+    keyed = {}
+    for row in base.to_dict("records"):
+        keyed.setdefault((spec_key(row["spec"], drop), row["env_stack"]), []).append(row)
+    judged = []
+    for m in multi[multi["status"].isin(["ok", "oom"])].to_dict("records"):
+        for b in keyed.get((spec_key(m["spec"], drop), m["env_stack"]), []):
+            answer = one_gpu_verdict(m, b)
+            if answer is not None:
+                judged.append((answer[0], answer[1], m, b))
+    if not judged:
+        return CheckResult(
+            "multi_gpu",
+            "not measured",
+            f"{_count(len(multi), 'multi-GPU row')} but no 1-GPU baseline row (same spec with gpus 1, dist none) "
+            "that answers whether memory per card is lower",
+        )
+    pick = max if check.get("over", "all") == "any" else min
+    verdict, text, m, b = pick(judged, key=lambda j: _RANK[j[0]])
+    counts = {v: sum(j[0] == v for j in judged) for v in _RANK}
+    summary = (
+        f"{describe_spec(m['spec'])} vs 1 GPU: {text} [{row_ref(m)} vs {row_ref(b)}]; over "
+        f"{_count(len(judged), 'pair')}: " + ", ".join(f"{n} {v}" for v, n in counts.items() if n)
+    )
+    refs = tuple(dict.fromkeys(r for j in judged for r in (row_ref(j[2]), row_ref(j[3]))))
+    measured = float(m["footprint_gib"]) if m["status"] == "ok" else None
+    return CheckResult("multi_gpu", verdict, summary, refs, measured, headline=text)
 
 
 def check_qualitative(rows: pd.DataFrame, check: dict[str, Any]) -> CheckResult:

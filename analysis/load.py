@@ -13,7 +13,11 @@ Columns, one row per result row:
   what activations scale with); `footprint_bytes`/`footprint_gib`/`footprint_basis`: what a card
   must hold (NVML process peak as nvidia-smi shows it, else reserved, else allocated);
   `cap_bytes`: the memory the cell ran under (its budget, else the whole GPU);
-  `budget_emulated`: the budget was a cap on a larger GPU, standing in for a card we lack.
+  `budget_emulated`: the budget was a cap on a larger GPU, standing in for a card we lack;
+  `multi_gpu`: a multi-GPU cell (gpus > 1 or a dist strategy), whose peaks are per rank (the max over
+  its `ranks`) and whose budget is per GPU.
+- `gpus`, `dist`, `zero_offload` are in every row and in its `spec`: rows written before multi-GPU cells
+  existed lack them and get their defaults (1, none, none), the values such rows were measured with.
 Never imports torch.
 """
 
@@ -55,6 +59,8 @@ _NESTED = ("spec", "env", "sweep")
 OBJECT_BYTES = ("profile_categories_bytes",)
 #: Spec columns every frame has, so an empty frame still answers the analysis' filters.
 SPEC_COLUMNS = tuple(f.name for f in dataclasses.fields(CellSpec))
+#: Multi-GPU spec fields and the values of rows written before they existed (one process, one GPU).
+MULTI_GPU_DEFAULTS: dict[str, Any] = {"gpus": 1, "dist": "none", "zero_offload": "none"}
 
 
 class MalformedResults(ValueError):
@@ -124,6 +130,9 @@ def flatten_row(row: dict[str, Any], source: str, line: int) -> dict[str, Any]:
     spec = dict(row["spec"])
     if isinstance(spec.get("lora_targets"), list):
         spec["lora_targets"] = tuple(spec["lora_targets"])
+    for key, default in MULTI_GPU_DEFAULTS.items():
+        if spec.get(key) is None:
+            spec[key] = default
     flat: dict[str, Any] = {k: v for k, v in row.items() if k not in _NESTED}
     for key, value in spec.items():
         flat["spec_" + key if key in flat else key] = value
@@ -154,6 +163,8 @@ def frame_from_records(records: list[dict[str, Any]]) -> pd.DataFrame:
     ]:
         if name not in frame.columns:
             frame[name] = pd.Series([None] * len(frame), dtype=object)
+    for name, default in MULTI_GPU_DEFAULTS.items():
+        frame[name] = frame[name].astype(object).where(frame[name].notna(), default)
     frame = _typed(frame)
     return _derived(frame)
 
@@ -171,6 +182,7 @@ def _typed(frame: pd.DataFrame) -> pd.DataFrame:
             "source_line",
             "n_params",
             "n_trainable_params",
+            "gpus",
         ):
             frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("Int64")
     for column in (
@@ -209,6 +221,7 @@ def _derived(frame: pd.DataFrame) -> pd.DataFrame:
     gpu_total = pd.to_numeric(frame["env_gpu_total_bytes"], errors="coerce").astype("Int64")
     frame["cap_bytes"] = frame["budget_bytes"].fillna(gpu_total)
     frame["budget_emulated"] = (frame["budget_bytes"] < gpu_total).fillna(False).astype(bool)
+    frame["multi_gpu"] = ((frame["gpus"] > 1).fillna(False) | (frame["dist"] != "none")).astype(bool)
     frame["env_stack"] = [_stack(row) for row in frame.to_dict("records")]
     return frame
 
@@ -260,6 +273,9 @@ def describe_spec(spec: dict[str, Any], shape: bool = True) -> str:
         f"GA {spec.get('grad_accum')}": (spec.get("grad_accum") or 1) > 1,
         "profiled": spec.get("profile_memory"),
         "snapshot": spec.get("snapshot"),
+        f"{spec.get('gpus') or 1}x {spec.get('dist')}": (spec.get("dist") or "none") != "none"
+        or (spec.get("gpus") or 1) > 1,
+        f"offload {spec.get('zero_offload')}": (spec.get("zero_offload") or "none") != "none",
     }
     return " ".join(words + [name for name, on in flags.items() if on])
 

@@ -21,6 +21,7 @@ from analysis.claims import (
     Guide,
     claim_rows,
     example_spec,
+    multi_gpu_rows,
     prediction_bytes,
     predictions_text,
     savings_pairs,
@@ -34,7 +35,8 @@ GUIDE_TABLES = {
     "measured": "of measured references (C15-C17)",
     "scenario": "by scenario (C18-C20)",
 }
-#: Check kinds whose configuration has rows that measure it (multi-GPU and qualitative ones have none).
+#: Check kinds whose configuration has single-GPU rows that measure it; a claim with none of them shows
+#: its multi_gpu checks' rows (several GPUs, per-rank peaks), if any; qualitative ones have none.
 MEASURED_KINDS = ("min_memory", "fits_budget", "memory_figure")
 
 #: (optimisation, spec flag, value without it, value with it): pairs differing only by the flag.
@@ -97,11 +99,17 @@ def smallest_card(footprint_bytes: Any) -> str:
 
 
 def evidence_rows(frame: pd.DataFrame, guide: Guide, claim: Claim) -> pd.DataFrame:
-    """Rows of a claim's configuration: the union over its memory checks' configurations (none for
-    a claim about several GPUs or not about memory: single-GPU rows do not measure those)."""
+    """Rows of a claim's configuration: the union over its memory checks' configurations; for a claim
+    only about several GPUs, its multi-GPU rows (per-rank peaks); none for a claim not about memory."""
     parts = [
         claim_rows(frame, guide, claim, check) for check in claim.checks if check["kind"] in MEASURED_KINDS
     ]
+    if not parts:
+        parts = [
+            multi_gpu_rows(claim_rows(frame, guide, claim, check), check)
+            for check in claim.checks
+            if check["kind"] == "multi_gpu"
+        ]
     if not parts:
         return frame.iloc[0:0]
     rows = pd.concat(parts)
@@ -200,7 +208,8 @@ def compact_savings(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def cells_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """Every loaded row in one line: configuration, status, budget, peaks in GiB, where it ran."""
+    """Every loaded row in one line: configuration, status, GPUs, budget, peaks in GiB, where it ran.
+    A multi-GPU row's peaks and budget are per GPU (the max over its ranks)."""
     return pd.DataFrame(
         [
             {
@@ -208,6 +217,7 @@ def cells_table(frame: pd.DataFrame) -> pd.DataFrame:
                 "model": r["model"],
                 "config": describe_spec(r["spec"]),
                 "status": r["status"],
+                "GPUs": r["gpus"] if is_present(r.get("gpus")) else 1,
                 "budget": r["budget_gb"] if is_present(r["budget_gb"]) else "-",
                 "allocated GiB": r["peak_allocated_gib"],
                 "reserved GiB": r["peak_reserved_gib"],
