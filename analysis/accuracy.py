@@ -202,9 +202,7 @@ def accuracy_table(frame: pd.DataFrame) -> pd.DataFrame:
 def _with_dist_columns(frame: pd.DataFrame) -> pd.DataFrame:
     """gpus / dist / zero_offload columns with the single-GPU defaults where a frame or row lacks them."""
     defaults = {"gpus": 1, "dist": "none", "zero_offload": "none"}
-    return frame.assign(
-        **{k: frame[k].fillna(v) if k in frame.columns else v for k, v in defaults.items()}
-    )
+    return frame.assign(**{k: frame[k].fillna(v) if k in frame.columns else v for k, v in defaults.items()})
 
 
 def accuracy(results_dir: str | Path = "results") -> pd.DataFrame:

@@ -474,9 +474,12 @@ def check_multi_gpu(rows: pd.DataFrame, check: dict[str, Any]) -> CheckResult:
         )
     if check.get("compare") == "one_gpu":
         return check_lower_per_card(rows, multi, check)
-    result = check_fits(multi, {**check, "over": check.get("over", "any" if check.get("expect", True) else "all")})
+    result = check_fits(
+        multi, {**check, "over": check.get("over", "any" if check.get("expect", True) else "all")}
+    )
     return dataclasses.replace(
-        result, summary=f"{_gpus_text(check)} GPUs, budget per GPU: {result.summary}",
+        result,
+        summary=f"{_gpus_text(check)} GPUs, budget per GPU: {result.summary}",
         headline=f"{result.headline} per GPU" if result.headline else "",
     )
 

@@ -901,8 +901,14 @@ DIST_ESTIMATES: dict[str, float] = {
 #: over its fp32 partition in sub-groups of this many elements.
 ZERO3_SUB_GROUP = 1_000_000_000
 #: Model-state terms of the single-GPU moments, replaced by a strategy's own (`dist_moments`).
-_MODEL_STATE_TERMS = ("lora_adapters", "optimizer_state", "grads", "grads_accumulated", "lm_head_grads",
-                      "optimizer_transient")
+_MODEL_STATE_TERMS = (
+    "lora_adapters",
+    "optimizer_state",
+    "grads",
+    "grads_accumulated",
+    "lm_head_grads",
+    "optimizer_transient",
+)
 
 
 def _shard(n: int, world: int) -> int:
@@ -927,8 +933,9 @@ def compute_setup(st: Setup) -> Setup:
     if half is None or dist not in (*DEEPSPEED_DISTS, "fsdp2"):
         return st
     autocast = None if dist in DEEPSPEED_DISTS else st.autocast
-    return dataclasses.replace(st, autocast=autocast, base=half, other=half,
-                               adapter=half if st.adapter else None)
+    return dataclasses.replace(
+        st, autocast=autocast, base=half, other=half, adapter=half if st.adapter else None
+    )
 
 
 def weight_bytes(st: Setup) -> int:
@@ -972,8 +979,10 @@ def fsdp2_shard_bytes(st: Setup, world: int) -> dict[str, int]:
     *_mixed full FT that is the fp32 master copy (4P/N); the optimizer is built on the shards, so its
     state is 1/N too (exp_avg, exp_avg_sq in the shard's dtype: 8P/N fp32). Resident through the step."""
     opt, _ = optimizer_state_bytes(st)
-    return {"fsdp_sharded_params": _shard(weight_bytes(st), world),
-            "fsdp_sharded_optimizer_state": _shard(opt, world)}
+    return {
+        "fsdp_sharded_params": _shard(weight_bytes(st), world),
+        "fsdp_sharded_optimizer_state": _shard(opt, world),
+    }
 
 
 def fsdp2_gathered_bytes(st: Setup, cst: Setup) -> dict[str, int]:
@@ -1003,11 +1012,16 @@ def fsdp2_grad_terms(st: Setup, cst: Setup, world: int, moment: str) -> dict[str
         terms["fsdp_unsharded_root_grads"] = head * cb
     elif moment in ("last_layer_backward", "first_layer_backward"):
         done = 0 if moment == "last_layer_backward" else L - 1
-        terms.update(fsdp_unsharded_root_grads=head * cb, fsdp_sharded_grads=_shard(done * layer * pb, world),
-                     fsdp_layer_grads_in_flight=in_flight)
+        terms.update(
+            fsdp_unsharded_root_grads=head * cb,
+            fsdp_sharded_grads=_shard(done * layer * pb, world),
+            fsdp_layer_grads_in_flight=in_flight,
+        )
     elif moment == "optimizer_step":
-        terms.update(fsdp_sharded_grads=_shard(grad_bytes(st), world),
-                     optimizer_transient=_shard(optimizer_step_transient(st), world))
+        terms.update(
+            fsdp_sharded_grads=_shard(grad_bytes(st), world),
+            optimizer_transient=_shard(optimizer_step_transient(st), world),
+        )
     return terms
 
 
@@ -1023,8 +1037,10 @@ def zero_optimizer_bytes(st: Setup, world: int) -> dict[str, int]:
     if st.spec.zero_offload != "none":
         return {}
     total = trainable_elements(st)[0]
-    return {"zero_fp32_master_partition": _shard(4 * total, world),
-            "zero_adam_partition": _shard(8 * total, world)}
+    return {
+        "zero_fp32_master_partition": _shard(4 * total, world),
+        "zero_adam_partition": _shard(8 * total, world),
+    }
 
 
 def zero_host_bytes(st: Setup, cst: Setup, world: int) -> int:
@@ -1084,8 +1100,9 @@ def zero_state_terms(st: Setup, cst: Setup, world: int, moment: str) -> dict[str
         persistent = zero3_persistent_elements(st) * hb
         if offload != "optimizer_and_params":
             terms["zero3_param_partition"] = _shard(weight_bytes(cst) - persistent, world)
-        terms.update(zero3_persistent_params=persistent, zero_ipg_bucket=ipg,
-                     zero3_grad_partition=grad_partition)
+        terms.update(
+            zero3_persistent_params=persistent, zero_ipg_bucket=ipg, zero3_grad_partition=grad_partition
+        )
         if moment != "optimizer_step":
             terms["zero3_live_params"] = zero3_live_elements(st) * hb
     else:
@@ -1123,11 +1140,17 @@ def dist_moments(st: Setup, cst: Setup, p: Parts) -> dict[str, dict[str, int]]:
     of the module the ranks run (activations, loss, cuBLAS) with the model-state terms replaced."""
     world = st.spec.gpus
     if st.spec.dist == "ddp":
-        return {name: {**terms, "ddp_grad_buckets": ddp_bucket_bytes(st)} for name, terms in moments(st, p).items()}
+        return {
+            name: {**terms, "ddp_grad_buckets": ddp_bucket_bytes(st)}
+            for name, terms in moments(st, p).items()
+        }
     out = {}
     for name, terms in moments(cst, p).items():
-        kept = {k: v for k, v in terms.items()
-                if k not in _MODEL_STATE_TERMS and not k.startswith(("weights_", "embed_head_norms_"))}
+        kept = {
+            k: v
+            for k, v in terms.items()
+            if k not in _MODEL_STATE_TERMS and not k.startswith(("weights_", "embed_head_norms_"))
+        }
         out[name] = _nonzero({**kept, **dist_state_terms(st, cst, world, name)})
     return out
 
