@@ -1032,11 +1032,17 @@ def zero_config(st: Setup) -> dict[str, Any]:
 
 def zero_optimizer_bytes(st: Setup, world: int) -> dict[str, int]:
     """ZeRO-1/2/3 partition the optimizer: each rank keeps the fp32 master copy (4P/N) and DeepSpeed's
-    AdamW moments (8P/N, fp32) of its partition of the trainable parameters. Under ZeRO-Offload they
+    AdamW moments (8P/N, fp32) of its partition of the trainable parameters; under pure bf16
+    (bf16_master_weights_and_grads, bf16_optimizer_states) both are bf16 (2P/N and 4P/N). Under ZeRO-Offload they
     live on the host (with the fp32 grads of the partition, 4P/N pinned): see `zero_host_bytes`."""
     if st.spec.zero_offload != "none":
         return {}
     total = trainable_elements(st)[0]
+    if st.spec.precision == "bf16":  # bf16_master_weights_and_grads + bf16_optimizer_states
+        return {
+            "zero_bf16_master_partition": _shard(2 * total, world),
+            "zero_adam_partition": _shard(4 * total, world),
+        }
     return {
         "zero_fp32_master_partition": _shard(4 * total, world),
         "zero_adam_partition": _shard(8 * total, world),
@@ -1120,8 +1126,9 @@ def zero_state_terms(st: Setup, cst: Setup, world: int, moment: str) -> dict[str
     elif moment == "optimizer_step" and offload == "none":
         step = min(_shard(total, world), ZERO3_SUB_GROUP) if stage3 else _shard(total, world)
         foreach = spec.optimizer in ("adamw", "adamw_foreach")
-        terms["zero_fp32_grads"] = 4 * step
-        terms["optimizer_transient"] = 4 * step if foreach else 0
+        width = 2 if spec.precision == "bf16" else 4  # pure bf16: the bf16 grad partition is the master grad
+        terms["zero_fp32_grads"] = 0 if spec.precision == "bf16" else 4 * step
+        terms["optimizer_transient"] = width * step if foreach else 0
     return terms
 
 

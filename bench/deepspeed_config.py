@@ -24,6 +24,15 @@ WEIGHT_DECAY = 0.01  # torch.optim.AdamW's default, so the update matches the si
 BUCKET = 500_000_000  # reduce_bucket_size / allgather_bucket_size: DeepSpeed's default (elements)
 
 
+def bf16_section(spec: CellSpec) -> dict[str, Any]:
+    """bf16_mixed: DeepSpeed's bf16 mode (bf16 module, fp32 masters and Adam moments in the ZeRO
+    partitions). Pure bf16: its low-precision mode, with the masters, grads and moments in bf16 too."""
+    section: dict[str, Any] = {"enabled": spec.precision in ("bf16_mixed", "bf16")}
+    if spec.precision == "bf16":
+        section.update(bf16_master_weights_and_grads=True, bf16_optimizer_states=True)
+    return section
+
+
 def deepspeed_config(spec: CellSpec, world_size: int | None = None) -> dict[str, Any]:
     """The ds_config dict of `spec` for deepspeed.initialize(config=...) and zero.Init."""
     if spec.dist not in DEEPSPEED_DISTS:
@@ -73,7 +82,7 @@ def deepspeed_config(spec: CellSpec, world_size: int | None = None) -> dict[str,
         "gradient_accumulation_steps": spec.grad_accum,
         "train_batch_size": spec.batch_size * spec.grad_accum * world,
         "gradient_clipping": 0.0,
-        "bf16": {"enabled": spec.precision == "bf16_mixed"},
+        "bf16": bf16_section(spec),
         "fp16": {
             "enabled": spec.precision == "fp16_mixed",
             "loss_scale": 0,

@@ -397,11 +397,11 @@ def _validate_dist(spec: CellSpec) -> None:
             "deepspeed_zero3 partitions full, lora (ZeRO-3 QLoRA needs bnb_4bit_quant_storage at load)",
         )
     if spec.dist in DEEPSPEED_DISTS:
-        if spec.precision == "bf16":
+        if spec.precision == "bf16" and spec.zero_offload != "none":
             raise SpecError(
-                "precision",
-                spec.precision,
-                "DeepSpeed keeps fp32 master weights: use bf16_mixed (its bf16 mode), fp16_mixed or fp32",
+                "zero_offload",
+                spec.zero_offload,
+                "pure bf16 (DeepSpeed's bf16 master weights and optimizer states) runs without offload: none",
             )
         if spec.optimizer not in ("adamw", "adamw_fused", "adamw_foreach"):
             raise SpecError(

@@ -40,7 +40,7 @@ def test_default_multi_gpu_fields_keep_published_cell_ids():
         ({"dist": "deepspeed_zero2", "device": "cpu", "seq_len": 32}, "dist"),
         ({"dist": "fsdp2", "method": "qlora"}, "method"),
         ({"dist": "deepspeed_zero3", "method": "lora8bit"}, "method"),
-        ({"dist": "deepspeed_zero3", "precision": "bf16"}, "precision"),
+        ({"dist": "deepspeed_zero3", "precision": "bf16", "zero_offload": "optimizer"}, "zero_offload"),
         ({"dist": "deepspeed_zero2", "optimizer": "paged_adamw_8bit"}, "optimizer"),
     ],
 )
@@ -74,6 +74,22 @@ def test_deepspeed_config_zero2_lora_bf16():
     assert "offload_optimizer" not in cfg["zero_optimization"]
     assert cfg["optimizer"]["type"] == "AdamW" and cfg["optimizer"]["params"]["torch_adam"] is True
     assert cfg["zero_optimization"]["overlap_comm"] is False
+
+
+def test_deepspeed_config_pure_bf16_keeps_masters_and_moments_in_bf16():
+    spec = CellSpec.create(
+        **{**BASE, "gpus": 4, "dist": "deepspeed_zero3", "method": "full", "precision": "bf16"}
+    )
+    cfg = deepspeed_config(spec, 4)
+    assert cfg["bf16"] == {
+        "enabled": True,
+        "bf16_master_weights_and_grads": True,
+        "bf16_optimizer_states": True,
+    }
+    mixed = deepspeed_config(
+        CellSpec.create(**{**BASE, "gpus": 4, "dist": "deepspeed_zero3", "method": "full"}), 4
+    )
+    assert mixed["bf16"] == {"enabled": True}
 
 
 def test_deepspeed_config_zero3_offload_and_precisions():

@@ -288,3 +288,12 @@ def test_report_tables_take_multi_gpu_rows():
     results = C.evaluate_claims(df, guide)
     scenario = tables.guide_table(df, guide, results, "method", pr.predict).set_index("claim")
     assert scenario.loc["C7", "verdict"] == "supported"
+
+
+def test_zero3_pure_bf16_keeps_bf16_masters_and_moments():
+    mixed = predict(**Q14, method="full", precision="bf16_mixed", gpus=4, dist="deepspeed_zero3")
+    pure = predict(**Q14, method="full", precision="bf16", gpus=4, dist="deepspeed_zero3")
+    p = 14_768_307_200  # Qwen3-14B parameters
+    assert pure.components["zero_bf16_master_partition"] == 2 * p // 4
+    assert pure.components["zero_adam_partition"] == 4 * p // 4
+    assert pure.peak_allocated_bytes < mixed.peak_allocated_bytes
