@@ -74,35 +74,12 @@ def init_process_group(spec: CellSpec, timeout_s: float) -> None:
 class DistStepper(train.Stepper):
     """train.Stepper for DDP and FSDP2: gradients are synchronised on the last micro-batch only."""
 
-    def _step(self, batches: list[torch.Tensor]) -> None:
-        model = self.model
-        for i, ids in enumerate(batches):
-            last = i == len(batches) - 1
-            if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-                model.set_requires_gradient_sync(last)
-                sync = contextlib.nullcontext()
-            elif hasattr(model, "no_sync") and not last:  # DDP
-                sync = model.no_sync()
-            else:
-                sync = contextlib.nullcontext()
-            with sync:
-                with self._mark("forward"), self._autocast():
-                    loss = model(input_ids=ids, labels=ids).loss / len(batches)
-                with self._mark("backward"):
-                    if self.scaler is not None:
-                        self.scaler.scale(loss).backward()
-                    else:
-                        loss.backward()
-            self.last_loss = float(loss.detach()) * len(batches)
-            del loss
-        with self._mark("optimizer_step"):
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-        with self._mark("zero_grad"):
-            self.optimizer.zero_grad(set_to_none=True)
+    def _micro_batch(self, last: bool):
+        if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2
+            self.model.set_requires_gradient_sync(last)
+        elif hasattr(self.model, "no_sync") and not last:  # DDP
+            return self.model.no_sync()
+        return contextlib.nullcontext()
 
 
 class DeepSpeedStepper(train.Stepper):

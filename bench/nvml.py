@@ -92,30 +92,27 @@ def process_used_bytes(pid: int | None = None, index: int | None = None) -> int 
     return None
 
 
-class PeakSampler:
-    """Samples process and device memory every `interval_s` in a daemon thread; keeps the peaks."""
+class _Sampling:
+    """A daemon thread that calls `sample()` every `interval_s` while the `with` block runs."""
 
-    def __init__(self, interval_s: float = 0.005):
-        self.interval_s = interval_s
-        self.peak_process_bytes: int | None = None
-        self.peak_device_bytes: int | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="nvml-sampler", daemon=True)
+    interval_s: float
 
     def sample(self) -> None:
-        proc, dev = process_used_bytes(), device_used_bytes()
-        if proc is not None:
-            self.peak_process_bytes = max(proc, self.peak_process_bytes or 0)
-        if dev is not None:
-            self.peak_device_bytes = max(dev, self.peak_device_bytes or 0)
+        raise NotImplementedError
+
+    def _active(self) -> bool:
+        return available()
 
     def _run(self) -> None:
         while not self._stop.is_set():
             self.sample()
             time.sleep(self.interval_s)
 
-    def __enter__(self) -> PeakSampler:
-        if available():
+    def __enter__(self):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=type(self).__name__, daemon=True)
+        if self._active():
+            self.sample()
             self._thread.start()
         return self
 
@@ -126,7 +123,23 @@ class PeakSampler:
             self.sample()
 
 
-class DevicesSampler:
+class PeakSampler(_Sampling):
+    """Samples process and device memory every `interval_s` in a daemon thread; keeps the peaks."""
+
+    def __init__(self, interval_s: float = 0.005):
+        self.interval_s = interval_s
+        self.peak_process_bytes: int | None = None
+        self.peak_device_bytes: int | None = None
+
+    def sample(self) -> None:
+        proc, dev = process_used_bytes(), device_used_bytes()
+        if proc is not None:
+            self.peak_process_bytes = max(proc, self.peak_process_bytes or 0)
+        if dev is not None:
+            self.peak_device_bytes = max(dev, self.peak_device_bytes or 0)
+
+
+class DevicesSampler(_Sampling):
     """The parent's view of a multi-GPU cell: NVML used memory of each of `indices`, sampled together.
 
     `peak_sum_bytes` is the peak of the sum over the devices at one instant (what the cell holds on
@@ -138,8 +151,9 @@ class DevicesSampler:
         self.peak_sum_bytes: int | None = None
         self.baseline_sum_bytes: int | None = None
         self.peak_bytes: list[int | None] = [None] * len(self.indices)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="nvml-devices-sampler", daemon=True)
+
+    def _active(self) -> bool:
+        return available() and bool(self.indices)
 
     def sample(self) -> None:
         used = [device_used_bytes(i) for i in self.indices]
@@ -150,19 +164,3 @@ class DevicesSampler:
             self.baseline_sum_bytes = total
         self.peak_sum_bytes = max(total, self.peak_sum_bytes or 0)
         self.peak_bytes = [max(u, p or 0) for u, p in zip(used, self.peak_bytes, strict=True)]
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.sample()
-            time.sleep(self.interval_s)
-
-    def __enter__(self) -> DevicesSampler:
-        if available() and self.indices:
-            self.sample()
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()

@@ -65,15 +65,20 @@ class Stepper:
         with self._mark("step"):
             self._step(batches)
 
+    def _micro_batch(self, last: bool):
+        """Context of one micro-batch's forward and backward (DDP/FSDP2 sync on the last one only)."""
+        return contextlib.nullcontext()
+
     def _step(self, batches: list[torch.Tensor]) -> None:
-        for ids in batches:
-            with self._mark("forward"), self._autocast():
-                loss = self.model(input_ids=ids, labels=ids).loss / len(batches)
-            with self._mark("backward"):
-                if self.scaler is not None:
-                    self.scaler.scale(loss).backward()
-                else:
-                    loss.backward()
+        for i, ids in enumerate(batches):
+            with self._micro_batch(last=i == len(batches) - 1):
+                with self._mark("forward"), self._autocast():
+                    loss = self.model(input_ids=ids, labels=ids).loss / len(batches)
+                with self._mark("backward"):
+                    if self.scaler is not None:
+                        self.scaler.scale(loss).backward()
+                    else:
+                        loss.backward()
             self.last_loss = float(loss.detach()) * len(batches)
             del loss
         with self._mark("optimizer_step"):
