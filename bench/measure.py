@@ -65,7 +65,8 @@ class CellRun:
         self.device = torch.device("cuda", 0) if spec.device == "cuda" else torch.device(spec.device)
         self.cuda = self.device.type == "cuda"
         self.phase = "setup"
-        self.values: dict[str, Any] = {}
+        # The cap the cell runs under (null without one), recorded whatever the outcome.
+        self.values: dict[str, Any] = {"budget_bytes": spec.budget_bytes}
         self.profiler: profile.CellProfiler | None = None  # profile_memory / snapshot (bench.profile)
 
     # -- phases ------------------------------------------------------------------------------
@@ -100,7 +101,6 @@ class CellRun:
             if cap <= 0 or budget > total:
                 raise ValueError(f"budget {budget} bytes cannot be emulated on a card of {total} bytes")
             torch.cuda.set_per_process_memory_fraction(cap / total, self.device)
-            self.values["budget_bytes"] = budget
 
     def _build(self):
         self.phase = "build"
@@ -220,7 +220,6 @@ class CellRun:
             if peak_field is not None:
                 self.values[peak_field] = torch.cuda.max_memory_allocated(self.device)
         if self.spec.budget_bytes is not None:
-            self.values["budget_bytes"] = self.spec.budget_bytes
             self.values["fits_budget"] = False
 
     def finish(self, status: str, nvml_peak_process_bytes: int | None) -> None:
@@ -233,7 +232,6 @@ class CellRun:
             self.values["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         budget = self.spec.budget_bytes
         if budget is not None and status == "ok":
-            self.values["budget_bytes"] = budget
             over = nvml_peak_process_bytes is not None and nvml_peak_process_bytes > budget
             self.values["fits_budget"] = not over
 
