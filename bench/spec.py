@@ -98,7 +98,7 @@ class CellSpec:
     compile: bool = _help("torch.compile each decoder layer", False)
     fused_ce: bool = _help("liger-kernel fused linear cross-entropy", False)
     budget_gb: float | str | None = _help("memory cap: decimal GB (10^9) or a card name", None)
-    warmup_steps: int = _help("optimizer steps before measuring", 1)
+    warmup_steps: int = _help("optimizer steps before measuring (>= 1: the first step has its own peak)", 1)
     steps: int = _help("measured optimizer steps", 3)
     seed: int = _help("seed of the random weights and tokens", 0)
     device: str = _help("cuda | cpu", "cuda")
@@ -236,7 +236,7 @@ def check_field(key: str, value: Any) -> None:
     if key == "lora_targets" and value is not None:
         for target in value:
             _one_of(key, target, LINEAR_PROJECTIONS)
-    if key in ("seq_len", "batch_size", "grad_accum", "steps", "gpus") and value < 1:
+    if key in ("seq_len", "batch_size", "grad_accum", "steps", "warmup_steps", "gpus") and value < 1:
         raise SpecError(key, value, "must be >= 1")
     if key == "budget_gb" and value is not None:
         try:
@@ -281,8 +281,9 @@ def validate(spec: CellSpec) -> None:
     _one_of("optimizer", spec.optimizer, OPTIMIZERS)
     _one_of("attn_impl", spec.attn_impl, ATTN_IMPLS)
     _one_of("device", spec.device, DEVICES)
-    _positive(spec, "seq_len", "batch_size", "grad_accum", "steps")
-    _positive(spec, "warmup_steps", "seed", minimum=0)
+    # The routine always takes a first (warm-up) step with its own peak, so warmup_steps >= 1.
+    _positive(spec, "seq_len", "batch_size", "grad_accum", "steps", "warmup_steps")
+    _positive(spec, "seed", minimum=0)
     try:
         arch = architecture(spec.model)
     except UnknownModelError:

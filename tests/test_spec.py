@@ -33,6 +33,7 @@ def test_irrelevant_fields_are_normalised():
         ({"method": "lorra"}, "method"),
         ({"precision": "fp8"}, "precision"),
         ({"seq_len": 0}, "seq_len"),
+        ({"warmup_steps": 0}, "warmup_steps"),
         ({"seq_len": "2048"}, "seq_len"),
         ({"gradient_checkpointing": "yes"}, "gradient_checkpointing"),
         ({"model": "llama-7b"}, "model"),
