@@ -20,12 +20,10 @@ optimizer_state_bytes) are what this rank holds (its shard); n_params counts the
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import datetime
 import json
 import os
-import signal
 import socket
 import sys
 from pathlib import Path
@@ -35,6 +33,7 @@ import torch
 
 from bench import build, train
 from bench.measure import CellRun
+from bench.procs import die_with_parent
 from bench.spec import DEEPSPEED_DISTS, CellSpec
 
 FAILED_EXIT_CODE = 3
@@ -46,12 +45,6 @@ def rank_info() -> dict[str, int]:
         "local_rank": int(os.environ.get("LOCAL_RANK", "0")),
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
     }
-
-
-def _die_with_parent() -> None:
-    """Linux: SIGKILL this rank when torchrun's agent dies (the launcher's timeout kills the agent)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def init_process_group(spec: CellSpec, timeout_s: float) -> None:
@@ -199,7 +192,7 @@ def shard_fsdp2(model, spec: CellSpec, device: torch.device, world_size: int) ->
 def main(argv: list[str]) -> int:
     spec_path, out_dir = Path(argv[0]), Path(argv[1])
     timeout_s = float(argv[2]) if len(argv) > 2 else 1800.0
-    _die_with_parent()
+    die_with_parent(check_env=False)  # the parent is torchrun's agent (bench.procs)
     from bench import env
     from bench.measure import measure
 

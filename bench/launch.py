@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import env, nvml, schema
+from bench.procs import wait_or_kill_tree
 from bench.spec import CellSpec
 
 #: Set in every rank's environment unless already set: the GPU machines need NVLink SHARP
@@ -172,30 +172,6 @@ def run_dist_cell(
     row["cell_wall_time_s"] = time.monotonic() - start
     row["repeat"] = repeat
     return row
-
-
-def wait_or_kill_tree(proc: subprocess.Popen, timeout_s: float) -> bool:
-    """Wait for torchrun; on timeout SIGKILL it and every descendant (each rank has its own session).
-    True if it timed out."""
-    import psutil
-
-    try:
-        proc.wait(timeout=timeout_s)
-        return False
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        tree = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.Error:
-        tree = []
-    for pid in [proc.pid] + [p.pid for p in tree]:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(os.getpgid(pid), signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-    proc.wait()
-    psutil.wait_procs(tree, timeout=10)
-    return True
 
 
 def read_rank_records(out_dir: Path) -> dict[int, dict[str, Any]]:

@@ -56,6 +56,19 @@ def oom_requested_bytes(message: str) -> int | None:
     return None if match is None else int(float(match.group(1)) * _UNITS[match.group(2)])
 
 
+class StartupClock:
+    """Seconds from the process's creation to each start-up milestone: where a cell's overhead goes."""
+
+    def __init__(self):
+        self._last = psutil.Process().create_time()
+        self.seconds: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.time()
+        self.seconds[name] = now - self._last
+        self._last = now
+
+
 class CellRun:
     """State of one cell's measurement; `values` collects the result fields as they are measured."""
 
@@ -68,9 +81,11 @@ class CellRun:
         # The cap the cell runs under (null without one), recorded whatever the outcome.
         self.values: dict[str, Any] = {"budget_bytes": spec.budget_bytes}
         self.profiler: profile.CellProfiler | None = None  # profile_memory / snapshot (bench.profile)
+        self.clock = StartupClock()
 
     # -- phases ------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        self.clock.lap("interpreter_and_imports")
         missing = build.unavailable_features(self.spec)
         if missing:
             self.values["unavailable"] = missing
@@ -80,7 +95,9 @@ class CellRun:
             self._cuda_context_and_budget()
         else:
             self.values["baseline_rss_bytes"] = psutil.Process().memory_info().rss
+        self.clock.lap("cuda_context")
         model = self._build()
+        self.clock.lap("build")
         self._train(model)
         return self.values
 
@@ -129,7 +146,9 @@ class CellRun:
         self.phase = "first_step"
         self._fault()
         self._reset_peaks()
-        self.values["startup_to_first_step_s"] = time.time() - psutil.Process().create_time()
+        self.clock.lap("training_setup")
+        self.values["startup_breakdown_s"] = dict(self.clock.seconds)
+        self.values["startup_to_first_step_s"] = sum(self.clock.seconds.values())
         self.values["first_step_time_s"] = self._timed(stepper, batches)
         if self.cuda:
             self.values["first_step_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)

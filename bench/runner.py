@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import artifacts, env, schema
+from bench.procs import parent_env, wait_or_kill_tree
 from bench.spec import CellSpec
 
 DEFAULT_TIMEOUT_S = 900.0
@@ -42,9 +42,13 @@ def run_cell(
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                env={**_child_env(), **artifacts.child_env(spec.cell_id, repeat, artifacts_dir)},
+                env={
+                    **_child_env(),
+                    **parent_env(),
+                    **artifacts.child_env(spec.cell_id, repeat, artifacts_dir),
+                },
             )
-            timed_out = _wait(proc, timeout_s)
+            timed_out = wait_or_kill_tree(proc, timeout_s)
         wall = time.monotonic() - start
         if row_path.exists():
             row = json.loads(row_path.read_text())
@@ -65,20 +69,6 @@ def _child_env() -> dict[str, str]:
     child.setdefault("TOKENIZERS_PARALLELISM", "false")
     child.setdefault("HF_HUB_OFFLINE", "1")
     return child
-
-
-def _wait(proc: subprocess.Popen, timeout_s: float) -> bool:
-    """Wait for the worker; on timeout kill its whole process group. True if it timed out."""
-    try:
-        proc.wait(timeout=timeout_s)
-        return False
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-        return True
 
 
 def failure_row(spec: CellSpec, status: str, error: str, **values: Any) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from rich.progress import (
 from rich.table import Table
 
 from bench.cards import gib
+from bench.procs import terminate_as_interrupt
 from bench.runner import DEFAULT_TIMEOUT_S
 from bench.store import ResultsLocked, read_rows
 from bench.sweep import SweepError, load_sweep
@@ -35,6 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--shard", help="i/n: run only this machine's share of the cells")
     parser.add_argument(
         "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="wall-clock limit per cell, s"
+    )
+    parser.add_argument(
+        "--stop-after",
+        type=float,
+        metavar="SECONDS",
+        help="start no cell after this many seconds (a rented machine's time limit); run again to resume",
     )
     parser.set_defaults(func=cmd_sweep)
 
@@ -59,10 +66,12 @@ def print_plan(plan: Plan, console: Console) -> None:
         "cell_id",
         "rep",
         "method",
+        "precision",
         "seq",
         "batch",
         "GC",
         "attn",
+        "gpus",
         "budget",
         "claims",
         "pred. GiB",
@@ -118,6 +127,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             )
         )
         return 0
+    if args.stop_after is not None and args.stop_after <= 0:
+        console.print(f"[red]ftmem sweep: error:[/red] --stop-after must be > 0 seconds, got {args.stop_after:g}")
+        return 2
+    terminate_as_interrupt()  # SIGTERM kills the running cell's processes, as Ctrl-C does
     counts: Counter[str] = Counter()
     with Progress(
         TextColumn("{task.description}"),
@@ -149,9 +162,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 args.timeout,
                 on_plan=on_plan,
                 on_row=on_row,
+                stop_after_s=args.stop_after,
             )
         except ResultsLocked as exc:
             console.print(f"[red]ftmem sweep: error:[/red] {exc}")
             return 2
-    print(json.dumps({"sweep": sweep.name, "out": out, **counts}))
+        except KeyboardInterrupt as exc:
+            console.print(f"[yellow]ftmem sweep: interrupted ({exc or 'Ctrl-C'}); run again to resume[/yellow]")
+            print(json.dumps({"sweep": sweep.name, "out": out, **counts, "interrupted": True}))
+            return 130
+    left = progress.tasks[0].total - progress.tasks[0].completed if progress.tasks[0].total else 0
+    summary = {"sweep": sweep.name, "out": out, **counts}
+    if left:
+        summary["not_started"] = left
+    print(json.dumps(summary))
     return 0

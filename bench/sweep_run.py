@@ -13,6 +13,7 @@ the cell that implies it. Cells run in order of tokens per micro-batch so the sm
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -135,8 +136,13 @@ def run_plan(
     prune: bool = True,
     runner: RunCell = run_cell,
     on_row: OnRow | None = None,
+    stop_after_s: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every cell still to do, appending each row at once. Returns the rows written."""
+    """Run every cell still to do, appending each row at once. Returns the rows written.
+
+    With `stop_after_s`, no cell starts once that many seconds have passed (the one running
+    finishes, within its timeout); running the sweep again resumes with the rest."""
+    started = time.monotonic()
     written: list[dict[str, Any]] = []
     ooms = [r for r in plan.done.values() if r["status"] == "oom"]
     if runner is run_cell:  # artifact files (bench.artifacts) beside the results file
@@ -152,6 +158,8 @@ def run_plan(
     for cell, _ in plan.invalid:
         emit(invalid_row(plan.sweep, cell))
     for cell, repeat in plan.todo:
+        if stop_after_s is not None and time.monotonic() - started >= stop_after_s:
+            break
         implied_by = implied_oom(cell.spec_dict, ooms) if prune else None
         if implied_by is not None:
             row = failure_row(
@@ -180,6 +188,7 @@ def run_sweep(
     runner: RunCell = run_cell,
     on_plan: Callable[[Plan], None] | None = None,
     on_row: OnRow | None = None,
+    stop_after_s: float | None = None,
 ) -> list[dict[str, Any]]:
     """Lock the results file, plan against what it holds, run the rest."""
     file_lock = acquire(out_path)
@@ -187,6 +196,6 @@ def run_sweep(
         plan = make_plan(sweep, read_rows(out_path), shard, retry_failed)
         if on_plan is not None:
             on_plan(plan)
-        return run_plan(plan, out_path, timeout_s, prune, runner, on_row)
+        return run_plan(plan, out_path, timeout_s, prune, runner, on_row, stop_after_s)
     finally:
         file_lock.release()

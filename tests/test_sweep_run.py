@@ -162,3 +162,65 @@ def test_oom_rows_written_before_a_knob_existed_still_prune():
     new_spec = {**BASE, "seq_len": 64, "batch_size": 1, "profile_memory": False, "gpus": 1}
     assert implied_oom(new_spec, [old]) == "old"
     assert implied_oom({**new_spec, "profile_memory": True}, [old]) is None
+
+
+def test_stop_after_starts_no_cell_past_the_limit_and_resume_finishes(tmp_path):
+    out = tmp_path / "r.jsonl"
+    sweep = sweep_of({"seq_len": [16, 32, 48, 64]})
+    slow = fake_runner()
+
+    def runner(spec, timeout_s, repeat=0):
+        time.sleep(0.3)
+        return slow(spec, timeout_s, repeat)
+
+    first = run_sweep(sweep, str(out), runner=runner, stop_after_s=0.45)
+    assert len(first) == 2  # started at 0 s and at 0.3 s; none at 0.6 s
+    rest = run_sweep(sweep, str(out), runner=fake_runner())
+    assert len(rest) == 2 and len({r["cell_id"] for r in read_rows(out)}) == 4
+
+
+def _hanging_sweep(tmp_path):
+    """A real sweep whose first cell hangs in its first step; returns (sweep process, cell process)."""
+    import psutil
+
+    sweep_file = tmp_path / "s.yaml"
+    sweep_file.write_text(
+        yaml.safe_dump({"name": "hang", "base": {**BASE, "steps": 1}, "axes": {"seq_len": [16]}})
+    )
+    cmd = [sys.executable, "-m", "bench.cli", "sweep", str(sweep_file), "--out", str(tmp_path / "r.jsonl")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FTMEM_TEST_FAULT": "hang:first_step"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        cells = [
+            p
+            for p in psutil.Process(proc.pid).children(recursive=True)
+            if "bench.worker" in " ".join(p.cmdline())
+        ]
+        if cells:
+            return proc, cells[0]
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("the cell's process never started")
+
+
+def test_sigterm_stops_the_sweep_and_kills_the_running_cell(tmp_path):
+    import psutil
+
+    proc, cell = _hanging_sweep(tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert json.loads(out.strip().splitlines()[-1])["interrupted"] is True
+    assert not cell.is_running() or cell.status() == psutil.STATUS_ZOMBIE
+
+
+def test_kill_9_of_the_runner_takes_the_running_cell_with_it(tmp_path):
+    import psutil
+
+    proc, cell = _hanging_sweep(tmp_path)
+    time.sleep(1.0)  # past the worker's start, where it asks to die with its parent
+    proc.kill()
+    proc.wait()
+    gone, alive = psutil.wait_procs([cell], timeout=10)
+    assert cell in gone and not alive

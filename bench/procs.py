@@ -1,0 +1,80 @@
+"""The runner's child processes: they die with the runner, and a timeout or an interrupt kills them.
+
+Each cell runs in a session of its own, so that a timeout can kill everything it started (compile
+workers, torchrun's ranks). Two things keep a cell from outliving the sweep that started it: the
+child asks the kernel for SIGKILL when its parent dies (kill -9 of the runner included), and the
+runner kills the child's whole tree when it is interrupted (Ctrl-C, SIGTERM from `timeout` or a
+scheduler). A cell left running would hold GPU memory under the next cell's measurement.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+
+_PR_SET_PDEATHSIG = 1
+PARENT_ENV = "FTMEM_PARENT_PID"
+
+
+def die_with_parent(check_env: bool = True) -> None:
+    """Linux: have the kernel SIGKILL this process when its parent dies. With `check_env`, exit at
+    once if the parent named in FTMEM_PARENT_PID died before the request took effect."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - no libc prctl
+        return
+    parent = os.environ.get(PARENT_ENV)
+    if check_env and parent and parent.isdigit() and os.getppid() != int(parent):
+        os._exit(1)
+
+
+def parent_env() -> dict[str, str]:
+    """Environment entries that let a child check its parent (die_with_parent)."""
+    return {PARENT_ENV: str(os.getpid())}
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL `proc`, its process group and every descendant (each may have a session of its own)."""
+    import psutil
+
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        tree = []
+    for pid in [proc.pid] + [p.pid for p in tree]:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    psutil.wait_procs(tree, timeout=10)
+
+
+def wait_or_kill_tree(proc: subprocess.Popen, timeout_s: float) -> bool:
+    """Wait for `proc`; on timeout kill its tree and return True. On an interrupt (KeyboardInterrupt,
+    SystemExit from a signal handler) kill its tree and re-raise."""
+    try:
+        proc.wait(timeout=timeout_s)
+        return False
+    except subprocess.TimeoutExpired:
+        kill_tree(proc)
+        return True
+    except BaseException:
+        kill_tree(proc)
+        raise
+
+
+def terminate_as_interrupt() -> None:
+    """Make SIGTERM (timeout, Slurm, docker stop) interrupt the runner as Ctrl-C does."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
