@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import artifacts, env, schema
-from bench.procs import parent_env, wait_or_kill_tree
+from bench.procs import bytecode_cache_env, parent_env, wait_or_kill_tree
 from bench.spec import CellSpec
 
 DEFAULT_TIMEOUT_S = 900.0
@@ -68,7 +68,7 @@ def _child_env() -> dict[str, str]:
     child["PYTHONPATH"] = os.pathsep.join(p for p in (root, child.get("PYTHONPATH")) if p)
     child.setdefault("TOKENIZERS_PARALLELISM", "false")
     child.setdefault("HF_HUB_OFFLINE", "1")
-    return child
+    return bytecode_cache_env(child)
 
 
 def failure_row(spec: CellSpec, status: str, error: str, **values: Any) -> dict[str, Any]:

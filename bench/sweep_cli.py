@@ -128,7 +128,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         )
         return 0
     if args.stop_after is not None and args.stop_after <= 0:
-        console.print(f"[red]ftmem sweep: error:[/red] --stop-after must be > 0 seconds, got {args.stop_after:g}")
+        console.print(
+            f"[red]ftmem sweep: error:[/red] --stop-after must be > 0 seconds, got {args.stop_after:g}"
+        )
         return 2
     terminate_as_interrupt()  # SIGTERM kills the running cell's processes, as Ctrl-C does
     counts: Counter[str] = Counter()
@@ -168,7 +170,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             console.print(f"[red]ftmem sweep: error:[/red] {exc}")
             return 2
         except KeyboardInterrupt as exc:
-            console.print(f"[yellow]ftmem sweep: interrupted ({exc or 'Ctrl-C'}); run again to resume[/yellow]")
+            console.print(
+                f"[yellow]ftmem sweep: interrupted ({exc or 'Ctrl-C'}); run again to resume[/yellow]"
+            )
             print(json.dumps({"sweep": sweep.name, "out": out, **counts, "interrupted": True}))
             return 130
     left = progress.tasks[0].total - progress.tasks[0].completed if progress.tasks[0].total else 0

@@ -224,3 +224,13 @@ def test_kill_9_of_the_runner_takes_the_running_cell_with_it(tmp_path):
     proc.wait()
     gone, alive = psutil.wait_procs([cell], timeout=10)
     assert cell in gone and not alive
+
+
+def test_cells_keep_a_bytecode_cache_where_python_would_write_none(tmp_path):
+    from bench.procs import bytecode_cache_env
+
+    off = bytecode_cache_env({"PYTHONDONTWRITEBYTECODE": "1", "FTMEM_PYCACHE": str(tmp_path / "pyc")})
+    assert "PYTHONDONTWRITEBYTECODE" not in off and off["PYTHONPYCACHEPREFIX"] == str(tmp_path / "pyc")
+    chosen = {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONPYCACHEPREFIX": "/elsewhere"}
+    assert bytecode_cache_env(chosen) == chosen  # the user's own prefix stays
+    assert "PYTHONPYCACHEPREFIX" not in bytecode_cache_env({})  # a writable install needs nothing
