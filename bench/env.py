@@ -51,7 +51,11 @@ def torch_cuda_version() -> str | None:
 
 
 def git_commit() -> tuple[str | None, bool | None]:
-    """(commit, dirty) of the ftmem checkout; FTMEM_GIT_COMMIT stands in where .git did not travel."""
+    """(commit, dirty) of the ftmem checkout. FTMEM_GIT_COMMIT (with FTMEM_GIT_DIRTY=1 if dirty) wins
+    where set: a copy of the tree on a rented machine may carry no .git, or a stale one."""
+    override = os.environ.get("FTMEM_GIT_COMMIT")
+    if override:
+        return override, os.environ.get("FTMEM_GIT_DIRTY") == "1"
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(
@@ -69,8 +73,7 @@ def git_commit() -> tuple[str | None, bool | None]:
         )
         return commit, dirty
     except (OSError, subprocess.SubprocessError):
-        commit = os.environ.get("FTMEM_GIT_COMMIT")
-        return commit, (None if commit is None else os.environ.get("FTMEM_GIT_DIRTY") == "1")
+        return None, None
 
 
 def collect(cuda_runtime: str | None = None) -> dict:
