@@ -95,15 +95,24 @@ class BuildStages:
         self._last = now
 
 
-def build_model(spec: CellSpec, device: torch.device, stages: BuildStages | None = None) -> nn.Module:
-    """The trainable model of a cell, on `device`, ready for its optimizer."""
+def build_model(
+    spec: CellSpec,
+    device: torch.device,
+    stages: BuildStages | None = None,
+    init_device: torch.device | None = None,
+) -> nn.Module:
+    """The trainable model of a cell, on `device`, ready for its optimizer.
+
+    `init_device` draws the random weights there, one tensor at a time, before they move to
+    `device`: a ZeRO-3 cell builds its model in host memory with the GPU's random numbers (seconds,
+    where the CPU's take minutes for 14B parameters) and DeepSpeed then partitions it."""
     stages = stages or BuildStages(device)
     _import_libraries(spec)
     stages.done("imports")
     if is_checkpoint_dir(spec.model):
         model = _load_checkpoint(spec, device)
     else:
-        model = _build_random(spec, device)
+        model = _build_random(spec, device, init_device or device)
     stages.done("weights")
     _prepare_for_training(model, spec)
     stages.done("prepare")
@@ -129,7 +138,7 @@ def _import_libraries(spec: CellSpec) -> None:
         import bitsandbytes  # noqa: F401
 
 
-def _build_random(spec: CellSpec, device: torch.device) -> nn.Module:
+def _build_random(spec: CellSpec, device: torch.device, init_device: torch.device) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     config = hf_config(spec)
@@ -143,7 +152,7 @@ def _build_random(spec: CellSpec, device: torch.device) -> nn.Module:
 
         quantizer = AutoHfQuantizer.from_config(bnb_config(spec), pre_quantized=False)
         quantizer.preprocess_model(model, device_map={"": device}, dtype=base_dtype(spec))
-    generator = torch.Generator(device=device).manual_seed(spec.seed)
+    generator = torch.Generator(device=init_device).manual_seed(spec.seed)
     materialize(model, device, base_dtype(spec), generator)
     if quantizer is not None:
         quantizer.postprocess_model(model)
@@ -166,7 +175,8 @@ def _load_checkpoint(spec: CellSpec, device: torch.device) -> nn.Module:
 def materialize(
     model: nn.Module, device: torch.device, dtype: torch.dtype, generator: torch.Generator
 ) -> None:
-    """Replace every meta tensor by a random one on `device`, quantizing bitsandbytes weights at once.
+    """Replace every meta tensor by a random one on `device` (drawn on the generator's device),
+    quantizing bitsandbytes weights at once.
 
     A parameter shared by two modules (tied embeddings) is made once and shared again.
     """
@@ -188,8 +198,10 @@ def _random_parameter(module_name, param, device, dtype, generator) -> nn.Parame
             torch.ones(param.shape, dtype=param.dtype, device=device), requires_grad=param.requires_grad
         )
     value_dtype = dtype if kind in ("Params4bit", "Int8Params") else param.dtype
-    value = torch.empty(param.shape, dtype=value_dtype, device=device).normal_(
-        0.0, INIT_STD, generator=generator
+    value = (
+        torch.empty(param.shape, dtype=value_dtype, device=generator.device)
+        .normal_(0.0, INIT_STD, generator=generator)
+        .to(device)
     )
     if kind == "Params4bit":
         import bitsandbytes as bnb

@@ -122,7 +122,7 @@ class RankCellRun(CellRun):
             return model.half() if spec.precision == "fp16_mixed" else model
         import deepspeed
 
-        model = build.build_model(build_spec, torch.device("cpu"))
+        model = build.build_model(build_spec, torch.device("cpu"), init_device=self.device)
         if spec.precision == "fp16_mixed":
             model = model.half()
         deepspeed.zero.Init(module=model, config_dict_or_path=self.ds_config)

@@ -8,6 +8,7 @@
     exclude: [{gradient_checkpointing: false, batch_size: 4}]              # dropped cells
     budgets: [rtx4090-24gb, h100-80gb]                                     # -> budget_gb axis
     repeats: 1
+    timeout_s: 300                                                         # per cell (default 900)
     claims: [C1]                                                           # guide claims tested
     grids: [{axes: ..., claims: [...]}, ...]   # optional: several grids sharing base/name
 
@@ -38,6 +39,7 @@ SWEEP_KEYS = (
     "exclude",
     "budgets",
     "repeats",
+    "timeout_s",
     "claims",
     "grids",
 )
@@ -76,6 +78,7 @@ class Sweep:
     grids: tuple[dict[str, Any], ...]
     repeats: int = 1
     description: str = ""
+    timeout_s: float | None = None  # per cell; None: the runner's default (--timeout overrides)
 
 
 def _fail(path: str, key: str, message: str) -> SweepError:
@@ -103,6 +106,11 @@ def parse_sweep(data: Any, path: str = "<sweep>") -> Sweep:
     repeats = data.get("repeats", 1)
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise _fail(path, "repeats", f"{repeats!r} is not allowed; an integer >= 1")
+    timeout = data.get("timeout_s")
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0
+    ):
+        raise _fail(path, "timeout_s", f"{timeout!r} is not allowed; seconds per cell, a number > 0")
     top = {k: v for k, v in data.items() if k in GRID_KEYS}
     subgrids = data.get("grids")
     if subgrids is None:
@@ -120,7 +128,7 @@ def parse_sweep(data: Any, path: str = "<sweep>") -> Sweep:
             grids.append(merged)
     for i, grid in enumerate(grids):
         _check_grid(grid, path, f"grids[{i}]." if subgrids is not None else "")
-    return Sweep(data["name"], path, tuple(grids), repeats, data.get("description", ""))
+    return Sweep(data["name"], path, tuple(grids), repeats, data.get("description", ""), timeout)
 
 
 def _known_keys(mapping: dict, allowed: tuple[str, ...], path: str, prefix: str) -> None:

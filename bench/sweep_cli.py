@@ -35,7 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-prune", action="store_true", help="run cells that a smaller OOM cell implies")
     parser.add_argument("--shard", help="i/n: run only this machine's share of the cells")
     parser.add_argument(
-        "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="wall-clock limit per cell, s"
+        "--timeout",
+        type=float,
+        help=f"wall-clock limit per cell, s (default: the sweep's timeout_s, else {DEFAULT_TIMEOUT_S:g})",
     )
     parser.add_argument(
         "--stop-after",
@@ -127,6 +129,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             )
         )
         return 0
+    if args.timeout is not None and args.timeout <= 0:
+        console.print(f"[red]ftmem sweep: error:[/red] --timeout must be > 0 seconds, got {args.timeout:g}")
+        return 2
     if args.stop_after is not None and args.stop_after <= 0:
         console.print(
             f"[red]ftmem sweep: error:[/red] --stop-after must be > 0 seconds, got {args.stop_after:g}"
@@ -161,7 +166,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 shard,
                 args.retry_failed,
                 not args.no_prune,
-                args.timeout,
+                args.timeout or sweep.timeout_s or DEFAULT_TIMEOUT_S,
                 on_plan=on_plan,
                 on_row=on_row,
                 stop_after_s=args.stop_after,

@@ -76,3 +76,29 @@ def test_a_killed_worker_gives_an_error_row(monkeypatch):
     monkeypatch.setenv("FTMEM_TEST_FAULT", "crash:first_step")
     _, row = _run("lora")
     assert row["status"] == "error" and "exited with code -9" in row["error"]
+
+
+def test_weights_drawn_on_another_device_land_on_the_target():
+    """What a ZeRO-3 cell does (GPU random numbers, host-memory model), here on the CPU alone."""
+    import torch
+
+    from bench.build import build_model
+
+    spec = CellSpec(**{**TINY, "method": "lora", "device": "cpu", "precision": "fp32"})
+    same = build_model(spec, torch.device("cpu"))
+    drawn = build_model(spec, torch.device("cpu"), init_device=torch.device("cpu"))
+    for (name, a), (_, b) in zip(same.named_parameters(), drawn.named_parameters(), strict=True):
+        assert b.device.type == "cpu", name
+        if "lora_" not in name:  # adapters come from peft's own (global) random numbers
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.gpu
+def test_weights_drawn_on_the_gpu_for_a_host_memory_model():
+    import torch
+
+    from bench.build import build_model
+
+    spec = CellSpec(**{**TINY, "method": "lora", "device": "cpu", "precision": "fp32"})
+    model = build_model(spec, torch.device("cpu"), init_device=torch.device("cuda", 0))
+    assert {p.device.type for p in model.parameters()} == {"cpu"}

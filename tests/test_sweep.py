@@ -1,3 +1,4 @@
+import argparse
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,8 @@ def test_impossible_combination_is_an_invalid_cell_not_an_error():
             "equal lengths",
         ),
         ({"name": "t", "base": BASE, "repeats": 0}, "t.yaml: repeats", "integer >= 1"),
+        ({"name": "t", "base": BASE, "timeout_s": 0}, "t.yaml: timeout_s", "a number > 0"),
+        ({"name": "t", "base": BASE, "timeout_s": "5m"}, "t.yaml: timeout_s", "a number > 0"),
         ({"base": BASE}, "t.yaml: name", "non-empty string"),
         ({"name": "t", "grids": [{"axes": {"steps": [0]}}]}, "t.yaml: grids[0].axes.steps[0]", ">= 1"),
         ({"name": "t", "grids": [{"bogus": 1}]}, "t.yaml: grids[0].bogus", "unknown key"),
@@ -143,3 +146,22 @@ def test_guide_sweep_cites_claims_on_every_cell():
     assert all(c.claims for c in out)
     cited = {claim for c in out for claim in c.claims}
     assert {"C1", "C3", "C5", "C6", "C7", "C8", "C9", "C10", "C12", "C15", "C16", "C17"} <= cited
+
+
+def test_a_sweep_sets_its_cells_timeout_and_the_command_line_overrides_it(tmp_path, monkeypatch):
+    from bench import sweep_cli
+
+    assert parse_sweep({"name": "t", "base": BASE, "timeout_s": 300}, "t.yaml").timeout_s == 300
+    assert parse_sweep({"name": "t", "base": BASE}, "t.yaml").timeout_s is None
+    seen = []
+    monkeypatch.setattr(
+        sweep_cli, "run_sweep", lambda sweep, out, shard, retry, prune, timeout, **kw: seen.append(timeout)
+    )
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump({"name": "t", "base": BASE, "timeout_s": 300}))
+    parser = argparse.ArgumentParser()
+    sweep_cli.register(parser.add_subparsers())
+    for argv, expected in (([], 300), (["--timeout", "42"], 42)):
+        args = parser.parse_args(["sweep", str(path), "--out", str(tmp_path / "r.jsonl"), *argv])
+        assert args.func(args) == 0
+        assert seen.pop() == expected
