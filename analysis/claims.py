@@ -474,13 +474,30 @@ def check_multi_gpu(rows: pd.DataFrame, check: dict[str, Any]) -> CheckResult:
         )
     if check.get("compare") == "one_gpu":
         return check_lower_per_card(rows, multi, check)
-    result = check_fits(
-        multi, {**check, "over": check.get("over", "any" if check.get("expect", True) else "all")}
-    )
-    return dataclasses.replace(
+    over = check.get("over", "any" if check.get("expect", True) else "all")
+    result = check_fits(multi, {**check, "over": over})
+    result = dataclasses.replace(
         result,
         summary=f"{_gpus_text(check)} GPUs, budget per GPU: {result.summary}",
         headline=f"{result.headline} per GPU" if result.headline else "",
+    )
+    return _unsettled(result, multi) if over == "any" and result.verdict == "refuted" else result
+
+
+def _unsettled(result: CheckResult, multi: pd.DataFrame) -> CheckResult:
+    """ "Some configuration fits" is refuted only when every configuration has an answer: a
+    strategy whose cells did not finish (timeout, error) might still fit, so the check waits."""
+    unfinished = multi[~multi["status"].isin(["ok", "oom"])]
+    if unfinished.empty:
+        return result
+    pending = ", ".join(
+        sorted({f"{d} ({s})" for d, s in zip(unfinished["dist"], unfinished["status"], strict=True)})
+    )
+    return dataclasses.replace(
+        result,
+        verdict="not measured",
+        summary=f"not settled: no configuration measured so far fits, but {pending} did not finish; "
+        f"{result.summary}",
     )
 
 

@@ -8,6 +8,7 @@ involved (the report runs headless; notebooks show the returned figures). Memory
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -138,8 +139,12 @@ def draw_family(ax, rows: pd.DataFrame, fit: FamilyFit | None) -> None:
 def _provenance(rows: pd.DataFrame) -> str:
     """GPU and results files of a family: two stacks of one GPU differ by the file they came from."""
     gpus = sorted(str(g) for g in rows["env_gpu_name"].dropna().unique())
-    files = sorted(Path(f).name for f in rows["source_file"].unique())
-    return f"{', '.join(gpus)}; {', '.join(files)}"
+    sweeps = sorted({_SHARD.sub("", Path(f).name) for f in rows["source_file"].unique()})
+    return f"{', '.join(gpus)}; {', '.join(sweeps)}"
+
+
+#: "name.shard-0-of-2.jsonl" -> "name": the shards of one sweep are one source in a title.
+_SHARD = re.compile(r"(\.shard-\d+-of-\d+)?\.jsonl$")
 
 
 def _style_handles() -> list:
@@ -191,44 +196,32 @@ def plot_measured_vs_predicted(table: pd.DataFrame, out_dir: Path) -> list[Path]
 
 # -- savings -------------------------------------------------------------------------------------
 def plot_savings(savings: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """Horizontal bars: each optimisation's saving as % of peak (NVML and allocated), GiB written on."""
+    """One row per optimisation and change: a dot per measured pair (process peak, NVML), a bar at
+    their median, and the median GiB written on; the tables list every pair."""
     if savings.empty or "footprint_saved_pct" not in savings.columns:
         return []
-    labels = [
-        f"{o}: {c}\n{cfg}\n[{Path(b).name} vs {Path(v).name}]"
-        for o, c, cfg, b, v in zip(
-            savings["optimisation"],
-            savings["change"],
-            savings["config"],
-            savings["base_ref"],
-            savings["variant_ref"],
-            strict=True,
-        )
-    ]
-    y = np.arange(len(savings))
-    figure = Figure(figsize=(8.5, 1.2 + 0.85 * len(savings)), layout="constrained")
+    groups = list(savings.groupby(["optimisation", "change"], sort=False))
+    figure = Figure(figsize=(8.5, 1.4 + 0.55 * len(groups)), layout="constrained")
     ax = figure.subplots()
-    bars = ax.barh(
-        y - 0.18, savings["footprint_saved_pct"], height=0.34, color="#1e88e5", label="process peak (NVML)"
-    )
-    ax.barh(
-        y + 0.18,
-        savings["allocated_saved_pct"].astype("float64"),
-        height=0.34,
-        color="#90caf9",
-        label="allocated peak",
-    )
-    for bar, gib in zip(bars, savings["footprint_saved_gib"], strict=True):
+    jitter = np.random.default_rng(0)
+    for y, (_, pairs) in enumerate(groups):
+        pct = pairs["footprint_saved_pct"].astype("float64")
+        ax.barh(y, pct.median(), height=0.6, color="#90caf9")
+        ax.scatter(pct, y + jitter.uniform(-0.18, 0.18, len(pct)), s=12, color="#1e88e5", zorder=3)
+        gib = pairs["footprint_saved_gib"].astype("float64").median()
         ax.text(
-            bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {gib:.1f} GiB", va="center", fontsize=8
+            max(pct.max(), 0),
+            y,
+            f"  median {pct.median():.1f}% ({gib:.1f} GiB), {len(pct)} pairs",
+            va="center",
+            fontsize=8,
         )
-    ax.set_yticks(y, labels, fontsize=8)
+    ax.set_yticks(range(len(groups)), [f"{o}\n{c}" for (o, c), _ in groups], fontsize=8)
     ax.invert_yaxis()
     ax.axvline(0, color="0.3", lw=0.8)
-    ax.set_xlabel("memory saved, % of the peak without the optimisation")
-    ax.set_title("Savings from pairs of rows that differ only by one setting")
-    figure.legend(fontsize=8, loc="outside lower center", ncols=2)
-    ax.margins(x=0.15)
+    ax.set_xlabel("process memory (NVML) saved, % of the peak without the optimisation")
+    ax.set_title("Savings: one dot per pair of rows that differ only by one setting; bar at the median")
+    ax.margins(x=0.35)
     return save(figure, out_dir, "savings")
 
 

@@ -304,6 +304,17 @@ def test_multi_gpu_and_qualitative():
     assert judge({"kind": "qualitative", "reason": "stability"}).verdict == "not measurable"
 
 
+def test_multi_gpu_fit_is_not_refuted_while_a_strategy_has_no_answer():
+    check = {"kind": "multi_gpu", "gpus": 2, "card": "rtx4090-24gb"}
+    zero2 = make_row("oom", gpus=2, dist="deepspeed_zero2", budget_gb="rtx4090-24gb")
+    zero3 = make_row("timeout", gpus=2, dist="deepspeed_zero3", budget_gb="rtx4090-24gb")
+    assert judge(check, zero2).verdict == "refuted"
+    pending = judge(check, zero2, zero3)
+    assert pending.verdict == "not measured" and "deepspeed_zero3 (timeout)" in pending.summary
+    fits = make_row(alloc=15, nvml=17, gpus=2, dist="deepspeed_zero3", budget_gb="rtx4090-24gb")
+    assert judge(check, zero2, fits).verdict == "supported"
+
+
 def test_combine_verdicts():
     assert C.combine(["supported", "refuted", "not measured"]) == "refuted"
     assert C.combine(["supported", "marginal"]) == "marginal"
