@@ -126,9 +126,9 @@ def torchrun_command(
 
 
 def child_env(base: dict[str, str] | None = None) -> dict[str, str]:
-    from bench.runner import _child_env
+    from bench.runner import cell_env
 
-    child = _child_env() if base is None else dict(base)
+    child = cell_env() if base is None else dict(base)
     for key, value in NCCL_ENV_DEFAULTS.items():
         child.setdefault(key, value)
     child.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default with several ranks, without its warning

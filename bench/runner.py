@@ -43,7 +43,7 @@ def run_cell(
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 env={
-                    **_child_env(),
+                    **cell_env(),
                     **parent_env(),
                     **artifacts.child_env(spec.cell_id, repeat, artifacts_dir),
                 },
@@ -62,7 +62,9 @@ def run_cell(
     return artifacts.relativise(row, artifacts_dir)
 
 
-def _child_env() -> dict[str, str]:
+def cell_env() -> dict[str, str]:
+    """The environment of a cell's process: this one's, with ftmem importable, offline, and a
+    bytecode cache where Python keeps none (bench.procs.bytecode_cache_env)."""
     child = dict(os.environ)
     root = str(Path(__file__).resolve().parent.parent)
     child["PYTHONPATH"] = os.pathsep.join(p for p in (root, child.get("PYTHONPATH")) if p)

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench import artifacts, schema
-from bench.runner import DEFAULT_TIMEOUT_S, failure_row, run_cell
+from bench.procs import warm_bytecode_cache
+from bench.runner import DEFAULT_TIMEOUT_S, cell_env, failure_row, run_cell
 from bench.spec import LATER_FIELDS
 from bench.store import acquire, append_row, read_rows
 from bench.sweep import Cell, Sweep, expand
@@ -145,7 +146,8 @@ def run_plan(
     started = time.monotonic()
     written: list[dict[str, Any]] = []
     ooms = [r for r in plan.done.values() if r["status"] == "oom"]
-    if runner is run_cell:  # artifact files (bench.artifacts) beside the results file
+    real_cells = runner is run_cell
+    if real_cells:  # artifact files (bench.artifacts) beside the results file
         runner = functools.partial(run_cell, artifacts_dir=artifacts.beside(out_path))
     total = len(plan.todo) + len(plan.invalid)
 
@@ -157,6 +159,8 @@ def run_plan(
 
     for cell, _ in plan.invalid:
         emit(invalid_row(plan.sweep, cell))
+    if plan.todo and real_cells:
+        warm_bytecode_cache(cell_env())  # once per machine, outside every cell's start-up
     for cell, repeat in plan.todo:
         if stop_after_s is not None and time.monotonic() - started >= stop_after_s:
             break

@@ -234,3 +234,15 @@ def test_cells_keep_a_bytecode_cache_where_python_would_write_none(tmp_path):
     chosen = {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONPYCACHEPREFIX": "/elsewhere"}
     assert bytecode_cache_env(chosen) == chosen  # the user's own prefix stays
     assert "PYTHONPYCACHEPREFIX" not in bytecode_cache_env({})  # a writable install needs nothing
+
+
+def test_an_empty_bytecode_cache_is_filled_once_before_the_cells(tmp_path, monkeypatch):
+    from bench import procs
+
+    monkeypatch.setattr(procs, "WARM_IMPORTS", "import json")
+    monkeypatch.delenv("PYTHONPYCACHEPREFIX", raising=False)
+    child = procs.bytecode_cache_env({"PYTHONDONTWRITEBYTECODE": "1", "FTMEM_PYCACHE": str(tmp_path / "pyc")})
+    assert procs.warm_bytecode_cache(child) is not None
+    assert any((tmp_path / "pyc").rglob("*.pyc"))
+    assert procs.warm_bytecode_cache(child) is None  # filled: nothing more to do
+    assert procs.warm_bytecode_cache({}) is None  # Python's own cache: nothing to do
