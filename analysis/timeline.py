@@ -40,6 +40,8 @@ TIMELINE_TO_ROW = {
     "optimizer_state": "optimizer_state",
     "activations": "activations",
     "temporaries": "temporaries",
+    "activations_by_lifetime": "activations",  # placed by lifetime where torch left them unknown
+    "temporaries_by_lifetime": "temporaries",
     "autograd_detail": "other",
     "inputs": "other",
     "unknown": "other",

@@ -268,3 +268,45 @@ def test_snapshot_and_profile_on_cuda(tmp_path):
     allocator_peak = max(row["first_step_peak_allocated_bytes"], row["peak_allocated_bytes"])
     assert 0 < row["profile_peak_bytes"] <= allocator_peak
     assert row["profile_categories_bytes"]["parameters"] == pytest.approx(row["param_bytes"], rel=0.01)
+
+
+def test_tensors_the_profiler_cannot_place_are_placed_by_lifetime():
+    """Constructed events: what torch's memory profiler gave on an H200, most forward outputs with no
+    category. Made in forward and freed in backward: activations; made and freed in one phase:
+    temporaries; made in one step and freed in the next: still unknown."""
+    from collections import namedtuple
+    from types import SimpleNamespace
+
+    import torch
+    from torch.profiler._memory_profiler import Action
+
+    from bench.profile import BY_LIFETIME, TIMELINE_CATEGORIES, coalesce, row_categories
+
+    marks = [
+        {"name": "step:warmup 1", "step": "warmup 1", "start": 0, "end": 100},
+        {"name": "forward", "step": "warmup 1", "start": 0, "end": 40},
+        {"name": "backward", "step": "warmup 1", "start": 41, "end": 80},
+        {"name": "step:measured 1", "step": "measured 1", "start": 101, "end": 200},
+        {"name": "forward", "step": "measured 1", "start": 101, "end": 140},
+    ]
+    cpu = torch.device("cpu")
+    key = namedtuple("Key", "device name")  # hashable, as torch's TensorKey is
+    saved, scratch, carried = (key(cpu, n) for n in ("saved", "scratch", "carried"))
+    events = [
+        (10, Action.CREATE, (saved, 0), 1000),
+        (12, Action.CREATE, (scratch, 0), 300),
+        (15, Action.DESTROY, (scratch, 0), 300),
+        (20, Action.CREATE, (carried, 0), 50),
+        (60, Action.DESTROY, (saved, 0), 1000),
+        (120, Action.DESTROY, (carried, 0), 50),
+    ]
+    timeline = SimpleNamespace(timeline=events, categories=SimpleNamespace(get=lambda key, version: None))
+    times, sizes = coalesce(timeline, cpu, marks)
+    at = {t: dict(zip(TIMELINE_CATEGORIES, s, strict=True)) for t, s in zip(times, sizes, strict=True)}
+    assert at[12][BY_LIFETIME["temporaries"]] == 300 and at[12][BY_LIFETIME["activations"]] == 1000
+    assert at[20]["unknown"] == 50
+    assert row_categories(at[20]) == {
+        "parameters": 0, "gradients": 0, "optimizer_state": 0, "activations": 1000, "temporaries": 0, "other": 50,
+    }  # fmt: skip
+    unplaced = coalesce(timeline, cpu)  # without the step markers nothing is placed
+    assert dict(zip(TIMELINE_CATEGORIES, unplaced[1][1], strict=True))["unknown"] == 1300
