@@ -175,6 +175,18 @@ def test_two_rank_cell_on_cpu(dist):
         assert row["param_bytes"] >= 4 * row["n_params"] - 4 * 64 * 1024  # tied embeddings counted once
 
 
+def test_four_rank_fsdp2_cell_on_cpu():
+    """The launch path of the 4-GPU cells (issue 7), here as 4 gloo processes: each rank holds a
+    quarter of the parameters."""
+    spec = CellSpec.create(**{**TINY, "method": "full", "gpus": 4, "dist": "fsdp2", "precision": "fp32"})
+    row = run_cell(spec, timeout_s=300)
+    assert row["status"] == "ok", row["error"]
+    assert [r["rank"] for r in row["ranks"]] == [0, 1, 2, 3] and all(
+        r["status"] == "ok" for r in row["ranks"]
+    )
+    assert row["param_bytes"] < 0.35 * 4 * row["n_params"]
+
+
 def test_a_failing_rank_fails_the_cell_and_is_named(monkeypatch):
     monkeypatch.setenv("FTMEM_TEST_FAULT", "oom:first_step")
     monkeypatch.setenv("FTMEM_TEST_FAULT_RANK", "1")
