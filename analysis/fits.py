@@ -22,6 +22,7 @@ import pandas as pd
 from analysis.load import describe_spec, row_ref, spec_key
 from bench.cards import CARD_MIB, GIB, MIB
 from bench.models import UnknownModelError, architecture
+from bench.spec import LATER_FIELDS
 
 #: The standard cards a result is placed on: 16, 24, 40, 48 and 80 GB classes (nvidia-smi totals).
 STANDARD_CARDS = ("t4-16gb", "rtx4090-24gb", "a100-40gb", "l40-48gb", "h100-80gb")
@@ -78,7 +79,35 @@ def with_family(frame: pd.DataFrame) -> pd.DataFrame:
     """`frame` with `family_key` and a readable `family` column."""
     keys = [family_key(s, e) for s, e in zip(frame["spec"], frame["env_stack"], strict=True)]
     names = [f"{s.get('model')} {describe_spec(s, shape=False)}" for s in frame["spec"]]
-    return frame.assign(family_key=keys, family=names)
+    return frame.assign(family_key=keys, family=_distinct_names(keys, names, list(frame["spec"])))
+
+
+def _field(spec: dict, name: str) -> str:
+    """A spec value as text; a knob added later reads as its default in rows written before it."""
+    value = spec.get(name)
+    return str(LATER_FIELDS.get(name) if value is None and name in LATER_FIELDS else value)
+
+
+def _distinct_names(keys: list[str], names: list[str], specs: list[dict]) -> list[str]:
+    """Families that read alike (their specs differ in fields the short name leaves out, such as
+    steps) get those fields appended: "qlora r8 bf16_mixed GC [steps 3]"."""
+    first: dict[str, dict] = {}
+    for key, spec in zip(keys, specs, strict=True):
+        first.setdefault(key, spec)
+    by_name: dict[str, set[str]] = {}
+    for key, name in zip(keys, names, strict=True):
+        by_name.setdefault(name, set()).add(key)
+    out = []
+    for key, name in zip(keys, names, strict=True):
+        alike = by_name[name]
+        if len(alike) > 1:
+            spec = first[key]
+            differ = sorted(
+                f for f in spec if f not in _FREE and len({_field(first[k], f) for k in alike}) > 1
+            )
+            name += f" [{', '.join(f'{f} {spec.get(f)}' for f in differ) or 'another software stack'}]"
+        out.append(name)
+    return out
 
 
 def fit_family(rows: pd.DataFrame, measure: str = "footprint_bytes") -> FamilyFit | None:

@@ -518,3 +518,13 @@ def test_notebooks_execute(name, tmp_path, monkeypatch):
         for o in c.get("outputs", [])
     )
     assert "11 rows" in text
+
+
+def test_families_that_read_alike_are_told_apart():
+    from analysis.fits import _distinct_names
+
+    a = {"method": "qlora", "steps": 2, "seq_len": 512, "profile_memory": None}
+    b = {"method": "qlora", "steps": 3, "seq_len": 1024, "profile_memory": False}
+    names = _distinct_names(["ka", "kb", "ka"], ["q", "q", "q"], [a, b, a])
+    assert names == ["q [steps 2]", "q [steps 3]", "q [steps 2]"]  # profile_memory None reads as False
+    assert _distinct_names(["ka"], ["q"], [a]) == ["q"]
