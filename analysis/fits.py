@@ -79,7 +79,9 @@ def with_family(frame: pd.DataFrame) -> pd.DataFrame:
     """`frame` with `family_key` and a readable `family` column."""
     keys = [family_key(s, e) for s, e in zip(frame["spec"], frame["env_stack"], strict=True)]
     names = [f"{s.get('model')} {describe_spec(s, shape=False)}" for s in frame["spec"]]
-    return frame.assign(family_key=keys, family=_distinct_names(keys, names, list(frame["spec"])))
+    return frame.assign(
+        family_key=keys, family=_distinct_names(keys, names, list(frame["spec"]), list(frame["env_stack"]))
+    )
 
 
 def _field(spec: dict, name: str) -> str:
@@ -88,26 +90,40 @@ def _field(spec: dict, name: str) -> str:
     return str(LATER_FIELDS.get(name) if value is None and name in LATER_FIELDS else value)
 
 
-def _distinct_names(keys: list[str], names: list[str], specs: list[dict]) -> list[str]:
+def _distinct_names(
+    keys: list[str], names: list[str], specs: list[dict], stacks: list[str] | None = None
+) -> list[str]:
     """Families that read alike (their specs differ in fields the short name leaves out, such as
-    steps) get those fields appended: "qlora r8 bf16_mixed GC [steps 3]"."""
-    first: dict[str, dict] = {}
-    for key, spec in zip(keys, specs, strict=True):
-        first.setdefault(key, spec)
-    by_name: dict[str, set[str]] = {}
-    for key, name in zip(keys, names, strict=True):
-        by_name.setdefault(name, set()).add(key)
-    out = []
-    for key, name in zip(keys, names, strict=True):
-        alike = by_name[name]
-        if len(alike) > 1:
-            spec = first[key]
-            differ = sorted(
-                f for f in spec if f not in _FREE and len({_field(first[k], f) for k in alike}) > 1
-            )
-            name += f" [{', '.join(f'{f} {spec.get(f)}' for f in differ) or 'another software stack'}]"
-        out.append(name)
-    return out
+    steps, or they ran on different software stacks) get what tells them apart appended:
+    "qlora r8 bf16_mixed GC [steps 3]", "... [without cuda 13.0]"."""
+    stacks = stacks or [""] * len(keys)
+    first = {}
+    for key, spec, stack in zip(keys, specs, stacks, strict=True):
+        first.setdefault(key, (spec, stack))
+    labels = {key: name for key, name in zip(keys, names, strict=True)}
+    for extra in (_spec_difference, _stack_difference):
+        by_label: dict[str, set[str]] = {}
+        for key, label in labels.items():
+            by_label.setdefault(label, set()).add(key)
+        for alike in (group for group in by_label.values() if len(group) > 1):
+            for key in alike:
+                text = extra(key, alike, first)
+                if text:
+                    labels[key] += f" [{text}]"
+    return [labels[key] for key in keys]
+
+
+def _spec_difference(key: str, alike: set[str], first: dict) -> str:
+    spec = first[key][0]
+    differ = sorted(f for f in spec if f not in _FREE and len({_field(first[k][0], f) for k in alike}) > 1)
+    return ", ".join(f"{f} {spec.get(f)}" for f in differ)
+
+
+def _stack_difference(key: str, alike: set[str], first: dict) -> str:
+    parts = {k: set(first[k][1].split(" | ")) for k in alike}
+    common = set.intersection(*parts.values())
+    own = sorted(parts[key] - common)
+    return ", ".join(own) if own else "without " + ", ".join(sorted(set.union(*parts.values()) - common))
 
 
 def fit_family(rows: pd.DataFrame, measure: str = "footprint_bytes") -> FamilyFit | None:

@@ -34,7 +34,7 @@ import pandas as pd
 
 from bench.cards import GIB
 from bench.schema import FIELDS
-from bench.spec import CellSpec
+from bench.spec import LATER_FIELDS, CellSpec
 from bench.store import MalformedRow, iter_numbered_rows, latest_rows
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -243,9 +243,15 @@ def is_present(value: Any) -> bool:
 
 
 def spec_key(spec: dict[str, Any], drop: Iterable[str] = ()) -> str:
-    """Canonical JSON of a spec without some fields: rows with equal keys differ only in those."""
+    """Canonical JSON of a spec without some fields: rows with equal keys differ only in those.
+    A knob added later (bench.spec.LATER_FIELDS) counts only away from its default, so rows
+    written before it existed match the rows written since."""
     dropped = set(drop)
-    kept = {k: list(v) if isinstance(v, tuple) else v for k, v in spec.items() if k not in dropped}
+    kept = {
+        k: list(v) if isinstance(v, tuple) else v
+        for k, v in spec.items()
+        if k not in dropped and not (k in LATER_FIELDS and v in (None, LATER_FIELDS[k]))
+    }
     return json.dumps(kept, sort_keys=True, separators=(",", ":"))
 
 
