@@ -10,6 +10,7 @@ LoRA adapters come from peft, as users get them.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import time
 from typing import Any
@@ -117,7 +118,7 @@ def build_model(
     _prepare_for_training(model, spec)
     stages.done("prepare")
     if spec.method in LORA_METHODS:
-        model = _add_lora(model, spec)
+        model = _add_lora(model, spec, device)
         stages.done("lora")
     if spec.fused_ce:
         _apply_fused_ce(model)
@@ -245,7 +246,9 @@ def _prepare_for_training(model: nn.Module, spec: CellSpec) -> None:
             model.enable_input_require_grads()
 
 
-def _add_lora(model: nn.Module, spec: CellSpec) -> nn.Module:
+def _add_lora(model: nn.Module, spec: CellSpec, device: torch.device) -> nn.Module:
+    """peft's adapters on every target. On CUDA they are made on the GPU at once (torch's default
+    device): peft would make each on the CPU and copy it over, 560 tensors for 14B, seconds a cell."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -256,7 +259,8 @@ def _add_lora(model: nn.Module, spec: CellSpec) -> nn.Module:
         task_type="CAUSAL_LM",
     )
     # Mixed precision keeps adapters in fp32 (peft's default); pure bf16 keeps them in bf16.
-    return get_peft_model(model, config, autocast_adapter_dtype=spec.precision != "bf16")
+    with torch.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        return get_peft_model(model, config, autocast_adapter_dtype=spec.precision != "bf16")
 
 
 def _apply_fused_ce(model: nn.Module) -> None:

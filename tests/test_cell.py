@@ -102,3 +102,15 @@ def test_weights_drawn_on_the_gpu_for_a_host_memory_model():
     spec = CellSpec(**{**TINY, "method": "lora", "device": "cpu", "precision": "fp32"})
     model = build_model(spec, torch.device("cpu"), init_device=torch.device("cuda", 0))
     assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
+@pytest.mark.gpu
+def test_lora_adapters_are_made_on_the_gpu():
+    import torch
+
+    from bench.build import build_model
+
+    spec = CellSpec(**{**TINY, "method": "lora", "device": "cuda", "precision": "bf16_mixed"})
+    model = build_model(spec, torch.device("cuda", 0))
+    adapters = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert adapters and all(p.device.type == "cuda" and p.dtype == torch.float32 for p in adapters)
