@@ -7,16 +7,16 @@ set -u
 work=${1:?usage: WORK_DIR OUT_DIR LIMIT_S}; out=${2:?}; limit=${3:?}
 mkdir -p "$work"
 python3 -c "import sys; print('dont_write_bytecode', sys.flags.dont_write_bytecode)"; env | grep '^PYTHON' | grep -v PATH
-sweep() {  # SWEEP NAME SHARD STOP_AT_S: shard i on GPU i; no cell starts after STOP_AT_S (script time)
-  local file=$1 name=$2 i=$3 stop=$4
+sweep() {  # SWEEP NAME SHARD STOP_AT_S [ARGS]: shard i on GPU i; no cell starts after STOP_AT_S (script time)
+  local file=$1 name=$2 i=$3 stop=$4; shift 4
   local left=$(( stop - SECONDS )); [ "$left" -gt 5 ] || return 0
   CUDA_VISIBLE_DEVICES=$i timeout -s TERM $(( limit - 30 - SECONDS )) python3 -m bench.cli sweep "$file" \
-    --shard "$i/2" --out "$work/$name.shard-$i-of-2.jsonl" --timeout 100 --stop-after "$left" \
+    --shard "$i/2" --out "$work/$name.shard-$i-of-2.jsonl" --stop-after "$left" "$@" \
     >> "$work/$name.shard-$i-of-2.log" 2>&1
 }
 for i in 0 1; do
-  ( sweep sweeps/qwen3-14b-profile.yaml qwen3-14b-profile $i 200
-    sweep sweeps/qwen3-14b-grid.yaml qwen3-14b-grid $i $(( limit - 130 )) ) &
+  ( sweep sweeps/qwen3-14b-profile.yaml qwen3-14b-profile $i 200 --retry-failed  # its own timeout_s
+    sweep sweeps/qwen3-14b-grid.yaml qwen3-14b-grid $i $(( limit - 130 )) --timeout 100 ) &
 done
 wait
 tail -n 1 "$work"/*.log
