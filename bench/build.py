@@ -304,7 +304,7 @@ def model_state(model: nn.Module) -> dict[str, int]:
         "param_bytes": tensor_bytes(params) + quant_bytes,
         "n_params": sum(_logical_numel(p) for p in params),
         "trainable_param_bytes": tensor_bytes(trainable),
-        "n_trainable_params": sum(p.numel() for p in trainable),
+        "n_trainable_params": sum(_logical_numel(p) for p in trainable),
         "grad_bytes": tensor_bytes(trainable),
         "buffer_bytes": tensor_bytes(model.buffers()),
     }
@@ -322,6 +322,9 @@ def _quant_state_bytes(state) -> int:
 
 
 def _logical_numel(p: torch.Tensor) -> int:
+    """Elements of the whole parameter: before 4-bit packing, and before ZeRO-3 partitioning."""
+    if hasattr(p, "ds_numel"):
+        return int(p.ds_numel)
     state = getattr(p, "quant_state", None)
     return int(torch.Size(state.shape).numel()) if state is not None else p.numel()
 

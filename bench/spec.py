@@ -344,10 +344,6 @@ def _validate_combinations(spec: CellSpec) -> None:
             "budget_gb": (spec.budget_gb is not None, "a memory budget is emulated on device cuda only"),
             "precision": (spec.precision == "fp16_mixed", "fp16 autocast with GradScaler needs device cuda"),
             "snapshot": (spec.snapshot, "allocator snapshots (torch.cuda.memory) need device cuda"),
-            "dist": (
-                spec.dist in DEEPSPEED_DISTS,
-                "DeepSpeed needs device cuda (ddp and fsdp2 run on cpu with gloo)",
-            ),
         }
         for key, (broken, why) in cpu_rules.items():
             if broken:

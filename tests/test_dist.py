@@ -37,7 +37,6 @@ def test_default_multi_gpu_fields_keep_published_cell_ids():
         ({"zero_offload": "nvme"}, "zero_offload"),
         ({"dist": "ddp", "zero_offload": "optimizer"}, "zero_offload"),
         ({"dist": "deepspeed_zero2", "zero_offload": "optimizer_and_params"}, "zero_offload"),
-        ({"dist": "deepspeed_zero2", "device": "cpu", "seq_len": 32}, "dist"),
         ({"dist": "fsdp2", "method": "qlora"}, "method"),
         ({"dist": "deepspeed_zero3", "method": "lora8bit"}, "method"),
         ({"dist": "deepspeed_zero3", "precision": "bf16", "zero_offload": "optimizer"}, "zero_offload"),
@@ -173,6 +172,30 @@ def test_two_rank_cell_on_cpu(dist):
         assert row["param_bytes"] < 0.6 * 4 * row["n_params"]
     else:
         assert row["param_bytes"] >= 4 * row["n_params"] - 4 * 64 * 1024  # tied embeddings counted once
+
+
+@pytest.mark.parametrize(
+    "method, dist, precision",
+    [
+        ("lora", "deepspeed_zero2", "fp32"),
+        ("full", "deepspeed_zero3", "fp32"),
+        ("full", "deepspeed_zero3", "bf16"),
+    ],
+)
+def test_deepspeed_cell_on_cpu(method, dist, precision):
+    """DeepSpeed's own engine on 2 gloo processes (its CPU accelerator): the ZeRO-3 path builds the
+    model in host memory and partitions it, so each rank holds half of the parameters."""
+    pytest.importorskip("deepspeed")
+    spec, row = _dist(method=method, dist=dist, precision=precision, timeout_s=300)
+    assert row["status"] == "ok", row["error"]
+    assert [r["status"] for r in row["ranks"]] == ["ok", "ok"] and check_row(row) == []
+    whole = row["n_params"] * (2 if precision == "bf16" else 4)
+    if dist == "deepspeed_zero3":
+        assert row["param_bytes"] <= 0.55 * whole
+    else:
+        assert (
+            row["param_bytes"] >= whole - 4 * 64 * 1024
+        )  # every rank holds the model (tied embeddings once)
 
 
 def test_four_rank_fsdp2_cell_on_cpu():
