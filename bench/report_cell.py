@@ -49,6 +49,10 @@ def print_summary(row: dict[str, Any], console: Console | None = None) -> None:
             f"step time {row['step_time_s']:.3f} s (median), {row['tokens_per_s']:.0f} tokens/s; "
             f"process start to first step {row['startup_to_first_step_s']:.1f} s"
         )
+    stages = row.get("startup_breakdown_s") or {}
+    if stages:
+        parts = ", ".join(f"{name.replace('_', ' ')} {seconds:.1f}" for name, seconds in stages.items())
+        console.print(f"[dim]start-up, s: {parts}[/dim]")
     if row.get("fits_budget") is not None:
         console.print(f"fits the budget: {row['fits_budget']}")
     if row.get("error"):
