@@ -21,5 +21,6 @@ done
 wait
 tail -n 1 "$work"/*.log
 tar czf "$out/results.tgz" -C "$work" $(cd "$work" && ls *.jsonl *.log)
-tar czf "$out/artifacts.tgz" -C "$work" $(cd "$work" && ls -d *.artifacts 2>/dev/null)
+arts=$(cd "$work" && ls -d *.artifacts 2>/dev/null)
+[ -z "$arts" ] || tar czf "$out/artifacts.tgz" -C "$work" $arts
 ls -la "$out"
