@@ -194,7 +194,8 @@ class CellRun:
         return optimizer, train.Stepper(self.spec, model, optimizer, self.device)
 
     def _fault(self) -> None:
-        """Test hook: FTMEM_TEST_FAULT=<kind>:<phase> fails this phase (oom, error, hang or crash)."""
+        """Test hook: FTMEM_TEST_FAULT=<kind>:<phase> fails this phase (oom, error, hang, crash, or
+        cudainit: only in a forked cell)."""
         kind, _, phase = os.environ.get("FTMEM_TEST_FAULT", "").partition(":")
         only_rank = os.environ.get("FTMEM_TEST_FAULT_RANK")  # multi-GPU cells: fail this rank only
         if only_rank is not None and only_rank != os.environ.get("RANK", "0"):
@@ -211,6 +212,8 @@ class CellRun:
             time.sleep(3600)
         if kind == "crash":  # as the kernel's OOM killer or a segfault would end it
             os.kill(os.getpid(), signal.SIGKILL)
+        if kind == "cudainit" and os.environ.get("FTMEM_FORKED") == "1":  # a fork server that touched CUDA
+            raise RuntimeError("CUDA error: initialization error (injected by FTMEM_TEST_FAULT)")
 
     def _timed(self, stepper: train.Stepper, batches) -> float:
         self._sync()

@@ -42,18 +42,30 @@ def parent_env() -> dict[str, str]:
 
 def kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL `proc`, its process group and every descendant (each may have a session of its own)."""
+    tree = kill_pid_tree(proc.pid)
+    proc.wait()
+    _wait_gone(tree)
+
+
+def kill_pid_tree(pid: int) -> list:
+    """SIGKILL process `pid`, its process group and its descendants; returns the descendants."""
     import psutil
 
     try:
-        tree = psutil.Process(proc.pid).children(recursive=True)
+        tree = psutil.Process(pid).children(recursive=True)
     except psutil.Error:
         tree = []
-    for pid in [proc.pid] + [p.pid for p in tree]:
+    for each in [pid] + [p.pid for p in tree]:
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(os.getpgid(pid), signal.SIGKILL)
+            os.killpg(os.getpgid(each), signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-    proc.wait()
+            os.kill(each, signal.SIGKILL)
+    return tree
+
+
+def _wait_gone(tree: list) -> None:
+    import psutil
+
     psutil.wait_procs(tree, timeout=10)
 
 

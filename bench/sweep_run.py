@@ -138,8 +138,11 @@ def run_plan(
     runner: RunCell = run_cell,
     on_row: OnRow | None = None,
     stop_after_s: float | None = None,
+    preload: bool = False,
 ) -> list[dict[str, Any]]:
     """Run every cell still to do, appending each row at once. Returns the rows written.
+    With `preload`, cells are forked from a server that imported torch and transformers once
+    (bench.forked).
 
     With `stop_after_s`, no cell starts once that many seconds have passed (the one running
     finishes, within its timeout); running the sweep again resumes with the rest."""
@@ -148,7 +151,7 @@ def run_plan(
     ooms = [r for r in plan.done.values() if r["status"] == "oom"]
     real_cells = runner is run_cell
     if real_cells:  # artifact files (bench.artifacts) beside the results file
-        runner = functools.partial(run_cell, artifacts_dir=artifacts.beside(out_path))
+        runner = functools.partial(run_cell, artifacts_dir=artifacts.beside(out_path), preload=preload)
     total = len(plan.todo) + len(plan.invalid)
 
     def emit(row: dict[str, Any]) -> None:
@@ -193,6 +196,7 @@ def run_sweep(
     on_plan: Callable[[Plan], None] | None = None,
     on_row: OnRow | None = None,
     stop_after_s: float | None = None,
+    preload: bool = False,
 ) -> list[dict[str, Any]]:
     """Lock the results file, plan against what it holds, run the rest."""
     file_lock = acquire(out_path)
@@ -200,6 +204,6 @@ def run_sweep(
         plan = make_plan(sweep, read_rows(out_path), shard, retry_failed)
         if on_plan is not None:
             on_plan(plan)
-        return run_plan(plan, out_path, timeout_s, prune, runner, on_row, stop_after_s)
+        return run_plan(plan, out_path, timeout_s, prune, runner, on_row, stop_after_s, preload)
     finally:
         file_lock.release()

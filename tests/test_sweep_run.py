@@ -12,7 +12,7 @@ import yaml
 from bench.runner import failure_row
 from bench.schema import new_row
 from bench.store import ResultsLocked, acquire, append_row, read_rows
-from bench.sweep import parse_sweep
+from bench.sweep import expand, parse_sweep
 from bench.sweep_run import Shard, make_plan, run_sweep
 
 BASE = {"model": "qwen3-tiny", "method": "lora", "seq_len": 32, "batch_size": 1, "device": "cpu"}
@@ -179,7 +179,18 @@ def test_stop_after_starts_no_cell_past_the_limit_and_resume_finishes(tmp_path):
     assert len(rest) == 2 and len({r["cell_id"] for r in read_rows(out)}) == 4
 
 
-def _hanging_sweep(tmp_path):
+def _is_cell(proc) -> bool:
+    """A cell's process: a fresh bench.worker, or a child of the fork server (--preload)."""
+    try:
+        if "bench.worker" in " ".join(proc.cmdline()):
+            return True
+        parent = proc.parent()
+        return parent is not None and "forkserver" in " ".join(parent.cmdline())
+    except Exception:
+        return False
+
+
+def _hanging_sweep(tmp_path, *args):
     """A real sweep whose first cell hangs in its first step; returns (sweep process, cell process)."""
     import psutil
 
@@ -187,16 +198,21 @@ def _hanging_sweep(tmp_path):
     sweep_file.write_text(
         yaml.safe_dump({"name": "hang", "base": {**BASE, "steps": 1}, "axes": {"seq_len": [16]}})
     )
-    cmd = [sys.executable, "-m", "bench.cli", "sweep", str(sweep_file), "--out", str(tmp_path / "r.jsonl")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.cli",
+        "sweep",
+        str(sweep_file),
+        "--out",
+        str(tmp_path / "r.jsonl"),
+        *args,
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "FTMEM_TEST_FAULT": "hang:first_step"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        cells = [
-            p
-            for p in psutil.Process(proc.pid).children(recursive=True)
-            if "bench.worker" in " ".join(p.cmdline())
-        ]
+        cells = [p for p in psutil.Process(proc.pid).children(recursive=True) if _is_cell(p)]
         if cells:
             return proc, cells[0]
         time.sleep(0.1)
@@ -204,10 +220,11 @@ def _hanging_sweep(tmp_path):
     raise AssertionError("the cell's process never started")
 
 
-def test_sigterm_stops_the_sweep_and_kills_the_running_cell(tmp_path):
+@pytest.mark.parametrize("args", [(), ("--preload",)])
+def test_sigterm_stops_the_sweep_and_kills_the_running_cell(tmp_path, args):
     import psutil
 
-    proc, cell = _hanging_sweep(tmp_path)
+    proc, cell = _hanging_sweep(tmp_path, *args)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 130
@@ -215,10 +232,11 @@ def test_sigterm_stops_the_sweep_and_kills_the_running_cell(tmp_path):
     assert not cell.is_running() or cell.status() == psutil.STATUS_ZOMBIE
 
 
-def test_kill_9_of_the_runner_takes_the_running_cell_with_it(tmp_path):
+@pytest.mark.parametrize("args", [(), ("--preload",)])
+def test_kill_9_of_the_runner_takes_the_running_cell_with_it(tmp_path, args):
     import psutil
 
-    proc, cell = _hanging_sweep(tmp_path)
+    proc, cell = _hanging_sweep(tmp_path, *args)
     time.sleep(1.0)  # past the worker's start, where it asks to die with its parent
     proc.kill()
     proc.wait()
@@ -246,3 +264,44 @@ def test_an_empty_bytecode_cache_is_filled_once_before_the_cells(tmp_path, monke
     assert any((tmp_path / "pyc").rglob("*.pyc"))
     assert procs.warm_bytecode_cache(child) is None  # filled: nothing more to do
     assert procs.warm_bytecode_cache({}) is None  # Python's own cache: nothing to do
+
+
+# -- cells forked from the preloaded server (--preload) -------------------------------------------
+def test_preloaded_cells_are_forked_and_measured(tmp_path):
+    out = tmp_path / "r.jsonl"
+    sweep = parse_sweep(
+        {"name": "pre", "base": {**BASE, "steps": 1}, "axes": {"seq_len": [16, 32]}}, "t.yaml"
+    )
+    rows = run_sweep(sweep, str(out), preload=True)
+    assert [r["status"] for r in rows] == ["ok", "ok"], [r["error"] for r in rows]
+    assert {r["cell_process"] for r in rows} == {"forked"}
+    assert all(r["startup_breakdown_s"]["interpreter_and_imports"] < 2.0 for r in rows)
+
+
+def test_a_forked_cell_that_cannot_use_cuda_runs_again_fresh(monkeypatch):
+    from bench import runner
+
+    monkeypatch.setattr(runner, "_fork_usable", True)
+    monkeypatch.setenv("FTMEM_TEST_FAULT", "cudainit:build")  # fails in forked cells only
+    spec = parse_sweep({"name": "pre", "base": {**BASE, "steps": 1}}, "t.yaml")
+    cell = next(iter(expand(spec))).spec
+    row = runner.run_cell(cell, timeout_s=120, preload=True)
+    assert row["status"] == "ok" and row["cell_process"] == "fresh"
+    assert runner._fork_usable is False  # and the later cells of the sweep run fresh
+
+
+def test_a_hanging_forked_cell_times_out_and_is_killed(monkeypatch):
+    import psutil
+
+    from bench import runner
+
+    monkeypatch.setattr(runner, "_fork_usable", True)
+    monkeypatch.setenv("FTMEM_TEST_FAULT", "hang:first_step")
+    spec = parse_sweep({"name": "pre", "base": {**BASE, "steps": 1}}, "t.yaml")
+    cell = next(iter(expand(spec))).spec
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    row = runner.run_cell(cell, timeout_s=15, preload=True)
+    assert row["status"] == "timeout" and row["cell_process"] == "forked"
+    time.sleep(0.5)
+    left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    assert all("forkserver" in " ".join(p.cmdline()) for p in left)  # only the server stays
