@@ -2,7 +2,7 @@
 # One GPU call on a 2-GPU machine: the profile sweep (issue 8), then the qwen3-14b grid, each as
 # shard i/2 on GPU i, stopping before LIMIT_S. Results in WORK_DIR (copy earlier shard files there
 # first, so shards resume); packed at the end into OUT_DIR/results.tgz and OUT_DIR/artifacts.tgz.
-#   bash scripts/gpu_profile_grid_call.sh WORK_DIR OUT_DIR LIMIT_S
+#   [SWEEP_ARGS=--preload] bash scripts/gpu_profile_grid_call.sh WORK_DIR OUT_DIR LIMIT_S
 set -u
 work=${1:?usage: WORK_DIR OUT_DIR LIMIT_S}; out=${2:?}; limit=${3:?}
 mkdir -p "$work"
@@ -15,8 +15,8 @@ sweep() {  # SWEEP NAME SHARD STOP_AT_S [ARGS]: shard i on GPU i; no cell starts
     >> "$work/$name.shard-$i-of-2.log" 2>&1
 }
 for i in 0 1; do
-  ( sweep sweeps/qwen3-14b-profile.yaml qwen3-14b-profile $i 200 --retry-failed  # its own timeout_s
-    sweep sweeps/qwen3-14b-grid.yaml qwen3-14b-grid $i $(( limit - 130 )) --timeout 100 ) &
+  ( sweep sweeps/qwen3-14b-profile.yaml qwen3-14b-profile $i 200 --retry-failed ${SWEEP_ARGS:-}  # own timeout_s
+    sweep sweeps/qwen3-14b-grid.yaml qwen3-14b-grid $i $(( limit - 130 )) --timeout 100 ${SWEEP_ARGS:-} ) &
 done
 wait
 tail -n 1 "$work"/*.log
