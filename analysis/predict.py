@@ -134,6 +134,8 @@ def _adapter_dtype(spec: CellSpec, base: str) -> str | None:
 
 
 def setup(spec: CellSpec, arch: dict | None = None) -> Setup:
+    if spec.attn_impl == "sdpa_flash":  # the flash backend SDPA picks for these shapes anyway
+        spec = dataclasses.replace(spec, attn_impl="sdpa")
     base = _base_dtype(spec)
     upcast = spec.method in KBIT_METHODS and bool(spec.kbit_fp32_upcast)
     quant = {"qlora": spec.quant_type, "lora8bit": "int8"}.get(spec.method)

@@ -45,6 +45,8 @@ SAVINGS = (
     ("attention implementation", "attn_impl", "eager", "sdpa"),
     ("attention implementation", "attn_impl", "sdpa", "flash_attention_2"),
     ("attention implementation", "attn_impl", "eager", "flash_attention_2"),
+    ("attention implementation", "attn_impl", "eager", "sdpa_flash"),
+    ("attention implementation", "attn_impl", "sdpa", "sdpa_flash"),
     ("torch.compile", "compile", False, True),
     ("fused cross-entropy (liger)", "fused_ce", False, True),
     (

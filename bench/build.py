@@ -59,13 +59,19 @@ def unavailable_features(spec: CellSpec) -> list[str]:
     return missing
 
 
+def hf_attn_impl(spec: CellSpec) -> str:
+    """transformers' attn_implementation of a cell: sdpa_flash is SDPA (held to its flash backend by
+    bench.train.Stepper)."""
+    return "sdpa" if spec.attn_impl == "sdpa_flash" else spec.attn_impl
+
+
 def hf_config(spec: CellSpec):
     from transformers import AutoConfig
 
     arch = architecture(spec.model)
     config = AutoConfig.for_model(**{k: v for k, v in arch.items() if k != "architectures"})
     config.use_cache = False
-    config._attn_implementation = spec.attn_impl
+    config._attn_implementation = hf_attn_impl(spec)
     return config
 
 
@@ -145,7 +151,7 @@ def _build_random(spec: CellSpec, device: torch.device, init_device: torch.devic
     config = hf_config(spec)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(
-            config, dtype=base_dtype(spec), attn_implementation=spec.attn_impl
+            config, dtype=base_dtype(spec), attn_implementation=hf_attn_impl(spec)
         )
     quantizer = None
     if spec.method in KBIT_METHODS:
@@ -165,7 +171,7 @@ def _load_checkpoint(spec: CellSpec, device: torch.device) -> nn.Module:
     """A local checkpoint folder: real weights through from_pretrained (random where none are saved)."""
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": base_dtype(spec), "attn_implementation": spec.attn_impl}
+    kwargs: dict[str, Any] = {"dtype": base_dtype(spec), "attn_implementation": hf_attn_impl(spec)}
     if spec.method in KBIT_METHODS:
         kwargs["quantization_config"] = bnb_config(spec)
     model = AutoModelForCausalLM.from_pretrained(spec.model, device_map={"": str(device)}, **kwargs)

@@ -30,7 +30,9 @@ OPTIMIZERS = (
     "sgd",
 )
 BNB_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
-ATTN_IMPLS = ("eager", "sdpa", "flash_attention_2")
+ATTN_IMPLS = ("eager", "sdpa", "sdpa_flash", "flash_attention_2")
+#: Attention that runs FlashAttention-2 kernels: flash-attn itself, or PyTorch SDPA held to its flash backend.
+FLASH_ATTN_IMPLS = ("sdpa_flash", "flash_attention_2")
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
 DEVICES = ("cuda", "cpu")
@@ -94,7 +96,11 @@ class CellSpec:
     )
     gradient_checkpointing: bool = _help("recompute activations in backward", False)
     gc_reentrant: bool | None = _help("reentrant checkpointing (torch.utils.checkpoint)", False)
-    attn_impl: str = _help("eager | sdpa | flash_attention_2", "sdpa")
+    attn_impl: str = _help(
+        "eager | sdpa (PyTorch picks the kernel) | sdpa_flash (SDPA held to its FlashAttention-2 backend) "
+        "| flash_attention_2 (the flash-attn package)",
+        "sdpa",
+    )
     compile: bool = _help("torch.compile each decoder layer", False)
     fused_ce: bool = _help("liger-kernel fused linear cross-entropy", False)
     budget_gb: float | str | None = _help("memory cap: decimal GB (10^9) or a card name", None)
@@ -327,11 +333,11 @@ def _validate_lora(spec: CellSpec) -> None:
 
 
 def _validate_combinations(spec: CellSpec) -> None:
-    if spec.attn_impl == "flash_attention_2" and spec.precision == "fp32":
+    if spec.attn_impl in FLASH_ATTN_IMPLS and spec.precision == "fp32":
         raise SpecError(
             "attn_impl",
             spec.attn_impl,
-            "flash_attention_2 needs fp16 or bf16: precision fp16_mixed, bf16_mixed or bf16, not fp32",
+            f"{spec.attn_impl} needs fp16 or bf16: precision fp16_mixed, bf16_mixed or bf16, not fp32",
         )
     if spec.device == "cpu":
         cpu_rules = {
@@ -339,7 +345,7 @@ def _validate_combinations(spec: CellSpec) -> None:
                 spec.optimizer in BNB_OPTIMIZERS,
                 "bitsandbytes 8-bit and paged optimizers need device cuda",
             ),
-            "attn_impl": (spec.attn_impl == "flash_attention_2", "flash_attention_2 needs device cuda"),
+            "attn_impl": (spec.attn_impl in FLASH_ATTN_IMPLS, f"{spec.attn_impl} needs device cuda"),
             "fused_ce": (spec.fused_ce, "liger fused cross-entropy (Triton) needs device cuda"),
             "budget_gb": (spec.budget_gb is not None, "a memory budget is emulated on device cuda only"),
             "precision": (spec.precision == "fp16_mixed", "fp16 autocast with GradScaler needs device cuda"),

@@ -62,8 +62,17 @@ class Stepper:
         return torch.autocast(self.device.type, dtype=self.autocast)
 
     def step(self, batches: list[torch.Tensor]) -> None:
-        with self._mark("step"):
+        with self._mark("step"), self._attention():
             self._step(batches)
+
+    def _attention(self):
+        """sdpa_flash: SDPA may only use its FlashAttention-2 kernels (forward, backward, recompute);
+        where they cannot run, the step fails rather than fall back to another kernel."""
+        if self.spec.attn_impl != "sdpa_flash":
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel(SDPBackend.FLASH_ATTENTION)
 
     def _micro_batch(self, last: bool):
         """Context of one micro-batch's forward and backward (DDP/FSDP2 sync on the last one only)."""

@@ -114,3 +114,31 @@ def test_lora_adapters_are_made_on_the_gpu():
     model = build_model(spec, torch.device("cuda", 0))
     adapters = [p for n, p in model.named_parameters() if "lora_" in n]
     assert adapters and all(p.device.type == "cuda" and p.dtype == torch.float32 for p in adapters)
+
+
+def test_sdpa_flash_holds_sdpa_to_its_flash_kernels():
+    import torch
+
+    from bench.build import hf_attn_impl
+    from bench.train import Stepper
+
+    spec = CellSpec(**{**TINY, "device": "cuda", "method": "lora", "attn_impl": "sdpa_flash"})
+    assert hf_attn_impl(spec) == "sdpa"
+    stepper = Stepper(spec, torch.nn.Linear(2, 2), None, torch.device("cpu"))
+    with stepper._attention():
+        assert not torch.backends.cuda.math_sdp_enabled()
+        assert not torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.math_sdp_enabled()  # restored afterwards
+    plain = Stepper(CellSpec(**{**TINY, "method": "lora"}), torch.nn.Linear(2, 2), None, torch.device("cpu"))
+    with plain._attention():
+        assert torch.backends.cuda.math_sdp_enabled()
+
+
+@pytest.mark.gpu
+def test_sdpa_flash_cell_on_the_gpu():
+    spec = CellSpec(
+        **{**TINY, "device": "cuda", "method": "lora", "attn_impl": "sdpa_flash", "precision": "bf16_mixed"}
+    )
+    row = run_cell(spec, timeout_s=300)
+    assert row["status"] == "ok", row["error"]
+    assert row["attn_impl_used"] == "sdpa"

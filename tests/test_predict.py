@@ -430,3 +430,11 @@ def test_analysis_imports_no_torch():
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_sdpa_flash_is_predicted_as_sdpas_flash_path():
+    from analysis.predict import predict
+
+    base = dict(model="qwen3-14b", method="lora", seq_len=2048, batch_size=1, gradient_checkpointing=True)
+    flash = predict({**base, "attn_impl": "sdpa_flash"})
+    assert flash.peak_allocated_bytes == predict({**base, "attn_impl": "sdpa"}).peak_allocated_bytes

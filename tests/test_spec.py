@@ -43,6 +43,8 @@ def test_irrelevant_fields_are_normalised():
         ({"attn_impl": "flash_attention_2", "precision": "fp32"}, "attn_impl"),
         ({"device": "cpu", "optimizer": "paged_adamw_8bit"}, "optimizer"),
         ({"device": "cpu", "attn_impl": "flash_attention_2"}, "attn_impl"),
+        ({"attn_impl": "sdpa_flash", "precision": "fp32"}, "attn_impl"),
+        ({"device": "cpu", "attn_impl": "sdpa_flash"}, "attn_impl"),
         ({"device": "cpu", "budget_gb": 24}, "budget_gb"),
         ({"seq_len": 10**6}, "seq_len"),
         ({"colour": "red"}, "colour"),
