@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from collections import Counter
 from pathlib import Path
 
@@ -111,6 +112,19 @@ def print_plan(plan: Plan, console: Console) -> None:
         console.print(f"[yellow]invalid[/yellow] {cell.cell_id}: {cell.invalid_reason}")
 
 
+def time_estimate(plan: Plan) -> float | None:
+    """Seconds the cells still to run would take at the median wall time of those already done
+    (ok or oom rows with a wall time); None without such rows."""
+    walls = sorted(
+        r["cell_wall_time_s"]
+        for r in plan.done.values()
+        if r.get("status") in ("ok", "oom") and isinstance(r.get("cell_wall_time_s"), (int, float))
+    )
+    if not walls or not plan.todo:
+        return None
+    return len(plan.todo) * statistics.median(walls)
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     try:
@@ -123,16 +137,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         plan = make_plan(sweep, read_rows(out), shard, args.retry_failed)
         print_plan(plan, Console())
-        print(
-            json.dumps(
-                {
-                    "sweep": sweep.name,
-                    "to_run": len(plan.todo),
-                    "done": len(plan.done),
-                    "invalid": len(plan.invalid),
-                }
+        summary = {
+            "sweep": sweep.name,
+            "to_run": len(plan.todo),
+            "done": len(plan.done),
+            "invalid": len(plan.invalid),
+        }
+        estimate = time_estimate(plan)
+        if estimate is not None:
+            console.print(
+                f"about {estimate / 60:.0f} min for the {len(plan.todo)} cells to run, at the median wall time "
+                "of the cells already in the results file (OOM pruning may skip some)"
             )
-        )
+            summary["estimated_s"] = round(estimate)
+        print(json.dumps(summary))
         return 0
     if args.timeout is not None and args.timeout <= 0:
         console.print(f"[red]ftmem sweep: error:[/red] --timeout must be > 0 seconds, got {args.timeout:g}")

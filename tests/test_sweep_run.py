@@ -305,3 +305,18 @@ def test_a_hanging_forked_cell_times_out_and_is_killed(monkeypatch):
     time.sleep(0.5)
     left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
     assert all("forkserver" in " ".join(p.cmdline()) for p in left)  # only the server stays
+
+
+def test_dry_run_estimates_time_from_the_cells_already_done(tmp_path):
+    from bench.sweep_cli import time_estimate
+
+    out = tmp_path / "r.jsonl"
+    sweep = sweep_of({"seq_len": [16, 32, 48, 64]})
+    assert time_estimate(make_plan(sweep, [])) is None  # nothing measured yet
+    for seconds, cell_id in zip(
+        (10.0, 20.0), [c.cell_id for c, _ in make_plan(sweep, []).todo], strict=False
+    ):
+        cell = next(c for c, _ in make_plan(sweep, []).todo if c.cell_id == cell_id)
+        append_row(out, {**new_row(cell.spec_dict, cell_id, "ok"), "cell_wall_time_s": seconds})
+    plan = make_plan(sweep, read_rows(out))
+    assert len(plan.todo) == 2 and time_estimate(plan) == 2 * 15.0
