@@ -22,7 +22,7 @@ import pandas as pd
 from analysis.load import describe_spec, row_ref, spec_key
 from bench.cards import CARD_MIB, GIB, MIB
 from bench.models import UnknownModelError, architecture
-from bench.spec import LATER_FIELDS
+from bench.spec import LATER_FIELDS, at_later_default
 
 #: The standard cards a result is placed on: 16, 24, 40, 48 and 80 GB classes (nvidia-smi totals).
 STANDARD_CARDS = ("t4-16gb", "rtx4090-24gb", "a100-40gb", "l40-48gb", "h100-80gb")
@@ -87,7 +87,7 @@ def with_family(frame: pd.DataFrame) -> pd.DataFrame:
 def _field(spec: dict, name: str) -> str:
     """A spec value as text; a knob added later reads as its default in rows written before it."""
     value = spec.get(name)
-    return str(LATER_FIELDS.get(name) if value is None and name in LATER_FIELDS else value)
+    return str(LATER_FIELDS[name] if at_later_default(name, value) else value)
 
 
 def _distinct_names(

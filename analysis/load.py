@@ -34,7 +34,7 @@ import pandas as pd
 
 from bench.cards import GIB
 from bench.schema import FIELDS
-from bench.spec import LATER_FIELDS, CellSpec
+from bench.spec import CellSpec, at_later_default
 from bench.store import MalformedRow, iter_numbered_rows, latest_rows
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -250,7 +250,7 @@ def spec_key(spec: dict[str, Any], drop: Iterable[str] = ()) -> str:
     kept = {
         k: list(v) if isinstance(v, tuple) else v
         for k, v in spec.items()
-        if k not in dropped and not (k in LATER_FIELDS and v in (None, LATER_FIELDS[k]))
+        if k not in dropped and not at_later_default(k, v)
     }
     return json.dumps(kept, sort_keys=True, separators=(",", ":"))
 

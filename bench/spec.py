@@ -55,6 +55,12 @@ LATER_FIELDS: dict[str, Any] = {
 }
 
 
+def at_later_default(name: str, value: Any) -> bool:
+    """A knob of LATER_FIELDS at its default, or absent (None, in a row written before it existed):
+    such a field sets no spec apart from the specs that lack it."""
+    return name in LATER_FIELDS and value in (None, LATER_FIELDS[name])
+
+
 class SpecError(ValueError):
     """An invalid spec: the message names the key, the value and what is allowed."""
 
@@ -158,7 +164,7 @@ class CellSpec:
         """The spec's JSON for its id. Fields added after results were first published are left
         out while they hold their default, so the ids of earlier cells (and resuming their
         sweeps) do not change when a knob is added."""
-        data = {k: v for k, v in self.to_dict().items() if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
+        data = {k: v for k, v in self.to_dict().items() if not at_later_default(k, v)}
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     @property

@@ -21,7 +21,7 @@ from typing import Any
 from bench import artifacts, schema
 from bench.procs import warm_bytecode_cache
 from bench.runner import DEFAULT_TIMEOUT_S, cell_env, failure_row, run_cell
-from bench.spec import LATER_FIELDS
+from bench.spec import at_later_default
 from bench.store import acquire, append_row, read_rows
 from bench.sweep import Cell, Sweep, expand
 
@@ -65,7 +65,7 @@ def _family(spec_dict: dict[str, Any]) -> tuple:
         sorted(
             (k, str(v))
             for k, v in spec_dict.items()
-            if k not in ("seq_len", "batch_size") and not (k in LATER_FIELDS and v == LATER_FIELDS[k])
+            if k not in ("seq_len", "batch_size") and not at_later_default(k, v)
         )
     )
 
