@@ -44,12 +44,9 @@ def run(
     proc.start()
     try:
         proc.join(timeout_s)
-    except BaseException:  # Ctrl-C / SIGTERM: the cell goes with the runner
-        kill_pid_tree(proc.pid)
-        proc.join()
-        raise
-    if proc.is_alive():
-        kill_pid_tree(proc.pid)
-        proc.join()
-        return True, proc.exitcode
-    return False, proc.exitcode
+    finally:  # past its timeout, or the runner interrupted (Ctrl-C, SIGTERM): the cell goes
+        timed_out = proc.is_alive()
+        if timed_out:
+            kill_pid_tree(proc.pid)
+            proc.join()
+    return timed_out, proc.exitcode

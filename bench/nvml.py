@@ -123,16 +123,10 @@ class _Sampling:
             self.sample()
 
 
-#: Seconds between two samples of a cell's own process (FTMEM_NVML_INTERVAL_S overrides).
-DEFAULT_INTERVAL_S = 0.005
-
-
 class PeakSampler(_Sampling):
     """Samples process and device memory every `interval_s` in a daemon thread; keeps the peaks."""
 
-    def __init__(self, interval_s: float | None = None):
-        if interval_s is None:
-            interval_s = float(os.environ.get("FTMEM_NVML_INTERVAL_S", DEFAULT_INTERVAL_S))
+    def __init__(self, interval_s: float = 0.005):
         self.interval_s = interval_s
         self.peak_process_bytes: int | None = None
         self.peak_device_bytes: int | None = None

@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 _PR_SET_PDEATHSIG = 1
 PARENT_ENV = "FTMEM_PARENT_PID"
@@ -42,9 +43,11 @@ def parent_env() -> dict[str, str]:
 
 def kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL `proc`, its process group and every descendant (each may have a session of its own)."""
+    import psutil
+
     tree = kill_pid_tree(proc.pid)
     proc.wait()
-    _wait_gone(tree)
+    psutil.wait_procs(tree, timeout=10)
 
 
 def kill_pid_tree(pid: int) -> list:
@@ -61,12 +64,6 @@ def kill_pid_tree(pid: int) -> list:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(each, signal.SIGKILL)
     return tree
-
-
-def _wait_gone(tree: list) -> None:
-    import psutil
-
-    psutil.wait_procs(tree, timeout=10)
 
 
 def wait_or_kill_tree(proc: subprocess.Popen, timeout_s: float) -> bool:
@@ -119,12 +116,10 @@ def warm_bytecode_cache(child: dict[str, str], timeout_s: float = 600.0) -> floa
     no cell's start-up time includes compiling its imports. Returns the seconds it took, or None when
     there was nothing to do (no cache of ftmem's own, or one already filled)."""
     cache = child.get("PYTHONPYCACHEPREFIX")
-    if cache is None or child.get("PYTHONPYCACHEPREFIX") == os.environ.get("PYTHONPYCACHEPREFIX"):
+    if cache is None or cache == os.environ.get("PYTHONPYCACHEPREFIX"):
         return None  # Python's own cache (or the user's prefix) is in use
     if os.path.isdir(cache) and any(os.scandir(cache)):
         return None
-    import time
-
     start = time.monotonic()
     subprocess.run(
         [sys.executable, "-c", WARM_IMPORTS],

@@ -115,11 +115,11 @@ def print_plan(plan: Plan, console: Console) -> None:
 def time_estimate(plan: Plan) -> float | None:
     """Seconds the cells still to run would take at the median wall time of those already done
     (ok or oom rows with a wall time); None without such rows."""
-    walls = sorted(
+    walls = [
         r["cell_wall_time_s"]
         for r in plan.done.values()
         if r.get("status") in ("ok", "oom") and isinstance(r.get("cell_wall_time_s"), (int, float))
-    )
+    ]
     if not walls or not plan.todo:
         return None
     return len(plan.todo) * statistics.median(walls)

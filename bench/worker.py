@@ -56,6 +56,12 @@ def forked_main(spec_path: str, row_path: str, log_path: str, env: dict[str, str
 
         traceback.print_exc()
         code = 1
+    _exit_now(code)
+
+
+def _exit_now(code: int) -> None:
+    """The row is on disk: skip the interpreter's teardown of a model of many GBs (seconds per cell).
+    The driver frees the process's GPU memory at exit all the same, before the parent moves on."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -65,9 +71,4 @@ if __name__ == "__main__":
     from bench.procs import die_with_parent
 
     die_with_parent()  # a cell never outlives its runner (bench.procs)
-    code = main(sys.argv[1:])
-    # The row is on disk: skip the interpreter's teardown of a model of many GBs (seconds per cell).
-    # The driver frees the process's GPU memory at exit all the same, before the parent moves on.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    _exit_now(main(sys.argv[1:]))
