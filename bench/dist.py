@@ -102,6 +102,7 @@ class RankCellRun(CellRun):
     def __init__(self, spec: CellSpec):
         super().__init__(spec)
         self.info = rank_info()
+        self.clock.echo = True  # into torchrun's log, which a timed-out row quotes
         if self.cuda:
             self.device = torch.device("cuda", self.info["local_rank"])
         self.ds_config = None

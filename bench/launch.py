@@ -236,7 +236,8 @@ def merge_ranks(
     elif timed_out:
         status, error = (
             "timeout",
-            f"no result within the timeout of {timeout_s:g} s (ranks without a result: {missing})",
+            f"no result within the timeout of {timeout_s:g} s (ranks without a result: {missing});"
+            f" the log ended:\n{log_tail}",
         )
     elif missing:
         status = "error"

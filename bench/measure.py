@@ -21,6 +21,7 @@ import re
 import resource
 import signal
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -59,14 +60,17 @@ def oom_requested_bytes(message: str) -> int | None:
 class StartupClock:
     """Seconds from the process's creation to each start-up milestone: where a cell's overhead goes."""
 
-    def __init__(self):
+    def __init__(self, echo: bool = False):
         self._last = psutil.Process().create_time()
         self.seconds: dict[str, float] = {}
+        self.echo = echo  # print each milestone (a multi-GPU rank's log shows where a timeout struck)
 
     def lap(self, name: str) -> None:
         now = time.time()
         self.seconds[name] = now - self._last
         self._last = now
+        if self.echo:
+            print(f"ftmem: {name} done after {self.seconds[name]:.1f} s", file=sys.stderr, flush=True)
 
 
 class CellRun:

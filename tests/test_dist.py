@@ -225,6 +225,7 @@ def test_a_hung_rank_hits_the_timeout_and_every_process_is_killed(monkeypatch):
     monkeypatch.setenv("FTMEM_TEST_FAULT_RANK", "1")
     _, row = _dist(method="lora", timeout_s=25)
     assert row["status"] == "timeout" and "25" in row["error"]
+    assert "ftmem: build done after" in row["error"]  # the log's tail: how far the ranks got
     assert 25 <= row["cell_wall_time_s"] < 90 and check_row(row) == []
     left = []
     for proc in psutil.process_iter():
