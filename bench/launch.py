@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import env, nvml, schema
-from bench.procs import wait_or_kill_tree
+from bench.procs import HostMemorySampler, wait_or_kill_tree
 from bench.spec import CellSpec
 
 #: Set in every rank's environment unless already set: the GPU machines need NVLink SHARP
@@ -157,10 +157,15 @@ def run_dist_cell(
 
             return failure_row(spec, "error", str(exc))
         devices = nvml.visible_indices(nproc) if spec.device == "cuda" else []
-        with open(log_path, "wb") as log, nvml.DevicesSampler(devices) as sampler:
+        with (
+            open(log_path, "wb") as log,
+            nvml.DevicesSampler(devices) as sampler,
+            HostMemorySampler() as host,
+        ):
             proc = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=child_env()
             )
+            host.watch(proc.pid)
             timed_out = wait_or_kill_tree(proc, timeout_s)
         records = read_rank_records(out_dir)
         tail = log_path.read_bytes()[-3000:].decode(errors="replace")
@@ -169,9 +174,31 @@ def run_dist_cell(
     )
     row["nvml_peak_device_bytes"] = sampler.peak_sum_bytes
     row["nvml_baseline_device_bytes"] = sampler.baseline_sum_bytes
+    row["host_peak_rss_bytes"] = host.peak_tree_rss_bytes
+    row["host_min_available_bytes"] = host.min_available_bytes
+    row["host_total_bytes"] = host.total_bytes
+    if row["status"] == "error" and host_exhausted(host, tail):
+        row["status"], row["host_oom"] = "oom", True
+        row["error"] = (
+            f"host memory ran out: a rank was killed by SIGKILL (the kernel's OOM killer) while the host had "
+            f"{host.min_available_bytes / 2**30:.1f} GiB of {host.total_bytes / 2**30:.1f} GiB available and "
+            f"the cell's processes held {host.peak_tree_rss_bytes / 2**30:.1f} GiB resident (GiB = 2^30 bytes)."
+            f" {row['error']}"
+        )
     row["cell_wall_time_s"] = time.monotonic() - start
     row["repeat"] = repeat
     return row
+
+
+#: A rank killed by SIGKILL that ftmem did not send (no timeout) while the host had less than this
+#: share of its memory available: the kernel's OOM killer, i.e. the cell does not fit in host memory.
+HOST_OOM_AVAILABLE_SHARE = 0.05
+
+
+def host_exhausted(host: HostMemorySampler, log_tail: str) -> bool:
+    killed = "SIGKILL" in log_tail or "exitcode: -9" in log_tail or "exitcode  : -9" in log_tail
+    low = host.min_available_bytes is not None and host.min_available_bytes < HOST_OOM_AVAILABLE_SHARE * host.total_bytes
+    return killed and low
 
 
 def read_rank_records(out_dir: Path) -> dict[int, dict[str, Any]]:

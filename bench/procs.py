@@ -143,3 +143,52 @@ def _bytecode_cache_off(child: dict[str, str]) -> bool:
     package = os.path.dirname(spec.origin)
     cache = os.path.join(package, "__pycache__")
     return not (os.access(cache, os.W_OK) if os.path.isdir(cache) else os.access(package, os.W_OK))
+
+
+class HostMemorySampler:
+    """Host memory of a process tree while a `with` block runs, sampled every `interval_s` in a thread:
+    the peak of the tree's summed resident set size (pinned and page-locked buffers included) and the
+    lowest memory the system had available. A cell with CPU offload can exhaust the host, not the GPU."""
+
+    def __init__(self, interval_s: float = 0.1):
+        import psutil
+
+        self.interval_s = interval_s
+        self.pid: int | None = None
+        self.peak_tree_rss_bytes: int | None = None
+        self.min_available_bytes: int | None = None
+        self.total_bytes = psutil.virtual_memory().total
+
+    def watch(self, pid: int) -> None:
+        self.pid = pid
+
+    def sample(self) -> None:
+        import psutil
+
+        self.min_available_bytes = min(psutil.virtual_memory().available, self.min_available_bytes or 1 << 62)
+        if self.pid is None:
+            return
+        rss = 0
+        with contextlib.suppress(psutil.Error):
+            root = psutil.Process(self.pid)
+            for proc in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    rss += proc.memory_info().rss
+        self.peak_tree_rss_bytes = max(rss, self.peak_tree_rss_bytes or 0) if rss else self.peak_tree_rss_bytes
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def __enter__(self):
+        import threading
+
+        self._stop = threading.Event()
+        self.sample()
+        self._thread = threading.Thread(target=self._run, name="HostMemorySampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()

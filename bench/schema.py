@@ -45,6 +45,12 @@ FIELDS: dict[str, str] = {
     "nvml_baseline_device_bytes": "NVML used memory of the device before the cell's process touched CUDA "
     "(multi-GPU: summed over the GPUs, before torchrun started)",
     "peak_rss_bytes": "CPU cells: peak resident set size of the process (ru_maxrss)",
+    "host_peak_rss_bytes": "multi-GPU cells: peak of the summed resident set size of the cell's processes "
+    "(torchrun and its ranks; pinned host buffers of CPU offload included), sampled every 0.1 s by the parent",
+    "host_min_available_bytes": "multi-GPU cells: the least memory the host had available (psutil) while the cell ran",
+    "host_total_bytes": "multi-GPU cells: the host's total memory",
+    "host_oom": "multi-GPU cells: true when a rank was killed by the kernel's OOM killer (SIGKILL, not sent by "
+    "ftmem) while the host had under 5% of its memory available: status oom, the host ran out, not the GPU",
     "baseline_rss_bytes": "CPU cells: resident set size before the model was built",
     "param_bytes": "bytes of all parameters (packed bytes + quantization constants for 4/8-bit)",
     "n_params": "number of parameters, counted as the unquantized model has them",

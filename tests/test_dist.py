@@ -152,6 +152,36 @@ def test_merge_takes_the_max_and_names_the_oom_rank():
     assert row["error"].startswith("rank 1:") and check_row(row) == []
 
 
+def test_host_memory_sampler_sees_a_child_tree(tmp_path):
+    import subprocess
+    import sys
+
+    from bench.procs import HostMemorySampler
+
+    script = "import subprocess, sys, time; b = bytearray(300 << 20); subprocess.run([sys.executable, '-c',"
+    script += " 'b = bytearray(200 << 20); import time; time.sleep(1.5)']); time.sleep(0.2)"
+    with HostMemorySampler(interval_s=0.05) as host:
+        proc = subprocess.Popen([sys.executable, "-c", script])
+        host.watch(proc.pid)
+        proc.wait()
+    assert host.peak_tree_rss_bytes >= 500 << 20  # parent and grandchild together
+    assert 0 < host.min_available_bytes < host.total_bytes
+
+
+def test_a_sigkilled_rank_on_an_exhausted_host_is_a_host_oom():
+    from bench.launch import host_exhausted
+    from bench.procs import HostMemorySampler
+
+    host = HostMemorySampler()
+    host.peak_tree_rss_bytes, host.total_bytes = 250 << 30, 256 << 30
+    killed = "exitcode  : -9 (pid: 3018)\n  traceback : Signal 9 (SIGKILL) received by PID 3018"
+    host.min_available_bytes = 1 << 30
+    assert host_exhausted(host, killed)
+    assert not host_exhausted(host, "exitcode  : 1 (pid: 3018)")  # a crash, not the OOM killer
+    host.min_available_bytes = 100 << 30
+    assert not host_exhausted(host, killed)  # killed with memory to spare: not the OOM killer
+
+
 # -- real 2-process cells on CPU ----------------------------------------------------------------
 def _dist(method="full", dist="ddp", timeout_s=180, **changes):
     spec = CellSpec.create(**{**TINY, "method": method, "gpus": 2, "dist": dist, **changes})
@@ -168,6 +198,8 @@ def test_two_rank_cell_on_cpu(dist):
     for name in ("peak_rss_bytes", "param_bytes", "optimizer_state_bytes", "step_time_s"):
         assert row[name] == max(r[name] for r in ranks) > 0
     assert row["n_params"] >= 229_760
+    assert row["host_peak_rss_bytes"] >= 0.9 * row["peak_rss_bytes"]  # the tree holds both ranks
+    assert 0 < row["host_min_available_bytes"] < row["host_total_bytes"] and row["host_oom"] is None
     if dist == "fsdp2":  # each rank holds half of the parameters and of AdamW's state
         assert row["param_bytes"] < 0.6 * 4 * row["n_params"]
     else:
