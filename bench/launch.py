@@ -197,7 +197,10 @@ HOST_OOM_AVAILABLE_SHARE = 0.05
 
 def host_exhausted(host: HostMemorySampler, log_tail: str) -> bool:
     killed = "SIGKILL" in log_tail or "exitcode: -9" in log_tail or "exitcode  : -9" in log_tail
-    low = host.min_available_bytes is not None and host.min_available_bytes < HOST_OOM_AVAILABLE_SHARE * host.total_bytes
+    low = (
+        host.min_available_bytes is not None
+        and host.min_available_bytes < HOST_OOM_AVAILABLE_SHARE * host.total_bytes
+    )
     return killed and low
 
 

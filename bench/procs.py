@@ -174,7 +174,9 @@ class HostMemorySampler:
             for proc in [root, *root.children(recursive=True)]:
                 with contextlib.suppress(psutil.Error):
                     rss += proc.memory_info().rss
-        self.peak_tree_rss_bytes = max(rss, self.peak_tree_rss_bytes or 0) if rss else self.peak_tree_rss_bytes
+        self.peak_tree_rss_bytes = (
+            max(rss, self.peak_tree_rss_bytes or 0) if rss else self.peak_tree_rss_bytes
+        )
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
