@@ -54,8 +54,11 @@ def load_rows(results_dir: str | Path = "results") -> list[dict[str, Any]]:
 
 
 def _measured_fits(row: dict[str, Any]) -> bool | None:
+    """Did the cell fit its GPU budget? None where the row cannot say (the host ran out first)."""
     if row["status"] == "ok":
         return True
+    if row.get("host_oom"):
+        return None
     return False if row["status"] == "oom" else None
 
 

@@ -486,19 +486,28 @@ def check_multi_gpu(rows: pd.DataFrame, check: dict[str, Any]) -> CheckResult:
 
 def _unsettled(result: CheckResult, multi: pd.DataFrame) -> CheckResult:
     """ "Some configuration fits" is refuted only when every configuration has an answer: a
-    strategy whose cells did not finish (timeout, error) might still fit, so the check waits."""
-    unfinished = multi[~multi["status"].isin(["ok", "oom"])]
+    strategy whose cells did not finish (timeout, error) or ran out of host memory rather than GPU
+    memory (host_oom: CPU offload on a host too small) might still fit the GPUs, so the check waits."""
+    host_oom = multi["host_oom"].fillna(False).astype(bool)
+    unfinished = multi[~multi["status"].isin(["ok", "oom"]) | host_oom]
     if unfinished.empty:
         return result
-    pending = ", ".join(
-        sorted({f"{d} ({s})" for d, s in zip(unfinished["dist"], unfinished["status"], strict=True)})
-    )
+    pending = ", ".join(sorted({_pending_text(row) for row in unfinished.to_dict("records")}))
     return dataclasses.replace(
         result,
         verdict="not measured",
         summary=f"not settled: no configuration measured so far fits, but {pending} did not finish; "
         f"{result.summary}",
     )
+
+
+def _pending_text(row: dict[str, Any]) -> str:
+    strategy = row["dist"] + (f" offload {row['zero_offload']}" if row["zero_offload"] != "none" else "")
+    if is_present(row.get("host_oom")) and bool(row["host_oom"]):
+        total = row.get("host_total_bytes")
+        host = f" of {total / GIB:.1f} GiB" if is_present(total) else ""
+        return f"{strategy} (ran out of host memory{host}, {row_ref(row)})"
+    return f"{strategy} ({row['status']})"
 
 
 def one_gpu_verdict(multi: dict[str, Any], base: dict[str, Any]) -> tuple[str, str] | None:

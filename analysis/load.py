@@ -12,7 +12,8 @@ Columns, one row per result row:
 - derived: every `*_bytes` field again in GiB (2^30 B) as `*_gib`; `tokens` (seq_len x batch_size,
   what activations scale with); `footprint_bytes`/`footprint_gib`/`footprint_basis`: what a card
   must hold (NVML process peak as nvidia-smi shows it, else reserved, else allocated);
-  `cap_bytes`: the memory the cell ran under (its budget, else the whole GPU);
+  `cap_bytes`: the GPU memory the cell ran under (its budget, else the whole GPU); null for a row
+  whose host ran out of memory (`host_oom`): the GPU cap is not what stopped it;
   `budget_emulated`: the budget was a cap on a larger GPU, standing in for a card we lack;
   `multi_gpu`: a multi-GPU cell (gpus > 1 or a dist strategy), whose peaks are per rank (the max over
   its `ranks`) and whose budget is per GPU.
@@ -193,6 +194,7 @@ def _typed(frame: pd.DataFrame) -> pd.DataFrame:
         "fits_budget",
         "double_quant",
         "gc_reentrant",
+        "host_oom",
     ):
         if column in frame.columns:
             frame[column] = frame[column].astype("boolean")
@@ -219,7 +221,7 @@ def _derived(frame: pd.DataFrame) -> pd.DataFrame:
     frame["footprint_bytes"], frame["footprint_basis"] = footprint, basis
     frame["footprint_gib"] = footprint.astype("float64") / GIB
     gpu_total = pd.to_numeric(frame["env_gpu_total_bytes"], errors="coerce").astype("Int64")
-    frame["cap_bytes"] = frame["budget_bytes"].fillna(gpu_total)
+    frame["cap_bytes"] = frame["budget_bytes"].fillna(gpu_total).mask(frame["host_oom"].fillna(False))
     frame["budget_emulated"] = (frame["budget_bytes"] < gpu_total).fillna(False).astype(bool)
     frame["multi_gpu"] = ((frame["gpus"] > 1).fillna(False) | (frame["dist"] != "none")).astype(bool)
     frame["env_stack"] = [_stack(row) for row in frame.to_dict("records")]

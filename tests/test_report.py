@@ -315,6 +315,23 @@ def test_multi_gpu_fit_is_not_refuted_while_a_strategy_has_no_answer():
     assert judge(check, zero2, fits).verdict == "supported"
 
 
+def test_a_host_oom_is_no_answer_about_gpu_memory():
+    """ZeRO-3 with optimizer offload that ran out of host memory says nothing about whether the GPUs
+    suffice: it neither refutes a fit as a GPU OOM would nor settles the check."""
+    check = {"kind": "multi_gpu", "gpus": 2, "card": "h100-80gb"}
+    zero3 = make_row("oom", method="full", gpus=2, dist="deepspeed_zero3", budget_gb="h100-80gb")
+    offload = make_row(
+        "oom", method="full", gpus=2, dist="deepspeed_zero3", zero_offload="optimizer", budget_gb="h100-80gb"
+    )
+    offload.update(host_oom=True, host_total_bytes=256 * GIB)
+    rows = frame(zero3, offload)
+    assert rows["cap_bytes"].isna().tolist() == [False, True]
+    assert judge(check, zero3).verdict == "refuted"
+    pending = judge(check, zero3, offload)
+    assert pending.verdict == "not measured"
+    assert "deepspeed_zero3 offload optimizer (ran out of host memory of 256.0 GiB" in pending.summary
+
+
 def test_combine_verdicts():
     assert C.combine(["supported", "refuted", "not measured"]) == "refuted"
     assert C.combine(["supported", "marginal"]) == "marginal"
