@@ -200,8 +200,12 @@ class ConfigFit:
 
 def config_fit(rows: pd.DataFrame, budget: int, label: str) -> ConfigFit | None:
     """One configuration's verdict: an OOM under at least this much memory refutes; else its
-    largest measured footprint (NVML, else reserved, else allocated) against the budget."""
+    largest measured footprint (NVML, else reserved, else allocated) against the budget. Where the
+    configuration also ran under a cap of at most this budget, those rows decide: under a cap the
+    caching allocator holds less, as it would on the smaller card."""
     ok = rows[(rows["status"] == "ok") & rows["footprint_bytes"].notna()]
+    capped = ok[ok["cap_bytes"].le(budget).fillna(False).astype(bool)]
+    ok = capped if len(capped) else ok
     largest = float(ok["footprint_bytes"].max()) if len(ok) else 0.0
     oom = rows[(rows["status"] == "oom") & rows["cap_bytes"].ge(budget).fillna(False).astype(bool)]
     if len(oom):

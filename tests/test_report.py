@@ -315,6 +315,16 @@ def test_multi_gpu_fit_is_not_refuted_while_a_strategy_has_no_answer():
     assert judge(check, zero2, fits).verdict == "supported"
 
 
+def test_a_configuration_measured_under_the_card_cap_is_judged_by_that_row():
+    """Under a cap the caching allocator holds less (as on the smaller card): the capped row decides."""
+    check = {"kind": "fits_budget", "card": "rtx4090-24gb"}
+    free = make_row(alloc=21.3, nvml=26.5, budget_gb="h100-80gb")
+    capped = make_row(alloc=21.3, nvml=22.0, budget_gb="rtx4090-24gb")
+    assert judge(check, free).verdict == "refuted"
+    both = judge(check, free, capped)
+    assert both.verdict == "supported" and "22.00 GiB" in both.summary
+
+
 def test_a_host_oom_is_no_answer_about_gpu_memory():
     """ZeRO-3 with optimizer offload that ran out of host memory says nothing about whether the GPUs
     suffice: it neither refutes a fit as a GPU OOM would nor settles the check."""
