@@ -294,15 +294,24 @@ class _Graph:
     `saved`: activations; `casts`: autocast's half copies of weights, name -> (bytes, cached, saved):
     copies of trainable fp32 leaves are cached until the autocast region ends (the end of the forward),
     saved or not; a matmul saves the copy when its input needs a grad. `bwd_transient` / `fwd_transient`:
-    the largest extra working set of the layer's backward / of the forward's s x s scores.
+    the largest extra working set of the layer's backward (beyond all its saved tensors) / of the
+    forward's s x s scores.
+
+    Backward runs the ops in reverse and each op's saved tensors are released once its backward has run,
+    so at the backward of op k only the tensors saved up to op k are alive. `bump_backward_at` records
+    such a point: the saved bytes so far and the gradients alive there; `bwd_transient` counts it as
+    its excess over the whole layer's saved bytes (which the moments add).
     """
 
     def __init__(self, st: Setup):
         self.st = st
         self.saved: dict[int, int] = {}
         self.casts: dict[str, tuple[int, bool, bool]] = {}
-        self.bwd_transient = 0
         self.fwd_transient = 0
+        self.residual_grad = 0  # bytes of the residual stream's gradient, set by `layer_graph`
+        self.input_saved = 0  # bytes of the layer input itself among the saved tensors (`layer_graph`)
+        self._bwd_over_all = 0
+        self._bwd_points: list[tuple[int, int]] = []
         self._ids = 0
 
     def new(self, numel: int, dtype: str, grad: bool) -> _T:
@@ -332,8 +341,20 @@ class _Graph:
 
     def bump(self, backward: int, forward: int = 0) -> None:
         """Record temporaries beyond the saved tensors, in backward and in forward."""
-        self.bwd_transient = max(self.bwd_transient, backward)
+        self._bwd_over_all = max(self._bwd_over_all, backward)
         self.fwd_transient = max(self.fwd_transient, forward)
+
+    def bump_backward_at(self, held: int) -> None:
+        """Record a point of the backward where `held` bytes of gradients and temporaries are alive
+        beside the tensors saved so far in the walk (those saved later are released by then)."""
+        self._bwd_points.append((self.saved_bytes(), held))
+
+    @property
+    def bwd_transient(self) -> int:
+        """The largest working set of the backward beyond the whole layer's saved tensors."""
+        total = self.saved_bytes()
+        at_points = (alive + held - total for alive, held in self._bwd_points)
+        return max(self._bwd_over_all, *at_points, 0)
 
 
 @dataclass(frozen=True)
@@ -459,6 +480,14 @@ def attention_eager(g: _Graph, q: _T, k: _T, v: _T) -> _T:
     """eager_attention_forward: repeat_kv copies k, v to all heads; scores = q k^T * scale + mask;
     softmax in fp32 (saved), cast to q's dtype (saved by the second matmul, as autocast's copy if any).
     The b x heads x s x s tensors dominate: 4 bytes (fp32 softmax) + 2 (half probs) per score when saved.
+
+    The backward peaks in the softmax's backward, whatever the dtypes: the fp32 grad of the softmax
+    output (the backward of `.to(q.dtype)` or of autocast's cast), CUDA's softmax_backward_cuda_out
+    with its `tmp = grad * output` and its grad_input (fp32: softmax ran on fp32 scores), 3 x 4 bytes per
+    score beside the saved fp32 softmax. By then the second matmul's backward has released the probs
+    and v copies and everything saved after them (o_proj, the MLP); still alive are the tensors saved
+    before (norm, q/k/v inputs, q, k, the softmax), the grad of the repeated v (waiting for repeat_kv's
+    backward, which autograd runs after the score path) and the residual stream's grad.
     """
     st, dm, spec = g.st, g.st.dims, g.st.spec
     scores = spec.batch_size * dm["H"] * spec.seq_len**2
@@ -470,13 +499,11 @@ def attention_eager(g: _Graph, q: _T, k: _T, v: _T) -> _T:
     masked = _promote(cd, st.other)
     soft = g.new(scores, "fp32", True)
     g.save(soft)
+    g.bump_backward_at(3 * scores * BYTES["fp32"] + vrep.nbytes + g.residual_grad)
     probs = g.cast(soft, q.dtype)
     g.save(g.cast(probs, ac) if ac else probs)
     g.save(g.cast(vrep, ac) if ac else vrep)
-    g.bump(
-        backward=scores * (BYTES[cd] + 4 + BYTES[masked]),
-        forward=scores * (BYTES[masked] + (4 if masked != "fp32" else 0)),
-    )
+    g.bump(backward=0, forward=scores * (BYTES[masked] + (4 if masked != "fp32" else 0)))
     return g.new(q.numel, cd, True)
 
 
@@ -557,9 +584,11 @@ def layer_graph(st: Setup, first: bool = False) -> tuple[_Graph, _T]:
     g = _Graph(st)
     dm, lins = st.dims, _projections(st)
     x = g.new(st.tokens * dm["h"], st.other, layer_input_requires_grad(st, first))
+    g.residual_grad = x.nbytes  # the grad of x + attn, held for x while the attention branch runs
     attn = attention_block(g, rmsnorm(g, x, dm["h"], st.other, st.full), lins)
     mid = g.new(x.numel, _promote(x.dtype, attn.dtype), True)
     out = mlp_block(g, rmsnorm(g, mid, dm["h"], st.other, st.full), lins)
+    g.input_saved = g.saved.get(x.id, 0)  # an fp32 input is saved by the norm as is, not as a copy
     return g, g.new(x.numel, _promote(mid.dtype, out.dtype), True)
 
 
@@ -640,6 +669,7 @@ class Parts:
     backward_casts: int
     loss: dict[str, int]
     layer_saved: int
+    layer_input_saved: int
     layer_casts: int
     layer_input: int
     fwd_transient: int
@@ -726,6 +756,7 @@ def parts(st: Setup) -> Parts:
         backward_casts=(0 if gc else layer_casts_saved) + head.saved_casts(),
         loss=loss_bytes(st, logits_dtype),
         layer_saved=layer_saved_bytes(st, other),
+        layer_input_saved=0 if compiled else other.input_saved,
         layer_casts=0 if compiled else other.saved_casts(),
         layer_input=st.tokens * st.dims["h"] * BYTES[stream_dtype(st)],
         fwd_transient=other.fwd_transient,
@@ -756,7 +787,7 @@ def forward_moments(st: Setup, p: Parts) -> dict[str, dict[str, int]]:
         "forward_end": _nonzero({**held, "lm_head_input": lm_input, "loss_forward": p.loss["forward"]})
     }
     if p.fwd_transient:
-        running = p.layer_saved if st.spec.gradient_checkpointing else 0
+        running = p.layer_saved - p.layer_input_saved if st.spec.gradient_checkpointing else 0
         moments["forward_attention"] = _nonzero(
             {**held, "layer_running": running, "attention_transient": p.fwd_transient}
         )
@@ -788,7 +819,9 @@ def loss_backward_moments(st: Setup, p: Parts) -> dict[str, dict[str, int]]:
 
 def layer_backward_moments(st: Setup, p: Parts) -> dict[str, dict[str, int]]:
     """Backward of the last layer (all activations still held) and of the first (all layer grads made).
-    Memory is linear in the layer index between the two, so the ends bound every layer."""
+    Memory is linear in the layer index between the two, so the ends bound every layer. Under
+    checkpointing the layer's recomputed saved tensors join the held inputs; a norm that saves an fp32
+    input as is saves the checkpoint's own input (in layer_inputs already), which is not counted twice."""
     L, gc, accum = st.dims["L"], st.spec.gradient_checkpointing, st.spec.grad_accum > 1
     head_grads = p.grads - L * p.layer_grads
     moments = {}
@@ -796,7 +829,7 @@ def layer_backward_moments(st: Setup, p: Parts) -> dict[str, dict[str, int]]:
         acts = dict(p.acts, final_norm_saved=0)
         if gc:
             acts["layer_inputs"] -= done * p.layer_input
-            acts["recomputed_layer"] = p.layer_saved
+            acts["recomputed_layer"] = p.layer_saved - p.layer_input_saved
         else:
             acts["layer_activations"] -= done * p.layer_saved
         casts = p.layer_casts if gc else p.backward_casts - done * p.layer_casts

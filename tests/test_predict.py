@@ -142,6 +142,34 @@ def test_eager_keeps_the_scores():
     assert pr.eager_mask_bytes(pr.setup(CellSpec.create(**{**TINY, "attn_impl": "eager"}))) == 2 * 32 * 32 * 2
 
 
+@pytest.mark.parametrize("kw", [{}, {"method": "qlora", "kbit_fp32_upcast": True}])
+def test_eager_backward_peaks_in_the_softmax_backward(kw):
+    """The softmax's backward holds, beside the saved fp32 softmax, its output's fp32 grad, CUDA's
+    tmp = grad * output and the fp32 grad_input: 16 bytes per score whatever the q/k/v and mask dtypes
+    (LoRA bf16, QLoRA fp32-upcast); the probs and v copies saved after it are released by then."""
+
+    def held(seq_len, batch_size):
+        st = setup_of(
+            **kw, attn_impl="eager", gradient_checkpointing=True, seq_len=seq_len, batch_size=batch_size
+        )
+        graph, _ = pr.layer_graph(st)
+        return graph.saved_bytes() + graph.bwd_transient
+
+    # same tokens (512), scores 4 x 512^2 vs 2 x 4 x 256^2
+    assert held(512, 1) - held(256, 2) == 16 * (4 * 512**2 - 2 * 4 * 256**2)
+
+
+def test_checkpointing_counts_an_fp32_layer_input_once():
+    """An fp32 residual stream (k-bit upcast) reaches the input norm as is, which saves the tensor the
+    checkpoint already holds: the recomputed layer does not count it again. A bf16 one is saved as a copy."""
+    st = setup_of(method="qlora", kbit_fp32_upcast=True, gradient_checkpointing=True)
+    qlora = pr.parts(st)
+    assert qlora.layer_input_saved == T * 64 * 4  # the fp32 input of one layer
+    moment = pr.layer_backward_moments(st, qlora)["last_layer_backward"]
+    assert moment["recomputed_layer"] == qlora.layer_saved - T * 64 * 4
+    assert pr.parts(setup_of(gradient_checkpointing=True)).layer_input_saved == 0
+
+
 def test_qlora_adapters_read_the_input_itself():
     """peft's bnb LoRA layers skip the input cast under autocast: A saves the bf16 x itself, once for
     q/k/v (6h -> 2h), once for gate/up (4h -> 2h), and o_proj's input is SDPA's saved output (2q -> 0)."""
@@ -231,6 +259,30 @@ def test_measured_qwen3_14b_rows(cell_id):
     assert abs(pred.peak_allocated_bytes / row["peak_allocated_bytes"] - 1) < 0.005
     assert abs(pred.peak_reserved_bytes / row["peak_reserved_bytes"] - 1) < 0.01
     assert abs(pred.nvml_process_bytes / row["nvml_peak_process_bytes"] - 1) < 0.01
+
+
+def _eager_gc_layer_backward_rows() -> list[dict]:
+    return [
+        r
+        for r in acc.load_rows(ROOT / "results")
+        if r["status"] == "ok"
+        and r["spec"].get("attn_impl") == "eager"
+        and r["spec"].get("gradient_checkpointing")
+        and r["spec"].get("gpus", 1) == 1
+        and pr.predict(r["spec"]).peak_phase.endswith("layer_backward")
+    ]
+
+
+def test_measured_eager_checkpointed_rows():
+    """Qwen3-14B LoRA and QLoRA (fp32 upcast) eager + GC cells whose peak is a layer's backward (seq 4096
+    b1/b2/b4, seq 8192 b1): within 0.5% (reached: |error| <= 0.17%; before the softmax-backward working
+    set and the single count of the fp32 layer input, -5.0% for LoRA and +6.4% for QLoRA)."""
+    rows = _eager_gc_layer_backward_rows()
+    if not rows:
+        pytest.skip("measured rows not present")
+    for row in rows:
+        pred = pr.predict(row["spec"]).peak_allocated_bytes
+        assert abs(pred / row["peak_allocated_bytes"] - 1) < 0.005, row["spec"]
 
 
 # -- capacity --------------------------------------------------------------------------------------
