@@ -7,7 +7,9 @@ import json
 import statistics
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
+import psutil
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -54,15 +56,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=cmd_sweep)
 
 
-def _predicted_gib(spec) -> str:
+def _prediction(spec) -> Any:
+    """analysis.predict's prediction for a dry run: None without the analysis package, "?" on failure."""
     try:
         from analysis.predict import predict
     except ImportError:
-        return "-"
+        return None
     try:
-        return f"{gib(predict(spec.to_dict()).peak_allocated_bytes):.1f}"
+        return predict(spec.to_dict())
     except Exception:  # a prediction is a hint in a dry run, never a failure
         return "?"
+
+
+#: Warn in a dry run when ZeRO-Offload's predicted host state alone passes this share of host memory:
+#: the prediction is a lower bound (libraries, CUDA's pinned staging and the build come on top).
+HOST_WARN_SHARE = 0.8
+
+
+def host_memory_warning(cell, prediction: Any, host_total: int) -> str | None:
+    """A dry-run warning for a cell whose CPU offload may not fit in this host's memory."""
+    host = getattr(prediction, "outside_allocated", {}).get("host_bytes", 0)
+    need = host * cell.spec.gpus
+    if not host or need <= HOST_WARN_SHARE * host_total:
+        return None
+    return (
+        f"[yellow]host memory[/yellow] {cell.cell_id}: {cell.spec.dist} offload {cell.spec.zero_offload} keeps "
+        f"about {gib(host):.1f} GiB per rank x {cell.spec.gpus} = {gib(need):.1f} GiB in host memory (state "
+        f"alone, a lower bound) against this host's {gib(host_total):.1f} GiB: it may run out of host memory"
+    )
 
 
 def print_plan(plan: Plan, console: Console) -> None:
@@ -86,12 +107,17 @@ def print_plan(plan: Plan, console: Console) -> None:
         "fits?",
     ):
         table.add_column(col)
+    warnings = []
+    host_total = psutil.virtual_memory().total
     for cell, repeat in plan.todo:
         s = cell.spec
-        predicted = _predicted_gib(s)
-        fits = "-"
-        if s.budget_bytes is not None and predicted not in ("-", "?"):
-            fits = "yes" if float(predicted) * 2**30 <= s.budget_bytes else "[red]OOM?[/red]"
+        prediction = _prediction(s)
+        predicted, fits = ("?" if prediction == "?" else "-"), "-"
+        if prediction not in (None, "?"):
+            predicted = f"{gib(prediction.peak_allocated_bytes):.1f}"
+            if s.budget_bytes is not None:
+                fits = "yes" if prediction.peak_allocated_bytes <= s.budget_bytes else "[red]OOM?[/red]"
+            warnings.append(host_memory_warning(cell, prediction, host_total))
         table.add_row(
             cell.cell_id,
             str(repeat),
@@ -108,6 +134,8 @@ def print_plan(plan: Plan, console: Console) -> None:
             fits,
         )
     console.print(table)
+    for warning in filter(None, warnings):
+        console.print(warning)
     for cell, _ in plan.invalid:
         console.print(f"[yellow]invalid[/yellow] {cell.cell_id}: {cell.invalid_reason}")
 

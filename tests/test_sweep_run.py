@@ -320,3 +320,23 @@ def test_dry_run_estimates_time_from_the_cells_already_done(tmp_path):
         append_row(out, {**new_row(cell.spec_dict, cell_id, "ok"), "cell_wall_time_s": seconds})
     plan = make_plan(sweep, read_rows(out))
     assert len(plan.todo) == 2 and time_estimate(plan) == 2 * 15.0
+
+
+def _zero3_full_cell(offload: str):
+    base = {"model": "qwen3-14b", "method": "full", "seq_len": 2048, "batch_size": 1}
+    base.update(gpus=2, dist="deepspeed_zero3", zero_offload=offload)
+    return next(iter(expand(parse_sweep({"name": "host", "base": base}, "t.yaml"))))
+
+
+def test_dry_run_warns_when_zero_offload_may_not_fit_in_host_memory():
+    from analysis.predict import predict
+    from bench.sweep_cli import host_memory_warning
+
+    offload, none = _zero3_full_cell("optimizer"), _zero3_full_cell("none")
+    predicted = predict(offload.spec.to_dict())
+    # fp32 master, AdamW moments and fp32 grads (16 bytes) of 14B+ parameters over 2 ranks
+    assert predicted.outside_allocated["host_bytes"] >= 16 * 14e9 // 2
+    warning = host_memory_warning(offload, predicted, host_total=256 << 30)
+    assert warning and "x 2" in warning and "256.0 GiB" in warning
+    assert host_memory_warning(offload, predicted, host_total=1 << 40) is None
+    assert host_memory_warning(none, predict(none.spec.to_dict()), host_total=16 << 30) is None
