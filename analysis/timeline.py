@@ -33,14 +33,16 @@ from bench.cards import GIB, MIB
 
 #: The row's categories (bench.profile.ROW_CATEGORIES), bottom to top of the stack.
 CATEGORIES = ("parameters", "optimizer_state", "gradients", "activations", "temporaries", "other")
-#: The timeline file's finer categories -> the row's (torch's INPUT, AUTOGRAD_DETAIL and unknown are `other`).
+#: The timeline file's finer categories -> the row's (torch's INPUT, AUTOGRAD_DETAIL and unknown are `other`;
+#: the *_by_* columns are those bench.profile placed itself, see its docstring).
 TIMELINE_TO_ROW = {
     "parameters": "parameters",
+    "parameters_by_storage": "parameters",  # the model's own state that torch filed as inputs
     "gradients": "gradients",
     "optimizer_state": "optimizer_state",
     "activations": "activations",
     "temporaries": "temporaries",
-    "activations_by_lifetime": "activations",  # placed by lifetime where torch left them unknown
+    "activations_by_lifetime": "activations",  # placed by lifetime where torch gave no useful category
     "temporaries_by_lifetime": "temporaries",
     "autograd_detail": "other",
     "inputs": "other",
@@ -67,8 +69,12 @@ PHASE_COLOURS = {
 #: - autocast weight copies and the lm_head input are saved for backward, so the profiler calls them
 #:   activations; the forward's logits and log-probs (loss_forward) likewise;
 #: - gradients of activations in backward (loss_backward, logits_grad) are torch's AUTOGRAD_DETAIL or
-#:   TEMPORARY: `other` here, so compare activations + temporaries + other as one ("working set") too;
-#: - the cuBLAS workspace is no tensor: the profiler never sees it (NOT_PROFILED, left out).
+#:   TEMPORARY, which bench.profile places as temporaries (made and freed in backward); loss_backward
+#:   also holds the saved log-probs, activations to the profiler, so compare activations + temporaries
+#:   + other as one ("working set") too. Rows profiled before that placement (ftmem commit c38cc1d and
+#:   older) show these gradients as `other`;
+#: - the cuBLAS workspaces hold no tensor, but on CUDA the profiler sees their allocations (no category:
+#:   `other`; an H200, Qwen3-14B: 2 x 32 MiB, the forward thread's and autograd's, as predicted).
 COMPONENT_CATEGORY: dict[str, str] = {
     "weights_": "parameters",
     "embed_head_norms_": "parameters",
@@ -89,9 +95,9 @@ COMPONENT_CATEGORY: dict[str, str] = {
     "attention_transient": "temporaries",
     "backward_transient": "temporaries",
     "optimizer_transient": "temporaries",
-    "loss_backward": "other",
-    "logits_grad": "other",
-    "cublas_workspace": "not_profiled",
+    "loss_backward": "temporaries",
+    "logits_grad": "temporaries",
+    "cublas_workspace": "other",
 }
 NOT_PROFILED = "not_profiled"
 WORKING_SET = ("activations", "temporaries", "other")

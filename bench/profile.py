@@ -8,16 +8,29 @@ and free on the cell's device with a category (parameter, gradient, optimizer st
 temporary, input, autograd detail, or unknown). bench.train.Stepper marks its parts with
 record_function ranges (`ftmem::step`, `ftmem::forward`, `ftmem::backward`, `ftmem::optimizer_step`,
 `ftmem::zero_grad`); their start and end times (the profiler's clock, as the timeline's) say in which
-step and which part the peak fell. On CUDA torch's profiler left most activations unknown (an H200,
-torch 2.11: 25 of 54 GiB of a 14B LoRA peak); such tensors are placed by their lifetime instead
-(`lifetime_category`), in columns of their own, and the row says how many bytes at the peak that
-was (`profile_by_lifetime_bytes`). The timeline is written as compact JSON beside the results
+step and which part the peak fell. The timeline is written as compact JSON beside the results
 (bench.artifacts); the row gets the categories at the peak, the peak, its phase and step.
 
-What the profiler counts: the bytes of tensors' storages on the device (no allocator rounding, no
-cached blocks, no cuBLAS workspaces or other allocations without a tensor), so its peak sits at or
-below max_memory_allocated. Tensors made before profiling started count from the first time an op
-uses them (parameters, optimizer state), with the profile's start as their time.
+Where torch's profiler gives no useful category, bench.profile places the tensor itself (`placement`),
+in columns of their own (PLACED), and the row says how many bytes at the peak that was
+(`profile_by_lifetime_bytes`). That is every tensor it left unknown, filed as an input (a value
+that depends on no gradient) or as autograd detail (a gradient of an activation):
+- a storage of the model's own state (a parameter, buffer or bitsandbytes quantization constant,
+  listed when profiling starts) that lives to the end of the profile: `parameters`. QLoRA's frozen
+  4-bit weights and their absmax are "inputs" to torch (an H200, torch 2.11, Qwen3-14B: about 7.4 GB);
+- made in a step's forward and freed in that step's backward: `activations` (what autograd keeps for
+  backward; on CUDA torch left most of them unknown: 25 of 54 GiB of a 14B LoRA peak);
+- made and freed within one part of a step: `temporaries` (e.g. the two fp32 logit-sized gradients
+  of the cross-entropy's backward, torch's autograd detail: 2.49 GB at the 14B LoRA/QLoRA peaks);
+- anything else keeps torch's label and counts as `other`: the token batch (made once, used by every
+  step), allocations that hold no tensor (cuBLAS workspaces, 32 MiB per thread), and values that
+  outlive their step or part.
+
+What the profiler counts: the bytes of the allocations on the device (tensors' storages, and on CUDA
+also allocator blocks that hold no tensor, such as cuBLAS workspaces; no allocator rounding, no cached
+blocks), so its peak sits at or below max_memory_allocated. Tensors made before profiling started
+count from the first time an op uses them (parameters, optimizer state), with the profile's start as
+their time.
 
 `snapshot` (CUDA only): torch.cuda.memory._record_memory_history over the same steps, then
 torch.cuda.memory._dump_snapshot: a pickle to drop on https://pytorch.org/memory_viz. A cell that
@@ -52,11 +65,13 @@ CATEGORY_NAMES = {
     "INPUT": "inputs",
     None: "unknown",
 }
-#: Tensors the profiler could not place, placed by their lifetime (`lifetime_category`).
+#: Tensors torch's profiler left in OTHER, placed by their lifetime (`lifetime_category`).
 BY_LIFETIME = {"activations": "activations_by_lifetime", "temporaries": "temporaries_by_lifetime"}
-TIMELINE_CATEGORIES = tuple(CATEGORY_NAMES.values()) + tuple(BY_LIFETIME.values())
-#: The row's categories: the first five as the profiler has them (with those placed by lifetime),
-#: the rest summed into `other`.
+#: All that bench.profile places itself (`placement`): the model's own state by storage, the rest by lifetime.
+PLACED = {"parameters": "parameters_by_storage", **BY_LIFETIME}
+TIMELINE_CATEGORIES = tuple(CATEGORY_NAMES.values()) + tuple(PLACED.values())
+#: The row's categories: the first five as the profiler has them (with those PLACED), the rest
+#: (what torch files as autograd detail, inputs or unknown and `placement` could not place) as `other`.
 ROW_CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "temporaries", "other")
 OTHER = ("autograd_detail", "inputs", "unknown")
 PHASES = ("forward", "backward", "optimizer_step", "zero_grad")
@@ -68,7 +83,7 @@ MAX_POINTS = 4000
 def row_categories(by_category: dict[str, int]) -> dict[str, int]:
     """Timeline categories -> the row's six (inputs, autograd_detail and unknown as `other`)."""
     out = {name: int(by_category.get(name, 0)) for name in ROW_CATEGORIES[:-1]}
-    for name, placed in BY_LIFETIME.items():
+    for name, placed in PLACED.items():
         out[name] += int(by_category.get(placed, 0))
     out["other"] = int(sum(by_category.get(name, 0) for name in OTHER))
     return out
@@ -81,6 +96,7 @@ class CellProfiler:
         self.spec, self.device = spec, device
         self.warmup = max(1, spec.warmup_steps)  # the first step always runs, as in bench.measure
         self.prof: torch.profiler.profile | None = None
+        self.model_storages: frozenset[int] = frozenset()
         self.recording_history = False
         self.steps = 0
         self.values: dict[str, Any] = {}
@@ -97,6 +113,7 @@ class CellProfiler:
             self.prof = torch.profiler.profile(
                 activities=activities, profile_memory=True, record_shapes=True, with_stack=True
             )
+            self.model_storages = model_storages(stepper.model)
             self.prof.start()
             stepper.marker = self.mark
         self.stepper = stepper
@@ -139,7 +156,7 @@ class CellProfiler:
         if self.prof is None:
             return dict(self.values)
         start = time.perf_counter()
-        timeline = build_timeline(self.prof, self.device)
+        timeline = build_timeline(self.prof, self.device, model_ptrs=self.model_storages)
         timeline.update(cell_id=self.spec.cell_id, spec=self.spec.to_dict())
         path = artifacts.artifact_path(".timeline.json", self.spec.cell_id)
         path.write_text(json.dumps(timeline, separators=(",", ":")))
@@ -147,7 +164,7 @@ class CellProfiler:
         self.values.update(
             profile_peak_bytes=peak["total"],
             profile_categories_bytes=row_categories(peak["categories"]),
-            profile_by_lifetime_bytes=sum(peak["categories"].get(c, 0) for c in BY_LIFETIME.values()),
+            profile_by_lifetime_bytes=sum(peak["categories"].get(c, 0) for c in PLACED.values()),
             profile_peak_phase=peak["phase"],
             profile_peak_step=peak["step"],
             profile_timeline_file=str(path),
@@ -184,11 +201,36 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
+def model_storages(model: torch.nn.Module) -> frozenset[int]:
+    """Data pointers of the storages of the model's own state: parameters, buffers and the tensors
+    bitsandbytes hangs on a quantized parameter (Params4bit.quant_state with its nested state,
+    Int8Params.CB/SCB). Torch's profiler files frozen 4-bit weights as inputs; these pointers say
+    they are parameters."""
+    tensors = [*model.parameters(), *model.buffers()]
+    for p in model.parameters():
+        tensors += [
+            t for t in (getattr(p, "CB", None), getattr(p, "SCB", None)) if isinstance(t, torch.Tensor)
+        ]
+        state = getattr(p, "quant_state", None)
+        while state is not None:
+            tensors += [t for t in vars(state).values() if isinstance(t, torch.Tensor)]
+            state = getattr(state, "state2", None)
+    return frozenset(ptr for t in tensors if (ptr := _storage_ptr(t)))
+
+
+def _storage_ptr(tensor: torch.Tensor) -> int:
+    """The data pointer of a tensor's storage (a DTensor's local shard); 0 where there is none."""
+    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    try:
+        return local.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # meta tensors, tensor subclasses without storage
+        return 0
+
+
 def lifetime_category(created: int, destroyed: int | None, marks: list[dict[str, Any]]) -> str | None:
-    """Where torch's profiler could not place a tensor (on CUDA it leaves most activations
-    unknown: seen on an H200 with torch 2.11), its lifetime does: made in a step's forward and freed
-    in that step's backward is what autograd keeps for backward (`activations`); made and freed
-    within one part of a step is `temporaries`; anything else stays unknown (None)."""
+    """Where torch's profiler gives a tensor no useful category, its lifetime does: made in a step's
+    forward and freed in that step's backward is what autograd keeps for backward (`activations`);
+    made and freed within one part of a step is `temporaries`; anything else None."""
     if destroyed is None:
         return None
     made_phase, made_step = where(created, marks)
@@ -200,6 +242,30 @@ def lifetime_category(created: int, destroyed: int | None, marks: list[dict[str,
     if made_phase == freed_phase and made_phase in PHASES:
         return BY_LIFETIME["temporaries"]
     return None
+
+
+def _holds_no_tensor(key) -> bool:
+    """torch's plain Key (device only, no TensorKey): an allocation with no tensor, such as a cuBLAS
+    workspace. All of a device's share one key, so they have no lifetime of their own."""
+    from torch.profiler._memory_profiler import Key, TensorKey
+
+    return isinstance(key, Key) and not isinstance(key, TensorKey)
+
+
+def placement(
+    key, made: dict, freed: dict, marks: list[dict[str, Any]], model_ptrs: frozenset[int]
+) -> str | None:
+    """The PLACED column of a tensor torch's profiler left in OTHER, or None to keep torch's label.
+
+    Model state (its storage among `model_ptrs`, never freed while profiled): `parameters`; else by
+    lifetime (lifetime_category)."""
+    if _holds_no_tensor(key):
+        return None
+    storage = getattr(key, "storage", None)
+    if key not in freed and getattr(storage, "ptr", None) in model_ptrs:
+        return PLACED["parameters"]
+    created = made.get(key)
+    return None if created is None or not marks else lifetime_category(created, freed.get(key), marks)
 
 
 def _lifetimes(events, device: torch.device) -> tuple[dict, dict]:
@@ -219,17 +285,21 @@ def _lifetimes(events, device: torch.device) -> tuple[dict, dict]:
 
 
 def coalesce(
-    memory_timeline, device: torch.device, marks: list[dict[str, Any]] | None = None
+    memory_timeline,
+    device: torch.device,
+    marks: list[dict[str, Any]] | None = None,
+    model_ptrs: frozenset[int] = frozenset(),
 ) -> tuple[list[int], list[list[int]]]:
     """(times ns, bytes per TIMELINE_CATEGORIES after all events at that time) for one device.
 
     As torch's MemoryProfileTimeline._coalesce_timeline, but in ns, with named columns (torch's own
-    puts its columns one place to the right of its category index). With `marks`, tensors torch
-    could not place are placed by their lifetime (lifetime_category), in columns of their own."""
+    puts its columns one place to the right of its category index). Tensors torch left in OTHER are
+    placed by `placement` (model state by `model_ptrs`, the rest by lifetime where `marks` are
+    given), in columns of their own."""
     from torch.profiler._memory_profiler import Action, TensorKey
 
     column = {name: i for i, name in enumerate(TIMELINE_CATEGORIES)}
-    made, freed = _lifetimes(memory_timeline.timeline, device) if marks else ({}, {})
+    made, freed = _lifetimes(memory_timeline.timeline, device)
     placed: dict = {}
     times: list[int] = []
     sizes: list[list[int]] = []
@@ -238,13 +308,12 @@ def coalesce(
 
     def col(key, version) -> int:
         category = memory_timeline.categories.get(key, version) if isinstance(key, TensorKey) else None
-        if category is not None:
-            return column[CATEGORY_NAMES.get(category.name, "unknown")]
+        name = CATEGORY_NAMES.get(category.name if category is not None else None, "unknown")
+        if name not in OTHER:
+            return column[name]
         if key not in placed:
-            created = made.get(key)
-            by_lifetime = None if created is None else lifetime_category(created, freed.get(key), marks or [])
-            placed[key] = column[by_lifetime or "unknown"]
-        return placed[key]
+            placed[key] = placement(key, made, freed, marks or [], model_ptrs)
+        return column[placed[key] or name]
 
     for t, action, (key, version), numbytes in memory_timeline.timeline:
         if not _same_device(key.device, device):
@@ -286,15 +355,18 @@ def where(t: int, marks: list[dict[str, Any]]) -> tuple[str, str | None]:
     return "other", (step["name"].removeprefix("step:") if step else None)
 
 
-def build_timeline(prof, device: torch.device, limit: int = MAX_POINTS) -> dict[str, Any]:
+def build_timeline(
+    prof, device: torch.device, limit: int = MAX_POINTS, model_ptrs: frozenset[int] = frozenset()
+) -> dict[str, Any]:
     """The compact timeline of a stopped profiler: points, markers, the peak and per-step peaks.
 
-    Times are seconds from the first event; bytes per category in TIMELINE_CATEGORIES order."""
+    Times are seconds from the first event; bytes per category in TIMELINE_CATEGORIES order;
+    `model_ptrs` (model_storages) place the model's own state that torch left in OTHER."""
     from torch.profiler._memory_profiler import MemoryProfileTimeline
 
     memory_profile = prof._memory_profile()
     marks = markers(memory_profile)
-    times, sizes = coalesce(MemoryProfileTimeline(memory_profile), device, marks)
+    times, sizes = coalesce(MemoryProfileTimeline(memory_profile), device, marks, model_ptrs)
     if not times:
         raise RuntimeError(f"the memory profiler saw no tensor on {device}")
     t0 = times[0]

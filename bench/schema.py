@@ -77,10 +77,14 @@ FIELDS: dict[str, str] = {
     "profile_peak_bytes": "profile_memory cells: peak of torch's memory profiler timeline over the profiled steps "
     "(warm-up + first measured; tensor bytes on the cell's device, no allocator rounding)",
     "profile_categories_bytes": "profile_memory cells: bytes by category at that peak: parameters, gradients, "
-    "optimizer_state, activations, temporaries, other (inputs, autograd_detail, unknown); sums to profile_peak_bytes",
-    "profile_by_lifetime_bytes": "profile_memory cells: of profile_categories_bytes' activations and temporaries, "
-    "the bytes torch's profiler left unknown and bench.profile placed by lifetime (made in forward, freed in "
-    "backward: activations; made and freed in one part of a step: temporaries)",
+    "optimizer_state, activations, temporaries, other (what torch filed as inputs, autograd detail or unknown "
+    "and bench.profile could not place: the token batch, allocations without a tensor such as cuBLAS "
+    "workspaces); sums to profile_peak_bytes",
+    "profile_by_lifetime_bytes": "profile_memory cells: of profile_categories_bytes, the bytes that bench.profile "
+    "placed itself where torch's profiler left them unknown or filed them as inputs or autograd detail: the "
+    "model's own state (parameters, buffers, quantization constants, matched by storage) as parameters; made in "
+    "forward and freed in that step's backward as activations; made and freed within one part of a step as "
+    "temporaries",
     "profile_peak_phase": "profile_memory cells: forward | backward | optimizer_step | zero_grad | other: "
     "the part of the step (record_function markers of bench.train.Stepper) the peak fell in",
     "profile_peak_step": "profile_memory cells: the profiled step of the peak, 'warmup N' or 'measured 1'",
