@@ -240,6 +240,11 @@ def _cell_name(row: pd.Series) -> str:
     return f"{row['model']} {describe_spec(row['spec'])} [{row['cell_id']}]"
 
 
+#: A component measured under this many bytes gets no relative error (a few MiB against GiB predicted
+#: would read as thousands of per cent); its bytes are still shown.
+ERROR_BASE_MIN_BYTES = 64 << 20
+
+
 def component_table(frame: pd.DataFrame, predict: Callable | None) -> pd.DataFrame:
     """Per profiled row and category: measured bytes at the profiled peak, predicted bytes at the
     predicted peak (COMPONENT_CATEGORY), the error in % of measured; plus the working set and total."""
@@ -268,7 +273,9 @@ def component_table(frame: pd.DataFrame, predict: Callable | None) -> pd.DataFra
                     "predicted_bytes": pred,
                     "measured_gib": meas / GIB,
                     "predicted_gib": None if pred is None else pred / GIB,
-                    "error_pct": None if pred is None or not meas else 100 * (pred - meas) / meas,
+                    "error_pct": None
+                    if pred is None or meas < ERROR_BASE_MIN_BYTES
+                    else 100 * (pred - meas) / meas,
                     "measured_phase": row["profile_peak_phase"],
                     "predicted_phase": coarse_phase(prediction.peak_phase)
                     if prediction is not None
@@ -388,18 +395,30 @@ def index_section(built: dict[str, pd.DataFrame]) -> str:
         "",
         "Tensor bytes by category at the peak of torch's memory profiler (warm-up steps + first measured "
         "step), against the predictor's components mapped to the same categories "
-        "(`analysis/timeline.py` COMPONENT_CATEGORY). The profiler counts tensors only (no allocator "
-        "rounding or cuBLAS workspace); the split between activations, temporaries and other is where "
-        "the two classify differently: compare the working set. Timelines are under Plots.",
+        "(`analysis/timeline.py` COMPONENT_CATEGORY). The profiler counts allocations (tensors, and on CUDA "
+        "cuBLAS workspaces), without allocator rounding; the split between activations, temporaries and other "
+        "is where the two classify differently: compare the working set. No error where less than 64 MiB was "
+        "measured. GiB = 2^30 bytes. Timelines are under Plots.",
         "",
         tables.to_markdown(view),
         "[profile_components.md](tables/profile_components.md) · [profile_components.csv](tables/profile_components.csv)",
         "",
         "What profiling costs (pairs differing only in profile_memory / snapshot):",
         "",
-        tables.to_markdown(built["profile_overhead"])
+        tables.to_markdown(overhead_view(built["profile_overhead"]))
         if len(built["profile_overhead"])
         else "_No pairs yet: run the same cell with and without --profile-memory._",
         "",
     ]
     return "\n".join(lines)
+
+
+def overhead_view(table: pd.DataFrame) -> pd.DataFrame:
+    """overhead_table for reading: peaks in GiB, differences in MiB (the CSV keeps the bytes)."""
+    view = table[["config", "profiled"]].copy()
+    for name in ("peak_allocated", "peak_rss"):
+        for side in ("off", "on"):
+            view[f"{name}_{side}_gib"] = pd.to_numeric(table[f"{name}_{side}_bytes"]) / GIB
+        view[f"{name}_diff_mib"] = pd.to_numeric(table[f"{name}_diff_bytes"]) / 2**20
+    view["step_time_off_s"], view["step_time_on_s"] = table["step_time_off_s"], table["step_time_on_s"]
+    return view.dropna(axis="columns", how="all")
