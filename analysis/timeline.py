@@ -130,11 +130,14 @@ def coarse_phase(predicted_phase: str) -> str:
 
 # -- rows and files --------------------------------------------------------------------------------
 def profiled_rows(frame: pd.DataFrame) -> pd.DataFrame:
-    """Ok rows that carry a memory profile."""
+    """Ok rows that carry a memory profile; of a cell profiled more than once on one software stack,
+    the latest (a re-run with newer categorisation, in another results file, supersedes)."""
     if "profile_categories_bytes" not in frame.columns or frame.empty:
         return frame.iloc[0:0]
     has = frame["profile_categories_bytes"].map(lambda v: isinstance(v, dict))
-    return frame[(frame["status"] == "ok") & has]
+    rows = frame[(frame["status"] == "ok") & has]
+    order = rows.sort_values("env_started_at", kind="stable", na_position="first")
+    return order.drop_duplicates(["cell_id", "repeat", "env_stack"], keep="last").sort_index()
 
 
 def timeline_path(row: pd.Series | dict) -> Path | None:

@@ -555,3 +555,18 @@ def test_families_that_read_alike_are_told_apart():
     names = _distinct_names(["ka", "kb", "ka"], ["q", "q", "q"], [a, b, a])
     assert names == ["q [steps 2]", "q [steps 3]", "q [steps 2]"]  # profile_memory None reads as False
     assert _distinct_names(["ka"], ["q"], [a]) == ["q"]
+
+
+def test_a_profiled_cell_measured_again_is_shown_by_its_latest_row():
+    from analysis.timeline import profiled_rows
+
+    rows = []
+    for started, other in (("2026-11-28T10:00:00+00:00", 9), ("2026-11-28T12:00:00+00:00", 1)):
+        row = make_row(alloc=20, profile_memory=True)
+        row["env"]["started_at"] = started
+        row["profile_categories_bytes"] = {"parameters": 10, "other": other}
+        rows.append(row)
+    repeat = make_row(alloc=20, profile_memory=True)
+    repeat.update(repeat=1, profile_categories_bytes={"parameters": 10, "other": 5})
+    shown = profiled_rows(frame(rows[1], rows[0], repeat))
+    assert sorted(c["other"] for c in shown["profile_categories_bytes"]) == [1, 5]
