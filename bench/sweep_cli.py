@@ -26,7 +26,7 @@ from bench.procs import terminate_as_interrupt
 from bench.runner import DEFAULT_TIMEOUT_S
 from bench.store import ResultsLocked, read_rows
 from bench.sweep import SweepError, load_sweep
-from bench.sweep_run import Plan, Shard, make_plan, run_sweep
+from bench.sweep_run import Only, Plan, Shard, make_plan, run_sweep
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,6 +37,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--retry-failed", action="store_true", help="run error and timeout cells again")
     parser.add_argument("--no-prune", action="store_true", help="run cells that a smaller OOM cell implies")
     parser.add_argument("--shard", help="i/n: run only this machine's share of the cells")
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run only cells whose spec has this value (repeatable: keys AND, values of one key OR), "
+        "e.g. --only zero_offload=none --only method=lora",
+    )
     parser.add_argument(
         "--timeout",
         type=float,
@@ -158,12 +166,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     try:
         sweep = load_sweep(args.file)
         shard = Shard.parse(args.shard) if args.shard else None
+        only = Only.parse(args.only) if args.only else None
     except (SweepError, ValueError) as exc:
         console.print(f"[red]ftmem sweep: error:[/red] {exc}")
         return 2
     out = args.out or str(Path("results") / f"{sweep.name}.jsonl")
     if args.dry_run:
-        plan = make_plan(sweep, read_rows(out), shard, args.retry_failed)
+        plan = make_plan(sweep, read_rows(out), shard, args.retry_failed, only)
         print_plan(plan, Console())
         summary = {
             "sweep": sweep.name,
@@ -222,6 +231,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 on_row=on_row,
                 stop_after_s=args.stop_after,
                 preload=args.preload,
+                only=only,
             )
         except ResultsLocked as exc:
             console.print(f"[red]ftmem sweep: error:[/red] {exc}")

@@ -48,6 +48,37 @@ class Shard:
         return int(cell_id, 16) % self.count == self.index
 
 
+@dataclass(frozen=True)
+class Only:
+    """--only KEY=VALUE (repeatable): run the cells whose spec has, for every key named, one of the
+    values given for it (the same key twice: either value). Values are read as YAML scalars."""
+
+    values: tuple[tuple[str, tuple[Any, ...]], ...]
+
+    @classmethod
+    def parse(cls, items: Iterable[str]) -> Only:
+        import dataclasses as dc
+
+        import yaml
+
+        from bench.spec import CellSpec
+
+        fields = sorted(f.name for f in dc.fields(CellSpec))
+        chosen: dict[str, tuple[Any, ...]] = {}
+        for item in items:
+            key, sep, raw = item.partition("=")
+            if not sep or not key:
+                raise ValueError(f"--only: {item!r} is not allowed; write KEY=VALUE, e.g. zero_offload=none")
+            if key not in fields:
+                raise ValueError(f"--only: unknown key {key!r} in {item!r}; allowed: {', '.join(fields)}")
+            chosen[key] = (*chosen.get(key, ()), yaml.safe_load(raw))
+        return cls(tuple(chosen.items()))
+
+    def matches(self, cell: Cell) -> bool:
+        spec = dict(cell.raw) if cell.spec is None else cell.spec.to_dict()
+        return all(spec.get(key) in values for key, values in self.values)
+
+
 @dataclass
 class Plan:
     """What a sweep run will do, cell by cell: run, done (already in the file), invalid."""
@@ -82,7 +113,11 @@ def order_cells(cells: Iterable[Cell]) -> list[Cell]:
 
 
 def make_plan(
-    sweep: Sweep, existing: list[dict], shard: Shard | None = None, retry_failed: bool = False
+    sweep: Sweep,
+    existing: list[dict],
+    shard: Shard | None = None,
+    retry_failed: bool = False,
+    only: Only | None = None,
 ) -> Plan:
     plan = Plan(sweep)
     last: dict[tuple[str, int], dict] = {}
@@ -90,6 +125,8 @@ def make_plan(
         last[(row["cell_id"], row.get("repeat") or 0)] = row
     for cell in order_cells(expand(sweep)):
         if shard is not None and not shard.owns(cell.cell_id):
+            continue
+        if only is not None and not only.matches(cell):
             continue
         for repeat in range(sweep.repeats if cell.spec is not None else 1):
             row = last.get((cell.cell_id, repeat))
@@ -197,11 +234,12 @@ def run_sweep(
     on_row: OnRow | None = None,
     stop_after_s: float | None = None,
     preload: bool = False,
+    only: Only | None = None,
 ) -> list[dict[str, Any]]:
     """Lock the results file, plan against what it holds, run the rest."""
     file_lock = acquire(out_path)
     try:
-        plan = make_plan(sweep, read_rows(out_path), shard, retry_failed)
+        plan = make_plan(sweep, read_rows(out_path), shard, retry_failed, only)
         if on_plan is not None:
             on_plan(plan)
         return run_plan(plan, out_path, timeout_s, prune, runner, on_row, stop_after_s, preload)

@@ -340,3 +340,30 @@ def test_dry_run_warns_when_zero_offload_may_not_fit_in_host_memory():
     assert warning and "x 2" in warning and "256.0 GiB" in warning
     assert host_memory_warning(offload, predicted, host_total=1 << 40) is None
     assert host_memory_warning(none, predict(none.spec.to_dict()), host_total=16 << 30) is None
+
+
+def test_only_runs_the_cells_whose_spec_matches(tmp_path):
+    from bench.sweep_run import Only
+
+    sweep = sweep_of({"seq_len": [16, 32, 48], "batch_size": [1, 2]})
+    only = Only.parse(["seq_len=16", "seq_len=48", "batch_size=2"])  # (16 or 48) and batch 2
+    plan = make_plan(sweep, [], only=only)
+    assert sorted((c.spec.seq_len, c.spec.batch_size) for c, _ in plan.todo) == [(16, 2), (48, 2)]
+    calls = []
+    run_sweep(
+        sweep, str(tmp_path / "r.jsonl"), runner=fake_runner(calls=calls), only=Only.parse(["seq_len=32"])
+    )
+    assert len(calls) == 2  # the other cells are neither run nor recorded
+    assert len(read_rows(tmp_path / "r.jsonl")) == 2
+
+
+@pytest.mark.parametrize(
+    "item, message",
+    [("seq_len", "write KEY=VALUE"), ("=3", "write KEY=VALUE"), ("seqlen=3", "unknown key 'seqlen'")],
+)
+def test_only_rejects_bad_filters_naming_them(item, message):
+    from bench.sweep_run import Only
+
+    with pytest.raises(ValueError, match=message) as info:
+        Only.parse([item])
+    assert repr(item) in str(info.value) or item in str(info.value)
