@@ -24,7 +24,7 @@ from bench.models import architecture, linear_shapes, parameter_counts
 from bench.spec import CellSpec, SpecError
 
 CLAIMS_FILE = Path(__file__).with_name("claims.yaml")
-VERDICTS = ("supported", "marginal", "refuted", "not measured", "not measurable")
+VERDICTS = ("supported", "supported in part", "marginal", "refuted", "not measured", "not measurable")
 #: A footprint within this fraction of a budget (either side) is marginal, not a clear fit or miss.
 MARGIN = 0.05
 #: A saving within this many percentage points of the claimed range's edge is marginal.
@@ -595,12 +595,14 @@ def evaluate_claim(frame: pd.DataFrame, guide: Guide, claim: Claim) -> ClaimResu
 
 
 def combine(verdicts: list[str]) -> str:
-    """A claim's verdict: refuted if any part is; else the weakest measured part; a claim none of
+    """A claim's verdict: refuted if any part is; else the weakest measured part, and "supported in
+    part" where every measured part is supported but some part is not measured yet; a claim none of
     whose parts is measured is not measured (or not measurable, if no part is about memory)."""
     measured = [v for v in verdicts if v in _RANK]
     if not measured:
         return "not measurable" if all(v == "not measurable" for v in verdicts) else "not measured"
-    return min(measured, key=_RANK.__getitem__)
+    worst = min(measured, key=_RANK.__getitem__)
+    return "supported in part" if worst == "supported" and "not measured" in verdicts else worst
 
 
 def evaluate_claims(frame: pd.DataFrame, guide: Guide | None = None) -> list[ClaimResult]:

@@ -225,7 +225,7 @@ def test_c13_supported_when_zero3_fits_where_one_gpu_ran_out():
     base = dist_row("oom", **FULL)
     zero3 = dist_row(**FULL, gpus=4, dist="deepspeed_zero3", nvml_gib=66.0)
     result = judge_claim("C13", base, zero3)
-    assert result.verdict == "supported"
+    assert result.verdict == "supported in part"  # the ZeRO-2 part has no rows
     assert "1 GPU OOM" in result.figures and "constructed:2" in result.rows
 
 
@@ -233,7 +233,7 @@ def test_c13_refuted_when_zero2_holds_more_per_card():
     base = dist_row(**LORA, nvml_gib=34.0)
     zero2 = dist_row(**LORA, gpus=2, dist="deepspeed_zero2", nvml_gib=35.5)
     zero3 = dist_row(**LORA, gpus=2, dist="deepspeed_zero3", nvml_gib=24.0)
-    assert judge_claim("C13", base, zero3).verdict == "supported"
+    assert judge_claim("C13", base, zero3).verdict == "supported in part"  # ZeRO-2 not measured
     result = judge_claim("C13", base, zero2, zero3)
     assert result.verdict == "refuted"  # ZeRO-2 and ZeRO-3 are judged apart, and both must hold
     assert [c.verdict for c in result.checks] == ["refuted", "supported"]
@@ -290,7 +290,7 @@ def test_report_tables_take_multi_gpu_rows():
     guide = C.load_guide()
     results = C.evaluate_claims(df, guide)
     scenario = tables.guide_table(df, guide, results, "method", pr.predict).set_index("claim")
-    assert scenario.loc["C7", "verdict"] == "supported"
+    assert scenario.loc["C7", "verdict"] == "supported in part"  # 80-120 GB not measured
 
 
 def test_zero3_pure_bf16_keeps_bf16_masters_and_moments():

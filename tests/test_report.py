@@ -345,7 +345,10 @@ def test_a_host_oom_is_no_answer_about_gpu_memory():
 def test_combine_verdicts():
     assert C.combine(["supported", "refuted", "not measured"]) == "refuted"
     assert C.combine(["supported", "marginal"]) == "marginal"
-    assert C.combine(["not measured", "supported"]) == "supported"
+    # a part not yet measured keeps "supported" from standing for the whole claim
+    assert C.combine(["not measured", "supported"]) == "supported in part"
+    assert C.combine(["not measured", "marginal"]) == "marginal"
+    assert C.combine(["not measurable", "supported"]) == "supported"  # a part about no memory
     assert C.combine(["not measured", "not measurable"]) == "not measured"
     assert C.combine(["not measurable"]) == "not measurable"
 
@@ -358,7 +361,7 @@ def test_fixture_verdicts_end_to_end():
         "C4": "supported",
         "C5": "marginal",
         "C6": "supported",
-        "C7": "supported",
+        "C7": "supported in part",  # its 80-120 GB part has no row
         "C8": "refuted",
         "C11": "not measurable",
         "C13": "not measured",
