@@ -300,3 +300,14 @@ def test_zero3_pure_bf16_keeps_bf16_masters_and_moments():
     assert pure.components["zero_bf16_master_partition"] == 2 * p // 4
     assert pure.components["zero_adam_partition"] == 4 * p // 4
     assert pure.peak_allocated_bytes < mixed.peak_allocated_bytes
+
+
+def test_accuracy_takes_no_fit_verdict_from_a_host_oom():
+    """ZeRO-Offload that ran out of host memory says nothing of the GPU budget the predictor judges."""
+    from analysis.accuracy import evaluate
+
+    gpu_oom = dist_row("oom", **FULL, gpus=2, dist="deepspeed_zero3")
+    host_oom = dist_row("oom", **FULL, gpus=2, dist="deepspeed_zero3", zero_offload="optimizer")
+    host_oom["host_oom"] = True
+    assert evaluate(gpu_oom)["measured_fit"] is False
+    assert evaluate(host_oom) is None
