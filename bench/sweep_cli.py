@@ -94,6 +94,13 @@ def host_memory_warning(cell, prediction: Any, host_total: int) -> str | None:
     )
 
 
+def plan_console() -> Console:
+    """stdout; when it is not a terminal (a log file, a pipe) wide enough that the plan's columns are
+    not cut to a few letters (rich's default there is 80 columns)."""
+    console = Console()
+    return console if console.is_terminal else Console(width=200)
+
+
 def print_plan(plan: Plan, console: Console) -> None:
     table = Table(
         title=f"sweep {plan.sweep.name}: {len(plan.todo)} to run, {len(plan.done)} done, "
@@ -173,7 +180,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     out = args.out or str(Path("results") / f"{sweep.name}.jsonl")
     if args.dry_run:
         plan = make_plan(sweep, read_rows(out), shard, args.retry_failed, only)
-        print_plan(plan, Console())
+        print_plan(plan, plan_console())
         summary = {
             "sweep": sweep.name,
             "to_run": len(plan.todo),
