@@ -95,7 +95,8 @@ class ClaimResult:
     @property
     def headline(self) -> str:
         """The figure that decided the verdict, in a few words (README and summary tables)."""
-        decisive = [c for c in self.checks if c.verdict == self.verdict and c.headline]
+        verdict = "supported" if self.verdict == "supported in part" else self.verdict
+        decisive = [c for c in self.checks if c.verdict == verdict and c.headline]
         return decisive[0].headline if decisive else ""
 
     @property

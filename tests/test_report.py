@@ -345,6 +345,15 @@ def test_a_host_oom_is_no_answer_about_gpu_memory():
 def test_combine_verdicts():
     assert C.combine(["supported", "refuted", "not measured"]) == "refuted"
     assert C.combine(["supported", "marginal"]) == "marginal"
+    part = C.ClaimResult(
+        C.load_guide().claim("C9"),
+        "supported in part",
+        (
+            C.CheckResult("saving_percent", "not measured", "-"),
+            C.CheckResult("saving_percent", "supported", "-", headline="saves 4.3%"),
+        ),
+    )
+    assert part.headline == "saves 4.3%"  # the measured part that holds speaks for it
     # a part not yet measured keeps "supported" from standing for the whole claim
     assert C.combine(["not measured", "supported"]) == "supported in part"
     assert C.combine(["not measured", "marginal"]) == "marginal"
