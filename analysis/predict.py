@@ -301,6 +301,12 @@ class _Graph:
     so at the backward of op k only the tensors saved up to op k are alive. `bump_backward_at` records
     such a point: the saved bytes so far and the gradients alive there; `bwd_transient` counts it as
     its excess over the whole layer's saved bytes (which the moments add).
+
+    Forward runs the other way: at op k the tensors saved so far are alive, plus the op's own inputs and
+    outputs and what the modules' Python frames still hold (`frame`: a norm's output while the block it
+    feeds runs, the residual while the MLP runs) where they are not saved. `forward_at` records such a
+    point; `recompute_transient` is the largest excess over the whole layer's saved bytes: the working
+    set of a checkpointed layer's recomputation, which runs inside its backward.
     """
 
     def __init__(self, st: Setup):
@@ -312,6 +318,9 @@ class _Graph:
         self.input_saved = 0  # bytes of the layer input itself among the saved tensors (`layer_graph`)
         self._bwd_over_all = 0
         self._bwd_points: list[tuple[int, int]] = []
+        self.frame: dict[str, _T] = {}
+        self._fwd_points: list[int] = []
+        self.recompute_grads = 0  # gradients held while a checkpointed layer recomputes (`layer_graph`)
         self._ids = 0
 
     def new(self, numel: int, dtype: str, grad: bool) -> _T:
@@ -348,6 +357,17 @@ class _Graph:
         """Record a point of the backward where `held` bytes of gradients and temporaries are alive
         beside the tensors saved so far in the walk (those saved later are released by then)."""
         self._bwd_points.append((self.saved_bytes(), held))
+
+    def forward_at(self, *tensors: _T) -> None:
+        """Record a point of the forward where `tensors` and the frames' tensors are alive beside the
+        tensors saved so far (each storage once; saved ones are counted among the saved)."""
+        alive = {t.id: t.nbytes for t in (*tensors, *self.frame.values()) if t.id not in self.saved}
+        self._fwd_points.append(self.saved_bytes() + sum(alive.values()))
+
+    @property
+    def recompute_transient(self) -> int:
+        """The largest working set of the layer's forward beyond its saved tensors (`forward_at`)."""
+        return max(0, *(alive - self.saved_bytes() for alive in self._fwd_points))
 
     @property
     def bwd_transient(self) -> int:
@@ -413,14 +433,16 @@ def _lora_branch(g: _Graph, x: _T, lin: _Linear, result: _T) -> _T:
     peft's input cast makes a separate copy of x per adapted projection (fp32 under mixed precision,
     then autocast's own bf16 copy that A saves). peft's bnb layers (qlora, lora8bit) skip that cast under
     autocast, so A sees x itself: a half x is saved once however many adapters read it. Dropout p>0
-    saves a 1-byte mask per element.
+    saves a 1-byte mask per element. While A runs, x, the base output and peft's cast of x (its frame
+    holds it until the layer returns: 4 B per element of an fp32 adapter's input) are all alive.
     """
     st, r, tokens = g.st, g.st.spec.lora_r, x.numel // lin.fan_in
-    xl = x if (st.quant and st.autocast) else g.cast(x, st.adapter)
+    xl = cast = x if (st.quant and st.autocast) else g.cast(x, st.adapter)
     if st.spec.lora_dropout:
         g.save(g.new(xl.numel, "bool", False))
         xl = g.new(xl.numel, xl.dtype, xl.grad)
     a = dense_matmul(g, xl, lin.fan_in, r, st.adapter, True, lin.name + ".lora_A")
+    g.forward_at(x, result, cast, xl, a)
     b = dense_matmul(g, a, r, lin.fan_out, st.adapter, True, lin.name + ".lora_B")
     scaled = g.new(b.numel, b.dtype, True)
     return g.cast(g.new(tokens * lin.fan_out, _promote(result.dtype, scaled.dtype), True), result.dtype)
@@ -428,7 +450,10 @@ def _lora_branch(g: _Graph, x: _T, lin: _Linear, result: _T) -> _T:
 
 def linear(g: _Graph, x: _T, lin: _Linear) -> _T:
     out = _base_linear(g, x, lin)
-    return _lora_branch(g, x, lin, out) if lin.lora else out
+    if lin.lora:
+        return _lora_branch(g, x, lin, out)
+    g.forward_at(x, out)
+    return out
 
 
 def rmsnorm(g: _Graph, x: _T, width: int, wdtype: str, trainable: bool) -> _T:
@@ -580,16 +605,29 @@ def layer_input_requires_grad(st: Setup, first: bool) -> bool:
 
 
 def layer_graph(st: Setup, first: bool = False) -> tuple[_Graph, _T]:
-    """Walk one Qwen3 decoder layer: norm, attention, residual add, norm, MLP, residual add."""
+    """Walk one Qwen3 decoder layer: norm, attention, residual add, norm, MLP, residual add.
+
+    Qwen3DecoderLayer's frame holds each norm's output while the block it feeds runs, and the residual
+    (x + attn) while the MLP runs (`_Graph.frame`; the layer input is the checkpoint's, counted apart).
+    A checkpointed layer recomputes when its backward first unpacks a saved tensor: the grad of its
+    output is alive then and, when down_proj has an adapter, the grad of LoRA's scaled output (the
+    scaling's backward saves no tensor and runs first): `recompute_grads`."""
     g = _Graph(st)
     dm, lins = st.dims, _projections(st)
     x = g.new(st.tokens * dm["h"], st.other, layer_input_requires_grad(st, first))
     g.residual_grad = x.nbytes  # the grad of x + attn, held for x while the attention branch runs
-    attn = attention_block(g, rmsnorm(g, x, dm["h"], st.other, st.full), lins)
+    g.frame = {"attention_input": rmsnorm(g, x, dm["h"], st.other, st.full)}
+    attn = attention_block(g, g.frame["attention_input"], lins)
     mid = g.new(x.numel, _promote(x.dtype, attn.dtype), True)
-    out = mlp_block(g, rmsnorm(g, mid, dm["h"], st.other, st.full), lins)
+    g.frame = {"residual": mid}
+    g.frame["mlp_input"] = rmsnorm(g, mid, dm["h"], st.other, st.full)
+    out = mlp_block(g, g.frame["mlp_input"], lins)
+    g.frame = {}
     g.input_saved = g.saved.get(x.id, 0)  # an fp32 input is saved by the norm as is, not as a copy
-    return g, g.new(x.numel, _promote(mid.dtype, out.dtype), True)
+    y = g.new(x.numel, _promote(mid.dtype, out.dtype), True)
+    lora_down = lins["down_proj"].lora
+    g.recompute_grads = y.nbytes + (x.numel * BYTES[st.autocast or st.adapter] if lora_down else 0)
+    return g, y
 
 
 def stream_dtype(st: Setup) -> str:
@@ -674,6 +712,7 @@ class Parts:
     layer_input: int
     fwd_transient: int
     bwd_transient: int
+    recompute_transient: int = 0
 
 
 def static_bytes(st: Setup) -> tuple[dict[str, int], int]:
@@ -761,6 +800,7 @@ def parts(st: Setup) -> Parts:
         layer_input=st.tokens * st.dims["h"] * BYTES[stream_dtype(st)],
         fwd_transient=other.fwd_transient,
         bwd_transient=layer_backward_transient(st, other),
+        recompute_transient=0 if compiled else other.recompute_transient + other.recompute_grads,
     )
 
 
@@ -821,7 +861,10 @@ def layer_backward_moments(st: Setup, p: Parts) -> dict[str, dict[str, int]]:
     """Backward of the last layer (all activations still held) and of the first (all layer grads made).
     Memory is linear in the layer index between the two, so the ends bound every layer. Under
     checkpointing the layer's recomputed saved tensors join the held inputs; a norm that saves an fp32
-    input as is saves the checkpoint's own input (in layer_inputs already), which is not counted twice."""
+    input as is saves the checkpoint's own input (in layer_inputs already), which is not counted twice.
+    Checkpointing's recomputation runs inside the layer's backward, before any of its grads exist: its
+    working set (`Parts.recompute_transient`, less the layer's grads) competes with the backward's own
+    for `backward_transient`."""
     L, gc, accum = st.dims["L"], st.spec.gradient_checkpointing, st.spec.grad_accum > 1
     head_grads = p.grads - L * p.layer_grads
     moments = {}
@@ -834,13 +877,16 @@ def layer_backward_moments(st: Setup, p: Parts) -> dict[str, dict[str, int]]:
             acts["layer_activations"] -= done * p.layer_saved
         casts = p.layer_casts if gc else p.backward_casts - done * p.layer_casts
         grads = p.grads if accum else head_grads + (done + 1) * p.layer_grads
+        transient = p.bwd_transient
+        if gc:
+            transient = max(transient, p.recompute_transient - (0 if accum else p.layer_grads))
         moments[name] = _nonzero(
             {
                 **p.static,
                 **acts,
                 "autocast_weight_copies": casts,
                 "grads": grads,
-                "backward_transient": p.bwd_transient,
+                "backward_transient": transient,
             }
         )
     return moments
@@ -1122,8 +1168,12 @@ def zero_state_terms(st: Setup, cst: Setup, world: int, moment: str) -> dict[str
     a flat ipg buffer of reduce_bucket_size elements in the half dtype (contiguous_gradients), each
     layer's grads unsharded in the half dtype until copied in, and the rank's half grad partition (P/N);
     at the step the partition's grads in fp32 (4P/N) and torch foreach AdamW's sqrt temporary of the
-    same size. The ipg buffer is counted resident in every moment (estimate: ZeRO-2 allocates it at the
-    start of each engine.backward and keeps the reference until the next; ZeRO-3 once). ZeRO-2 replicates
+    same size. ZeRO-2 (DeepSpeed 0.19 stage_1_and_2.py) allocates the ipg buffer lazily, in setup_buckets
+    from the first gradient hook of a backward (process_gradients), and frees it in that backward's
+    epilogue (independent_gradient_partition_epilogue -> _release_ipg_buffers, every micro-batch): it is
+    alive in the layers' backward and, when lm_head trains, in lm_head's, never at the end of the
+    forward, in the loss's backward (no parameter grad yet) or at the optimizer step. ZeRO-3 is counted
+    resident in every moment (estimate: allocated once). ZeRO-2 replicates
     the half parameters and fills its grad partition as buckets are reduced; ZeRO-3 partitions the
     parameters (weights/N, persistent small ones whole), gathers `zero3_live_elements` in forward and
     backward, allocates the grad partition once and steps sub-group by sub-group (sub_group_size). The
@@ -1148,7 +1198,10 @@ def zero_state_terms(st: Setup, cst: Setup, world: int, moment: str) -> dict[str
             terms["zero3_live_params"] = zero3_live_elements(st) * hb
     else:
         terms[f"replicated_params_{cst.base}"] = weight_bytes(cst)
-        terms["zero_ipg_bucket"] = ipg
+        if moment in ("last_layer_backward", "first_layer_backward") or (
+            moment == "lm_head_backward" and head
+        ):
+            terms["zero_ipg_bucket"] = ipg
         if spec.grad_accum > 1 or moment == "optimizer_step":
             terms["zero2_grad_partition"] = grad_partition
         elif moment in ("last_layer_backward", "first_layer_backward"):
