@@ -261,28 +261,34 @@ def test_measured_qwen3_14b_rows(cell_id):
     assert abs(pred.nvml_process_bytes / row["nvml_peak_process_bytes"] - 1) < 0.01
 
 
-def _eager_gc_layer_backward_rows() -> list[dict]:
+def _gc_layer_backward_rows(attn_impl: str, method: str | None = None) -> list[dict]:
+    """Shipped 1-GPU ok rows with checkpointing and this attention (and method, if given) whose
+    predicted peak is a layer's backward."""
     return [
         r
         for r in acc.load_rows(ROOT / "results")
         if r["status"] == "ok"
-        and r["spec"].get("attn_impl") == "eager"
+        and r["spec"].get("attn_impl") == attn_impl
+        and method in (None, r["spec"].get("method"))
         and r["spec"].get("gradient_checkpointing")
         and r["spec"].get("gpus", 1) == 1
         and pr.predict(r["spec"]).peak_phase.endswith("layer_backward")
     ]
 
 
-def test_measured_eager_checkpointed_rows():
-    """Qwen3-14B LoRA and QLoRA (fp32 upcast) eager + GC cells whose peak is a layer's backward (seq 4096
-    b1/b2/b4, seq 8192 b1): within 0.5% (reached: |error| <= 0.17%; before the softmax-backward working
-    set and the single count of the fp32 layer input, -5.0% for LoRA and +6.4% for QLoRA)."""
-    rows = _eager_gc_layer_backward_rows()
+def _assert_peaks_within(rows: list[dict], tolerance: float) -> None:
     if not rows:
         pytest.skip("measured rows not present")
     for row in rows:
         pred = pr.predict(row["spec"]).peak_allocated_bytes
-        assert abs(pred / row["peak_allocated_bytes"] - 1) < 0.005, row["spec"]
+        assert abs(pred / row["peak_allocated_bytes"] - 1) < tolerance, row["spec"]
+
+
+def test_measured_eager_checkpointed_rows():
+    """Qwen3-14B LoRA and QLoRA (fp32 upcast) eager + GC cells whose peak is a layer's backward (seq 4096
+    b1/b2/b4, seq 8192 b1): within 0.5% (reached: |error| <= 0.17%; before the softmax-backward working
+    set and the single count of the fp32 layer input, -5.0% for LoRA and +6.4% for QLoRA)."""
+    _assert_peaks_within(_gc_layer_backward_rows("eager"), 0.005)
 
 
 def test_checkpointed_lora_layer_recomputes_with_its_frames_and_incoming_grads():
@@ -307,29 +313,11 @@ def test_checkpointed_lora_layer_recomputes_with_its_frames_and_incoming_grads()
     assert pr.parts(attn_only).recompute_transient == T * (2 * 192 + 8 * 64)  # product, out, 2 frames, grad
 
 
-def _lora_gc_sdpa_layer_backward_rows() -> list[dict]:
-    return [
-        r
-        for r in acc.load_rows(ROOT / "results")
-        if r["status"] == "ok"
-        and r["spec"].get("method") == "lora"
-        and r["spec"].get("attn_impl") == "sdpa"
-        and r["spec"].get("gradient_checkpointing")
-        and r["spec"].get("gpus", 1) == 1
-        and pr.predict(r["spec"]).peak_phase.endswith("layer_backward")
-    ]
-
-
 def test_measured_checkpointed_lora_sdpa_layer_backward_rows():
     """Qwen3-14B LoRA sdpa + GC cells whose peak is a layer's backward (the fused-CE ones: seq 2048 b1/b4,
     seq 8192 b1/b4): within 0.1% (reached: |error| <= 0.02%; -0.3% to -2.9% before the recomputation's
     working set, ~10 bytes x h per token short: the frames' tensors and the incoming grads)."""
-    rows = _lora_gc_sdpa_layer_backward_rows()
-    if not rows:
-        pytest.skip("measured rows not present")
-    for row in rows:
-        pred = pr.predict(row["spec"]).peak_allocated_bytes
-        assert abs(pred / row["peak_allocated_bytes"] - 1) < 0.001, row["spec"]
+    _assert_peaks_within(_gc_layer_backward_rows("sdpa", method="lora"), 0.001)
 
 
 # -- capacity --------------------------------------------------------------------------------------
