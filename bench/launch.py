@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import env, nvml, schema
+from bench.cards import gib
 from bench.procs import HostMemorySampler, wait_or_kill_tree
 from bench.spec import CellSpec
 
@@ -181,8 +182,8 @@ def run_dist_cell(
         row["status"], row["host_oom"] = "oom", True
         row["error"] = (
             f"host memory ran out: a rank was killed by SIGKILL (the kernel's OOM killer) while the host had "
-            f"{host.min_available_bytes / 2**30:.1f} GiB of {host.total_bytes / 2**30:.1f} GiB available and "
-            f"the cell's processes held {host.peak_tree_rss_bytes / 2**30:.1f} GiB resident (GiB = 2^30 bytes)."
+            f"{gib(host.min_available_bytes):.1f} GiB of {gib(host.total_bytes):.1f} GiB available and "
+            f"the cell's processes held {gib(host.peak_tree_rss_bytes or 0):.1f} GiB resident (GiB = 2^30 bytes)."
             f" {row['error']}"
         )
     row["cell_wall_time_s"] = time.monotonic() - start

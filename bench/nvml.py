@@ -92,7 +92,7 @@ def process_used_bytes(pid: int | None = None, index: int | None = None) -> int 
     return None
 
 
-class _Sampling:
+class Sampling:
     """A daemon thread that calls `sample()` every `interval_s` while the `with` block runs."""
 
     interval_s: float
@@ -123,7 +123,7 @@ class _Sampling:
             self.sample()
 
 
-class PeakSampler(_Sampling):
+class PeakSampler(Sampling):
     """Samples process and device memory every `interval_s` in a daemon thread; keeps the peaks."""
 
     def __init__(self, interval_s: float = 0.005):
@@ -139,7 +139,7 @@ class PeakSampler(_Sampling):
             self.peak_device_bytes = max(dev, self.peak_device_bytes or 0)
 
 
-class DevicesSampler(_Sampling):
+class DevicesSampler(Sampling):
     """The parent's view of a multi-GPU cell: NVML used memory of each of `indices`, sampled together.
 
     `peak_sum_bytes` is the peak of the sum over the devices at one instant (what the cell holds on

@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 
+from bench.nvml import Sampling
+
 _PR_SET_PDEATHSIG = 1
 PARENT_ENV = "FTMEM_PARENT_PID"
 
@@ -145,7 +147,7 @@ def _bytecode_cache_off(child: dict[str, str]) -> bool:
     return not (os.access(cache, os.W_OK) if os.path.isdir(cache) else os.access(package, os.W_OK))
 
 
-class HostMemorySampler:
+class HostMemorySampler(Sampling):
     """Host memory of a process tree while a `with` block runs, sampled every `interval_s` in a thread:
     the peak of the tree's summed resident set size (pinned and page-locked buffers included) and the
     lowest memory the system had available. A cell with CPU offload can exhaust the host, not the GPU."""
@@ -159,13 +161,18 @@ class HostMemorySampler:
         self.min_available_bytes: int | None = None
         self.total_bytes = psutil.virtual_memory().total
 
+    def _active(self) -> bool:
+        return True  # host memory, with or without an NVIDIA driver
+
     def watch(self, pid: int) -> None:
         self.pid = pid
 
     def sample(self) -> None:
         import psutil
 
-        self.min_available_bytes = min(psutil.virtual_memory().available, self.min_available_bytes or 1 << 62)
+        available = psutil.virtual_memory().available
+        if self.min_available_bytes is None or available < self.min_available_bytes:
+            self.min_available_bytes = available
         if self.pid is None:
             return
         rss = 0
@@ -174,23 +181,5 @@ class HostMemorySampler:
             for proc in [root, *root.children(recursive=True)]:
                 with contextlib.suppress(psutil.Error):
                     rss += proc.memory_info().rss
-        self.peak_tree_rss_bytes = (
-            max(rss, self.peak_tree_rss_bytes or 0) if rss else self.peak_tree_rss_bytes
-        )
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.sample()
-
-    def __enter__(self):
-        import threading
-
-        self._stop = threading.Event()
-        self.sample()
-        self._thread = threading.Thread(target=self._run, name="HostMemorySampler", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+        if rss:
+            self.peak_tree_rss_bytes = max(rss, self.peak_tree_rss_bytes or 0)
