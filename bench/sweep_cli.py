@@ -83,7 +83,7 @@ HOST_WARN_SHARE = 0.8
 
 def host_memory_warning(cell, prediction: Any, host_total: int) -> str | None:
     """A dry-run warning for a cell whose CPU offload may not fit in this host's memory."""
-    host = getattr(prediction, "outside_allocated", {}).get("host_bytes", 0)
+    host = prediction.outside_allocated.get("host_bytes", 0)
     need = host * cell.spec.gpus
     if not host or need <= HOST_WARN_SHARE * host_total:
         return None

@@ -12,16 +12,19 @@ the cell that implies it. Cells run in order of tokens per micro-batch so the sm
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import yaml
+
 from bench import artifacts, schema
 from bench.procs import warm_bytecode_cache
 from bench.runner import DEFAULT_TIMEOUT_S, cell_env, failure_row, run_cell
-from bench.spec import at_later_default
+from bench.spec import CellSpec, at_later_default
 from bench.store import acquire, append_row, read_rows
 from bench.sweep import Cell, Sweep, expand
 
@@ -57,13 +60,7 @@ class Only:
 
     @classmethod
     def parse(cls, items: Iterable[str]) -> Only:
-        import dataclasses as dc
-
-        import yaml
-
-        from bench.spec import CellSpec
-
-        fields = sorted(f.name for f in dc.fields(CellSpec))
+        fields = sorted(f.name for f in dataclasses.fields(CellSpec))
         chosen: dict[str, tuple[Any, ...]] = {}
         for item in items:
             key, sep, raw = item.partition("=")
