@@ -84,6 +84,7 @@ def collect(cuda_runtime: str | None = None) -> dict:
         "gpu_name": gpu.get("name"),
         "gpu_total_bytes": gpu.get("total_bytes"),
         "gpu_count": gpu.get("count"),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "driver": gpu.get("driver"),
         "cuda": cuda_runtime if cuda_runtime is not None else torch_cuda_version(),
         "cuda_driver_api": gpu.get("cuda_driver"),
