@@ -561,6 +561,7 @@ def check_lower_per_card(rows: pd.DataFrame, multi: pd.DataFrame, check: dict[st
             f"{_count(len(multi), 'multi-GPU row')} but no 1-GPU baseline row (same spec with gpus 1, dist none) "
             "that answers whether memory per card is lower",
         )
+    judged = same_run_pairs(judged)
     pick = max if check.get("over", "all") == "any" else min
     verdict, text, m, b = pick(judged, key=lambda j: _RANK[j[0]])
     counts = {v: sum(j[0] == v for j in judged) for v in _RANK}
@@ -571,6 +572,13 @@ def check_lower_per_card(rows: pd.DataFrame, multi: pd.DataFrame, check: dict[st
     refs = tuple(dict.fromkeys(r for j in judged for r in (row_ref(j[2]), row_ref(j[3]))))
     measured = float(m["footprint_gib"]) if m["status"] == "ok" else None
     return CheckResult("multi_gpu", verdict, summary, refs, measured, headline=text)
+
+
+def same_run_pairs(judged: list[tuple]) -> list[tuple]:
+    """Where some multi-GPU row has its baseline in the same results file (one sweep, run on one
+    machine in one session), judge by those pairs alone; other pairs mix machines and days."""
+    same = [j for j in judged if j[2]["source_file"] == j[3]["source_file"]]
+    return same or judged
 
 
 def check_qualitative(rows: pd.DataFrame, check: dict[str, Any]) -> CheckResult:

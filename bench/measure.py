@@ -117,11 +117,20 @@ class CellRun:
         self.values["context_bytes"] = process if process is not None else device_delta
         budget = self.spec.budget_bytes
         if budget is not None:
-            total = torch.cuda.get_device_properties(self.device).total_memory
-            cap = budget - (self.values["context_bytes"] or 0)
-            if cap <= 0 or budget > total:
-                raise ValueError(f"budget {budget} bytes cannot be emulated on a card of {total} bytes")
-            torch.cuda.set_per_process_memory_fraction(cap / total, self.device)
+            self._cap(budget)
+
+    def _cap(self, budget: int) -> None:
+        """Cap the allocator at the budget less the context. A budget of the card's own size (its
+        nvidia-smi total, which torch's total_memory undercounts) leaves the card uncapped."""
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        card = nvml.device_info().get("total_bytes") or total
+        cap = budget - (self.values["context_bytes"] or 0)
+        if cap <= 0 or budget > card:
+            raise ValueError(
+                f"budget_gb: {budget} bytes ({budget / 2**30:.2f} GiB) cannot be emulated on this card "
+                f"of {card} bytes ({card / 2**30:.2f} GiB): allowed is at most the card's size"
+            )
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), self.device)
 
     def _build(self):
         self.phase = "build"

@@ -142,3 +142,17 @@ def test_sdpa_flash_cell_on_the_gpu():
     row = run_cell(spec, timeout_s=300)
     assert row["status"] == "ok", row["error"]
     assert row["attn_impl_used"] == "sdpa"
+
+
+@pytest.mark.gpu
+def test_a_budget_of_the_cards_own_size_runs_uncapped_and_a_larger_one_is_refused():
+    """nvidia-smi's total (the card's size) is a little more than torch's total_memory: a budget of the
+    card itself must run, not fail as 'cannot be emulated'; a budget over the card is an error."""
+    from bench import nvml
+
+    card = nvml.device_info()["total_bytes"]
+    base = {**TINY, "device": "cuda", "method": "lora", "precision": "bf16_mixed"}
+    row = run_cell(CellSpec(**{**base, "budget_gb": card / 1e9}), timeout_s=300)
+    assert row["status"] == "ok", row["error"]
+    over = run_cell(CellSpec(**{**base, "budget_gb": card * 1.01 / 1e9}), timeout_s=300)
+    assert over["status"] == "error" and "budget_gb" in over["error"] and "at most the card" in over["error"]

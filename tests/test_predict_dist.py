@@ -288,6 +288,25 @@ def test_c13_refuted_when_zero2_holds_more_per_card():
     assert "2x deepspeed_zero3 vs 1 GPU" in result.checks[1].summary
 
 
+def test_c13_judges_by_the_baseline_of_the_same_run_where_there_is_one():
+    """Issue 6: the 1-GPU baseline measured in the same call as the multi-GPU cells decides; a
+    baseline from another file (another machine or day) counts only when there is none."""
+    import pandas as pd
+
+    guide = C.load_guide()
+    other_day = rows_to_frame([dist_row(**LORA, nvml_gib=36.0)], source="old.jsonl")
+    same_run = rows_to_frame(
+        [dist_row(**LORA, nvml_gib=34.0), dist_row(**LORA, gpus=2, dist="deepspeed_zero2", nvml_gib=35.0)],
+        source="run.jsonl",
+    )
+    check = guide.claim("C13").checks[0]
+    both = C.check_multi_gpu(pd.concat([other_day, same_run], ignore_index=True), check)
+    assert both.verdict == "refuted" and "run.jsonl:2 vs run.jsonl:1" in both.summary
+    assert "1 pair" in both.summary  # the other day's baseline (36 GiB) would have said "supported"
+    alone = C.check_multi_gpu(pd.concat([other_day, same_run.iloc[1:]], ignore_index=True), check)
+    assert alone.verdict == "supported" and "old.jsonl:1" in alone.summary
+
+
 def test_c13_needs_a_baseline_and_multi_gpu_rows():
     assert judge_claim("C13", dist_row(**LORA, nvml_gib=34.0)).verdict == "not measured"
     lonely = judge_claim("C13", dist_row(**LORA, gpus=2, dist="deepspeed_zero3", nvml_gib=24.0))
