@@ -575,9 +575,10 @@ def check_lower_per_card(rows: pd.DataFrame, multi: pd.DataFrame, check: dict[st
 
 
 def same_run_pairs(judged: list[tuple]) -> list[tuple]:
-    """Where some multi-GPU row has its baseline in the same results file (one sweep, run on one
-    machine in one session), judge by those pairs alone; other pairs mix machines and days."""
-    same = [j for j in judged if j[2]["source_file"] == j[3]["source_file"]]
+    """Where some multi-GPU row has its baseline from the same run (the same results file and the same
+    code commit: one sweep on one machine), judge by those pairs alone; other pairs mix machines and days."""
+    run = ("source_file", "env_git_commit")
+    same = [j for j in judged if all(j[2].get(k) == j[3].get(k) for k in run)]
     return same or judged
 
 

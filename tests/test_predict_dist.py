@@ -305,6 +305,9 @@ def test_c13_judges_by_the_baseline_of_the_same_run_where_there_is_one():
     assert "1 pair" in both.summary  # the other day's baseline (36 GiB) would have said "supported"
     alone = C.check_multi_gpu(pd.concat([other_day, same_run.iloc[1:]], ignore_index=True), check)
     assert alone.verdict == "supported" and "old.jsonl:1" in alone.summary
+    later = rows_to_frame([dict(dist_row(**LORA, nvml_gib=36.0), env={**ENV, "git_commit": "b"})], source="run.jsonl")
+    mixed = C.check_multi_gpu(pd.concat([same_run.iloc[1:], later], ignore_index=True), check)
+    assert mixed.verdict == "supported"  # one file, but another commit: still the only baseline there is
 
 
 def test_c13_needs_a_baseline_and_multi_gpu_rows():
