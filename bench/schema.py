@@ -69,7 +69,7 @@ FIELDS: dict[str, str] = {
     "startup_breakdown_s": "startup_to_first_step_s by stage: interpreter_and_imports (to the start of the "
     "measurement), cuda_context (context and budget), build (the model), training_setup (batches, optimizer)",
     "cell_process": "fresh (a new Python interpreter) or forked (from ftmem's preloaded fork server, torch and "
-    "transformers imported once per sweep: sweep --preload; startup_to_first_step_s then leaves out those imports)",
+    "transformers imported once per sweep: sweep --preload, the default; startup_to_first_step_s then leaves out those imports)",
     "cell_wall_time_s": "wall time of the cell as the parent saw it (process start to row)",
     "final_loss": "loss of the last measured micro-batch (random weights: a sanity value only)",
     "attn_impl_used": "attention implementation the model really ran with",

@@ -180,7 +180,7 @@ def test_stop_after_starts_no_cell_past_the_limit_and_resume_finishes(tmp_path):
 
 
 def _is_cell(proc) -> bool:
-    """A cell's process: a fresh bench.worker, or a child of the fork server (--preload)."""
+    """A cell's process: a fresh bench.worker (--no-preload), or a child of the fork server (the default)."""
     try:
         if "bench.worker" in " ".join(proc.cmdline()):
             return True
@@ -220,7 +220,7 @@ def _hanging_sweep(tmp_path, *args):
     raise AssertionError("the cell's process never started")
 
 
-@pytest.mark.parametrize("args", [(), ("--preload",)])
+@pytest.mark.parametrize("args", [("--no-preload",), ()])
 def test_sigterm_stops_the_sweep_and_kills_the_running_cell(tmp_path, args):
     import psutil
 
@@ -232,7 +232,7 @@ def test_sigterm_stops_the_sweep_and_kills_the_running_cell(tmp_path, args):
     assert not cell.is_running() or cell.status() == psutil.STATUS_ZOMBIE
 
 
-@pytest.mark.parametrize("args", [(), ("--preload",)])
+@pytest.mark.parametrize("args", [("--no-preload",), ()])
 def test_kill_9_of_the_runner_takes_the_running_cell_with_it(tmp_path, args):
     import psutil
 
@@ -367,3 +367,10 @@ def test_only_rejects_bad_filters_naming_them(item, message):
     with pytest.raises(ValueError, match=message) as info:
         Only.parse([item])
     assert repr(item) in str(info.value) or item in str(info.value)
+
+
+def test_the_cli_forks_cells_by_default_and_no_preload_starts_them_fresh():
+    from bench.cli import build_parser
+
+    assert build_parser().parse_args(["sweep", "s.yaml"]).preload is True
+    assert build_parser().parse_args(["sweep", "s.yaml", "--no-preload"]).preload is False
