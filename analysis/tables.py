@@ -68,12 +68,21 @@ def fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+def _cell(value: Any, is_bytes: bool) -> str:
+    """fmt, but whole numbers of bytes (floats only because the column has gaps) stay integers."""
+    if is_bytes and isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return fmt(value)
+
+
 def to_markdown(table: pd.DataFrame) -> str:
     """A GitHub Markdown table (pipes in cells escaped); a note in place of an empty table."""
     if table.empty:
         return "_No rows measured yet._\n"
+    byte_columns = [str(c).endswith("_bytes") for c in table.columns]
     cells = [
-        [fmt(v).replace("|", "\\|").replace("\n", " ") for v in row] for row in table.itertuples(index=False)
+        [_cell(v, is_bytes).replace("|", "\\|").replace("\n", " ") for v, is_bytes in zip(row, byte_columns)]
+        for row in table.itertuples(index=False)
     ]
     lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells]) + "\n"

@@ -582,3 +582,13 @@ def test_a_profiled_cell_measured_again_is_shown_by_its_latest_row():
     repeat.update(repeat=1, profile_categories_bytes={"parameters": 10, "other": 5})
     shown = profiled_rows(frame(rows[1], rows[0], repeat))
     assert sorted(c["other"] for c in shown["profile_categories_bytes"]) == [1, 5]
+
+
+def test_markdown_tables_show_bytes_as_integers_and_gaps_as_dashes():
+    import pandas as pd
+
+    from analysis.tables import to_markdown
+
+    table = pd.DataFrame({"peak_allocated_bytes": [23991076864, None], "step_time_s": [0.8234, 1.0]})
+    lines = to_markdown(table).splitlines()
+    assert lines[2] == "| 23991076864 | 0.82 |" and lines[3] == "| - | 1.00 |"
