@@ -85,6 +85,7 @@ def collect(cuda_runtime: str | None = None) -> dict:
         "gpu_total_bytes": gpu.get("total_bytes"),
         "gpu_count": gpu.get("count"),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "pytorch_cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
         "driver": gpu.get("driver"),
         "cuda": cuda_runtime if cuda_runtime is not None else torch_cuda_version(),
         "cuda_driver_api": gpu.get("cuda_driver"),

@@ -57,6 +57,16 @@ def oom_requested_bytes(message: str) -> int | None:
     return None if match is None else int(float(match.group(1)) * _UNITS[match.group(2)])
 
 
+def allocator_settings(conf: str) -> None:
+    """Set the caching allocator's options for this process, as PYTORCH_CUDA_ALLOC_CONF would at start:
+    the variable for anything that reads it later, and torch's setter, since a cell forked from the
+    preloaded server imported torch before the spec was known."""
+    own = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    conf = f"{own},{conf}" if own else conf
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = conf
+    torch.cuda.memory._set_allocator_settings(conf)
+
+
 class StartupClock:
     """Seconds from the process's creation to each start-up milestone: where a cell's overhead goes."""
 
@@ -106,6 +116,8 @@ class CellRun:
         return self.values
 
     def _cuda_context_and_budget(self) -> None:
+        if self.spec.expandable_segments:
+            allocator_settings("expandable_segments:True")
         before = nvml.device_used_bytes()
         torch.cuda.set_device(self.device)
         torch.cuda.synchronize()

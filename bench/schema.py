@@ -98,7 +98,8 @@ FIELDS: dict[str, str] = {
     "bytes count the rank's own shard. torch's counters miss NCCL buffers and workspaces: only the NVML "
     "figures (nvml_peak_process_bytes per rank, nvml_peak_device_bytes summed) see them. Null for 1-process cells",
     "env": "provenance: gpu_name, gpu_total_bytes, gpu_count (GPUs on the host), cuda_visible_devices "
-    "(the GPUs the cell was given, null when unrestricted), driver, cuda, torch, transformers, peft, "
+    "(the GPUs the cell was given, null when unrestricted), pytorch_cuda_alloc_conf (the allocator's options, "
+    "null for torch's defaults), driver, cuda, torch, transformers, peft, "
     "bitsandbytes, accelerate, liger_kernel, flash_attn, python, platform, hostname, git_commit, git_dirty, started_at",
 }
 

@@ -52,6 +52,7 @@ LATER_FIELDS: dict[str, Any] = {
     "gpus": 1,
     "dist": "none",
     "zero_offload": "none",
+    "expandable_segments": False,
 }
 
 
@@ -128,6 +129,11 @@ class CellSpec:
     )
     zero_offload: str = _help(
         "DeepSpeed ZeRO-Offload to CPU: none | optimizer (ZeRO-2/3) | optimizer_and_params (ZeRO-3)", "none"
+    )
+    expandable_segments: bool = _help(
+        "cuda: the caching allocator grows expandable segments (PYTORCH_CUDA_ALLOC_CONF="
+        "expandable_segments:True) instead of fixed blocks, against OOMs from fragmentation",
+        False,
     )
 
     # -- construction ------------------------------------------------------------------------
@@ -211,6 +217,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "gpus": (int,),
     "dist": (str,),
     "zero_offload": (str,),
+    "expandable_segments": (bool,),
 }
 
 
@@ -356,6 +363,7 @@ def _validate_combinations(spec: CellSpec) -> None:
             "budget_gb": (spec.budget_gb is not None, "a memory budget is emulated on device cuda only"),
             "precision": (spec.precision == "fp16_mixed", "fp16 autocast with GradScaler needs device cuda"),
             "snapshot": (spec.snapshot, "allocator snapshots (torch.cuda.memory) need device cuda"),
+            "expandable_segments": (spec.expandable_segments, "expandable segments are a CUDA allocator setting"),
         }
         for key, (broken, why) in cpu_rules.items():
             if broken:

@@ -156,3 +156,27 @@ def test_a_budget_of_the_cards_own_size_runs_uncapped_and_a_larger_one_is_refuse
     assert row["status"] == "ok", row["error"]
     over = run_cell(CellSpec(**{**base, "budget_gb": card * 1.01 / 1e9}), timeout_s=300)
     assert over["status"] == "error" and "budget_gb" in over["error"] and "at most the card" in over["error"]
+
+
+@pytest.mark.gpu
+def test_expandable_segments_cell_runs_with_the_allocator_option_on():
+    spec = CellSpec(**{**TINY, "device": "cuda", "method": "lora", "precision": "bf16_mixed", "expandable_segments": True})
+    for preload in (False, True):
+        row = run_cell(spec, timeout_s=300, preload=preload)
+        assert row["status"] == "ok", row["error"]
+        assert "expandable_segments:True" in row["env"]["pytorch_cuda_alloc_conf"]
+
+
+@pytest.mark.gpu
+def test_allocator_settings_take_effect_after_torch_is_imported():
+    """A forked cell imports torch before its spec is known: the setter must still switch segments."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; from bench.measure import allocator_settings; "
+        "allocator_settings('expandable_segments:True'); x = torch.empty(2**20, device='cuda'); "
+        "print(sorted({bool(s.get('is_expandable')) for s in torch.cuda.memory_snapshot()}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[True]"

@@ -113,3 +113,17 @@ def test_every_shipped_row_spec_rebuilds_to_its_cell_id():
             row = json.loads(line)
             if row["status"] != "invalid":
                 assert CellSpec.from_dict(row["spec"]).cell_id == row["cell_id"], (path, row["cell_id"])
+
+
+def test_expandable_segments_defaults_off_keeps_cell_ids_and_needs_cuda():
+    base = {"model": "qwen3-14b", "method": "lora", "seq_len": 2048, "batch_size": 1}
+    plain = CellSpec.create(**base, precision="bf16_mixed", gradient_checkpointing=False)
+    assert plain.expandable_segments is False and plain.cell_id == "526a5bd9fc1004a6"  # a published id
+    assert CellSpec.create(**base, expandable_segments=False).cell_id == CellSpec.create(**base).cell_id
+    assert CellSpec.create(**base, expandable_segments=True).cell_id != CellSpec.create(**base).cell_id
+    with pytest.raises(SpecError) as err:
+        CellSpec.create(**{**base, "device": "cpu", "seq_len": 32}, expandable_segments=True)
+    assert err.value.key == "expandable_segments" and "CUDA" in str(err.value)
+    with pytest.raises(SpecError) as err:
+        CellSpec.create(**base, expandable_segments="yes")
+    assert err.value.key == "expandable_segments"
