@@ -284,6 +284,7 @@ def describe_spec(spec: dict[str, Any], shape: bool = True) -> str:
         f"{spec.get('gpus') or 1}x {spec.get('dist')}": (spec.get("dist") or "none") != "none"
         or (spec.get("gpus") or 1) > 1,
         f"offload {spec.get('zero_offload')}": (spec.get("zero_offload") or "none") != "none",
+        "expandable segments": spec.get("expandable_segments"),
     }
     return " ".join(words + [name for name, on in flags.items() if on])
 

@@ -592,3 +592,12 @@ def test_markdown_tables_show_bytes_as_integers_and_gaps_as_dashes():
     table = pd.DataFrame({"peak_allocated_bytes": [23991076864, None], "step_time_s": [0.8234, 1.0]})
     lines = to_markdown(table).splitlines()
     assert lines[2] == "| 23991076864 | 0.82 |" and lines[3] == "| - | 1.00 |"
+
+
+def test_describe_spec_names_expandable_segments():
+    from analysis.load import describe_spec
+
+    spec = {"method": "full", "precision": "bf16", "seq_len": 2048, "batch_size": 1,
+            "gradient_checkpointing": True, "expandable_segments": True}
+    assert describe_spec(spec) == "full bf16 seq 2048 x b1 GC expandable segments"
+    assert "expandable" not in describe_spec({**spec, "expandable_segments": False})
