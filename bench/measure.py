@@ -29,6 +29,7 @@ import psutil
 import torch
 
 from bench import build, nvml, profile, train
+from bench.cards import gib
 from bench.spec import CellSpec
 
 _OOM_SIZE = re.compile(r"Tried to allocate ([\d.]+) (GiB|MiB|KiB|B)")
@@ -139,8 +140,8 @@ class CellRun:
         cap = budget - (self.values["context_bytes"] or 0)
         if cap <= 0 or budget > card:
             raise ValueError(
-                f"budget_gb: {budget} bytes ({budget / 2**30:.2f} GiB) cannot be emulated on this card "
-                f"of {card} bytes ({card / 2**30:.2f} GiB): allowed is at most the card's size"
+                f"budget_gb: {budget} bytes ({gib(budget):.2f} GiB) cannot be emulated on this card "
+                f"of {card} bytes ({gib(card):.2f} GiB): allowed is at most the card's size"
             )
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), self.device)
 
