@@ -11,8 +11,10 @@ LoRA adapters come from peft, as users get them.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -66,10 +68,13 @@ def hf_attn_impl(spec: CellSpec) -> str:
 
 
 def hf_config(spec: CellSpec):
+    """The transformers config of the cell's (text) model; ftmem's own keys (`_...`) left out."""
     from transformers import AutoConfig
 
     arch = architecture(spec.model)
-    config = AutoConfig.for_model(**{k: v for k, v in arch.items() if k != "architectures"})
+    config = AutoConfig.for_model(
+        **{k: v for k, v in arch.items() if k != "architectures" and not k.startswith("_")}
+    )
     config.use_cache = False
     config._attn_implementation = hf_attn_impl(spec)
     return config
@@ -116,7 +121,7 @@ def build_model(
     stages = stages or BuildStages(device)
     _import_libraries(spec)
     stages.done("imports")
-    if is_checkpoint_dir(spec.model):
+    if is_checkpoint_dir(spec.model) and has_weights(spec.model):
         model = _load_checkpoint(spec, device)
     else:
         model = _build_random(spec, device, init_device or device)
@@ -135,9 +140,19 @@ def build_model(
     return model
 
 
+def has_weights(folder: str) -> bool:
+    """A checkpoint folder with saved weights (safetensors or PyTorch files); without, random weights."""
+    patterns = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin")
+    return any(any(Path(folder).glob(p)) for p in patterns)
+
+
 def _import_libraries(spec: CellSpec) -> None:
     """Import what the build uses up front (seconds on a cold start), so the stages time the work."""
-    import transformers.models.qwen3.modeling_qwen3  # noqa: F401
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+    module = model_type_to_module_name(architecture(spec.model)["model_type"])
+    with contextlib.suppress(ModuleNotFoundError):
+        importlib.import_module(f"transformers.models.{module}.modeling_{module}")
 
     if spec.method in LORA_METHODS:
         import peft  # noqa: F401
@@ -195,7 +210,7 @@ def materialize(
                     made[id(param)] = _random_parameter(module_name, param, device, dtype, generator)
                 module._parameters[name] = made[id(param)]
         if any(b.device.type == "meta" for b in module.buffers(recurse=False)):
-            _rebuild_buffers(model, module_name, module, device)
+            _rebuild_buffers(model, module, device)
 
 
 def _random_parameter(module_name, param, device, dtype, generator) -> nn.Parameter:
@@ -223,16 +238,14 @@ def _random_parameter(module_name, param, device, dtype, generator) -> nn.Parame
     return nn.Parameter(value, requires_grad=param.requires_grad)
 
 
-def _rebuild_buffers(model: nn.Module, module_name: str, module: nn.Module, device: torch.device) -> None:
-    """Meta buffers are derived tables (rotary inv_freq): rebuild the module on the device."""
-    if not hasattr(module, "rope_init_fn") and "rotary" not in module_name:
-        raise RuntimeError(
-            f"don't know how to materialize the buffers of {module_name} ({type(module).__name__})"
-        )
-    parent_name, _, child = module_name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    with torch.device(device):
-        setattr(parent, child, type(module)(config=model.config))
+def _rebuild_buffers(model: nn.Module, module: nn.Module, device: torch.device) -> None:
+    """Meta buffers are derived values (rotary inv_freq, Gemma's embedding scale): make them on the device
+    and let the model's own `_init_weights` fill them, as transformers does when it loads a checkpoint."""
+    for name, buffer in list(module.named_buffers(recurse=False)):
+        if buffer.device.type == "meta":
+            module._buffers[name] = torch.empty_like(buffer, device=device)
+    with torch.no_grad():
+        model._init_weights(module)
 
 
 def _prepare_for_training(model: nn.Module, spec: CellSpec) -> None:
@@ -270,17 +283,18 @@ def _add_lora(model: nn.Module, spec: CellSpec, device: torch.device) -> nn.Modu
 
 
 def _apply_fused_ce(model: nn.Module) -> None:
-    from liger_kernel.transformers import apply_liger_kernel_to_qwen3
+    """Liger's fused linear cross-entropy and nothing else of Liger, through its table of model types."""
+    import inspect
+
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    apply_liger_kernel_to_qwen3(
-        rope=False,
-        rms_norm=False,
-        swiglu=False,
-        cross_entropy=False,
-        fused_linear_cross_entropy=True,
-        model=base,
-    )
+    apply = MODEL_TYPE_TO_APPLY_LIGER_FN.get(base.config.model_type)
+    if apply is None:
+        raise RuntimeError(f"liger-kernel has no fused cross-entropy for model_type {base.config.model_type!r}")
+    off = {"rope", "rms_norm", "swiglu", "geglu", "layer_norm", "cross_entropy"}
+    accepted = inspect.signature(apply).parameters
+    apply(model=base, fused_linear_cross_entropy=True, **{k: False for k in off if k in accepted})
 
 
 def _compile_layers(model: nn.Module) -> None:

@@ -16,7 +16,15 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from bench.cards import CARD_MIB, budget_bytes
-from bench.models import ARCHITECTURES, LINEAR_PROJECTIONS, UnknownModelError, architecture
+from bench.models import (
+    ALL_LINEAR,
+    LINEAR_PROJECTIONS,
+    ModelConfigError,
+    UnknownModelError,
+    architecture,
+    linear_shapes,
+    resolve,
+)
 
 METHODS = ("full", "lora", "qlora", "lora8bit")
 PRECISIONS = ("fp32", "fp16_mixed", "bf16_mixed", "bf16")
@@ -78,7 +86,10 @@ def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
 class CellSpec:
     """One cell of a grid. Every field is part of the cell's identity (`cell_id`)."""
 
-    model: str = _help("shipped architecture name (`ftmem models`) or a local checkpoint folder")
+    model: str = _help(
+        "shipped model (`ftmem models`: short name or hub id), a folder holding a config.json (weights "
+        "optional), or a hub id in the local Hugging Face cache"
+    )
     method: str = _help("full | lora | qlora (4-bit base) | lora8bit (LLM.int8 base)")
     seq_len: int = _help("tokens per sequence")
     batch_size: int = _help("sequences per micro-batch")
@@ -89,7 +100,9 @@ class CellSpec:
     grad_accum: int = _help("micro-batches per optimizer step", 1)
     lora_r: int | None = _help("LoRA rank", 8)
     lora_alpha: int | None = _help("LoRA alpha", 16)
-    lora_targets: tuple[str, ...] | None = _help("projections given adapters", LINEAR_PROJECTIONS)
+    lora_targets: tuple[str, ...] | None = _help(
+        "projections given adapters (module names of a decoder layer), or all-linear", LINEAR_PROJECTIONS
+    )
     lora_dropout: float | None = _help("LoRA dropout (a dropout mask per target costs memory)", 0.0)
     quant_type: str | None = _help("qlora: nf4 | fp4", "nf4")
     double_quant: bool | None = _help("qlora: quantize the absmax constants too", False)
@@ -254,7 +267,8 @@ def check_field(key: str, value: Any) -> None:
         _one_of(key, value, _CHOICES[key])
     if key == "lora_targets" and value is not None:
         for target in value:
-            _one_of(key, target, LINEAR_PROJECTIONS)
+            if not isinstance(target, str) or not target:
+                raise SpecError(key, target, "module names of a decoder layer's projections, or all-linear")
     if key in ("seq_len", "batch_size", "grad_accum", "steps", "warmup_steps", "gpus") and value < 1:
         raise SpecError(key, value, "must be >= 1")
     if key == "budget_gb" and value is not None:
@@ -279,6 +293,17 @@ def _normalised(spec: CellSpec) -> dict[str, Any]:
         out.update(gc_reentrant=None)
     if isinstance(spec.budget_gb, int) and not isinstance(spec.budget_gb, bool):
         out.update(budget_gb=float(spec.budget_gb))
+    try:  # a hub id of a shipped config names the same cell as its short name
+        out.update(model=resolve(spec.model))
+    except UnknownModelError:
+        pass  # validate() says what is wrong
+    if spec.method in LORA_METHODS and spec.lora_targets in ((ALL_LINEAR,), LINEAR_PROJECTIONS):
+        # all-linear, and the default (every projection), resolve to the model's own module names
+        # (Phi-3's are fused: qkv_proj, gate_up_proj); for Qwen3 and Llama they are the default itself.
+        try:
+            out.update(lora_targets=tuple(linear_shapes(architecture(out.get("model", spec.model)))))
+        except (UnknownModelError, ValueError):
+            pass
     return out
 
 
@@ -305,11 +330,16 @@ def validate(spec: CellSpec) -> None:
     _positive(spec, "seed", minimum=0)
     try:
         arch = architecture(spec.model)
+    except ModelConfigError as err:
+        raise SpecError("model", spec.model, f"its config is not usable: {err}") from None
     except UnknownModelError:
         raise SpecError(
-            "model", spec.model, f"allowed: {', '.join(ARCHITECTURES)} or a folder holding config.json"
+            "model",
+            spec.model,
+            "allowed: a shipped model (`ftmem models`: short name or hub id), a folder holding a config.json, "
+            "or a hub id in the local Hugging Face cache (nothing is downloaded)",
         ) from None
-    if spec.seq_len > arch["max_position_embeddings"]:
+    if spec.seq_len > arch.get("max_position_embeddings", spec.seq_len):
         raise SpecError(
             "seq_len", spec.seq_len, f"must be <= max_position_embeddings {arch['max_position_embeddings']}"
         )
@@ -323,24 +353,27 @@ def validate(spec: CellSpec) -> None:
                 f"a positive number of GB (10^9 bytes) or a card: {', '.join(CARD_MIB)}",
             ) from None
     if spec.method in LORA_METHODS:
-        _validate_lora(spec)
+        _validate_lora(spec, arch)
     if spec.method == "qlora":
         _one_of("quant_type", spec.quant_type, QUANT_TYPES)
         _one_of("quant_compute_dtype", spec.quant_compute_dtype, COMPUTE_DTYPES)
     _validate_combinations(spec)
 
 
-def _validate_lora(spec: CellSpec) -> None:
+def _validate_lora(spec: CellSpec, arch: dict) -> None:
     if spec.lora_r is None or spec.lora_r < 1:
         raise SpecError("lora_r", spec.lora_r, "must be an integer >= 1 for LoRA methods")
     if spec.lora_alpha is None or spec.lora_alpha <= 0:
         raise SpecError("lora_alpha", spec.lora_alpha, "must be > 0 for LoRA methods")
+    try:
+        names = tuple(linear_shapes(arch))
+    except ValueError:  # a model_type ftmem cannot describe: peft checks the names when it builds
+        names = None
     if not spec.lora_targets:
-        raise SpecError(
-            "lora_targets", spec.lora_targets, f"a non-empty subset of {', '.join(LINEAR_PROJECTIONS)}"
-        )
+        raise SpecError("lora_targets", spec.lora_targets, f"a non-empty subset of {', '.join(names or ())}")
     for target in spec.lora_targets:
-        _one_of("lora_targets", target, LINEAR_PROJECTIONS)
+        if names is not None:
+            _one_of("lora_targets", target, (*names, ALL_LINEAR))
     if spec.lora_dropout is None or not 0 <= spec.lora_dropout < 1:
         raise SpecError("lora_dropout", spec.lora_dropout, "must be in [0, 1)")
 

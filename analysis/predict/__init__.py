@@ -1,0 +1,130 @@
+"""Predicted GPU memory of one cell, from first principles. Imports no torch.
+
+`predict(spec)` is the entry point (a CellSpec or a dict of one). The parts, one concern each:
+`setup` (the spec resolved into the architecture and the dtypes bench builds), `state` (weights,
+adapters, gradients, optimizer state), `graph` and `layer` (the op-by-op walk of a decoder layer, read
+from the architecture description in bench.arch), `head` (final norm, lm_head, loss), `moments` (the
+moments of a step and the single-GPU answer), `dist` (what one rank of a multi-GPU cell holds) and
+`calibration` (every empirical constant, in one place).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from analysis.predict.calibration import CALIBRATION, CALIBRATION_CELL_IDS, DIST_ESTIMATES
+from analysis.predict.dist import (
+    compute_setup,
+    fsdp2_gathered_bytes,
+    fsdp2_grad_terms,
+    fsdp2_shard_bytes,
+    layer_elements,
+    predict_dist,
+    root_elements,
+    trainable_elements,
+    zero3_live_elements,
+    zero3_persistent_elements,
+    zero_host_bytes,
+    zero_optimizer_bytes,
+    zero_state_terms,
+)
+from analysis.predict.graph import Graph, T
+from analysis.predict.head import fused_loss_bytes, head_graph, loss_bytes
+from analysis.predict.layer import (
+    attention_eager,
+    attention_flash,
+    attention_kernel,
+    attention_masked,
+    attention_math,
+    eager_mask_bytes,
+    layer_graph,
+    stream_dtype,
+)
+from analysis.predict.moments import (
+    Parts,
+    allocator_slack,
+    layer_backward_moments,
+    moments,
+    parts,
+    predict_single,
+)
+from analysis.predict.setup import Prediction, Setup, as_spec, notes, setup
+from analysis.predict.state import (
+    adapter_bytes,
+    decoder_weight_bytes,
+    grad_bytes,
+    nf4_linear_bytes,
+    optimizer_state_bytes,
+    optimizer_step_transient,
+    unquantized_weight_bytes,
+    weight_bytes,
+)
+from bench.arch import UnsupportedArchitecture
+from bench.spec import CellSpec
+
+
+def predict(spec: dict[str, Any] | CellSpec, arch: dict | None = None) -> Prediction:
+    """Predicted steady-state peak allocated / reserved / NVML bytes of the cell `spec`.
+
+    Raises UnsupportedArchitecture, with the reason, for a model or setting the walk does not describe."""
+    st = setup(as_spec(spec, arch), arch)
+    said = notes(st)
+    return predict_dist(st, said) if st.spec.dist != "none" else predict_single(st, said)
+
+
+def fits_budget(prediction: Prediction, budget: int) -> bool:
+    """The harness caps torch's allocator at budget - CUDA context (bench.measure); under a cap the
+    allocator frees its cache and retries before failing, so allocated (not reserved) must fit."""
+    return prediction.peak_allocated_bytes + CALIBRATION["cuda_context_bytes"] <= budget
+
+
+__all__ = [
+    "CALIBRATION",
+    "CALIBRATION_CELL_IDS",
+    "DIST_ESTIMATES",
+    "Graph",
+    "Parts",
+    "Prediction",
+    "Setup",
+    "T",
+    "UnsupportedArchitecture",
+    "adapter_bytes",
+    "allocator_slack",
+    "attention_eager",
+    "attention_flash",
+    "attention_kernel",
+    "attention_masked",
+    "attention_math",
+    "compute_setup",
+    "decoder_weight_bytes",
+    "eager_mask_bytes",
+    "fits_budget",
+    "fsdp2_gathered_bytes",
+    "fsdp2_grad_terms",
+    "fsdp2_shard_bytes",
+    "fused_loss_bytes",
+    "grad_bytes",
+    "head_graph",
+    "layer_backward_moments",
+    "layer_elements",
+    "layer_graph",
+    "loss_bytes",
+    "moments",
+    "nf4_linear_bytes",
+    "optimizer_state_bytes",
+    "optimizer_step_transient",
+    "parts",
+    "predict",
+    "predict_dist",
+    "root_elements",
+    "setup",
+    "stream_dtype",
+    "trainable_elements",
+    "unquantized_weight_bytes",
+    "weight_bytes",
+    "zero3_live_elements",
+    "zero3_persistent_elements",
+    "zero_host_bytes",
+    "zero_optimizer_bytes",
+    "zero_state_terms",
+]
