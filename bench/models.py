@@ -69,9 +69,10 @@ def _shipped() -> MappingProxyType:
     for family, base in (("llama", "llama-3.2-1b"), ("mistral", "mistral-7b-v0.3"), ("qwen2", "qwen2.5-7b"),
                          ("phi3", "phi-4"), ("olmo2", "olmo-2-7b")):
         configs[f"{family}-tiny"] = MappingProxyType(_tiny(base))
-    # Gemma 3's pattern (5 sliding layers, then one full) with a window the tests' sequences pass.
+    # Gemma 3's pattern (sliding layers, then a full one) with a window the tests' sequences pass.
+    pattern = ["sliding_attention", "sliding_attention", "full_attention"] * 2
     configs["gemma3-tiny"] = MappingProxyType(_tiny("gemma-3-1b", num_hidden_layers=6, sliding_window=8,
-                                                    head_dim=16, query_pre_attn_scalar=16))
+                                                    layer_types=pattern, query_pre_attn_scalar=16))
     return MappingProxyType(configs)
 
 

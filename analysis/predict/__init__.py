@@ -1,9 +1,9 @@
 """Predicted GPU memory of one cell, from first principles. Imports no torch.
 
 `predict(spec)` is the entry point (a CellSpec or a dict of one). The parts, one concern each:
-`setup` (the spec resolved into the architecture and the dtypes bench builds), `state` (weights,
+`resolve` (the spec resolved into the architecture and the dtypes bench builds), `state` (weights,
 adapters, gradients, optimizer state), `graph` and `layer` (the op-by-op walk of a decoder layer, read
-from the architecture description in bench.arch), `head` (final norm, lm_head, loss), `moments` (the
+from the architecture description in bench.arch), `head` (final norm, lm_head, loss), `step` (the
 moments of a step and the single-GPU answer), `dist` (what one rank of a multi-GPU cell holds) and
 `calibration` (every empirical constant, in one place).
 """
@@ -40,7 +40,7 @@ from analysis.predict.layer import (
     layer_graph,
     stream_dtype,
 )
-from analysis.predict.moments import (
+from analysis.predict.step import (
     Parts,
     allocator_slack,
     layer_backward_moments,
@@ -48,7 +48,7 @@ from analysis.predict.moments import (
     parts,
     predict_single,
 )
-from analysis.predict.setup import Prediction, Setup, as_spec, notes, setup
+from analysis.predict.resolve import Prediction, Setup, as_spec, notes, setup
 from analysis.predict.state import (
     adapter_bytes,
     decoder_weight_bytes,

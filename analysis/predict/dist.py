@@ -14,8 +14,8 @@ import dataclasses
 from typing import Any
 
 from analysis.predict.calibration import CALIBRATION, DIST_ESTIMATES, ZERO3_SUB_GROUP
-from analysis.predict.moments import Parts, allocator_slack, moments, nonzero, parts
-from analysis.predict.setup import BYTES, Prediction, Setup
+from analysis.predict.step import Parts, allocator_slack, moments, nonzero, parts
+from analysis.predict.resolve import BYTES, Prediction, Setup
 from analysis.predict.state import (
     grad_bytes,
     optimizer_state_bytes,

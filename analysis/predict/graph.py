@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from analysis.predict.setup import BYTES, Setup
+from analysis.predict.resolve import BYTES, Setup
 
 
 @dataclass(frozen=True)

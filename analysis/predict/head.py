@@ -6,7 +6,7 @@ import math
 
 from analysis.predict.graph import Graph
 from analysis.predict.layer import dense_matmul, rmsnorm, stream_dtype
-from analysis.predict.setup import BYTES, Setup
+from analysis.predict.resolve import BYTES, Setup
 
 
 def head_graph(st: Setup) -> tuple[Graph, str]:

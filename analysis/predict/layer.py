@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from analysis.predict.graph import Graph, T
-from analysis.predict.setup import BYTES, Setup, promote
+from analysis.predict.resolve import BYTES, Setup, promote
 
 
 @dataclass(frozen=True)

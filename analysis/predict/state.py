@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from analysis.predict.setup import BYTES, Setup
+from analysis.predict.resolve import BYTES, Setup
 
 
 def nf4_linear_bytes(n: int, double_quant: bool) -> int:

@@ -14,7 +14,7 @@ from analysis.predict.calibration import CALIBRATION
 from analysis.predict.graph import Graph
 from analysis.predict.head import head_graph, loss_bytes
 from analysis.predict.layer import eager_mask_bytes, layer_graph, stream_dtype
-from analysis.predict.setup import BYTES, Prediction, Setup
+from analysis.predict.resolve import BYTES, Prediction, Setup
 from analysis.predict.state import (
     adapter_bytes,
     decoder_weight_bytes,

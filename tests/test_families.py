@@ -1,0 +1,135 @@
+"""Every shipped family, held against transformers itself on CPU: the architecture description
+(bench.arch) against the models transformers builds, and the predictor's layer walk against what
+autograd really saves in each decoder layer (bench.probe)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from analysis.predict import predict, setup
+from analysis.predict.step import layer_parts
+from bench.arch import FAMILIES, UnsupportedArchitecture, describe
+from bench.build import autocast_dtype, build_model, hf_config
+from bench.models import ARCHITECTURES, HUB_IDS, architecture, parameter_counts, resolve
+from bench.probe import saved_per_layer
+from bench.runner import run_cell
+from bench.spec import CellSpec, SpecError
+
+TINY_FAMILIES = ("qwen3-tiny", "llama-tiny", "mistral-tiny", "qwen2-tiny", "phi3-tiny", "olmo2-tiny", "gemma3-tiny")
+FULL_SIZE = tuple(name for name in ARCHITECTURES if "tiny" not in name)
+
+
+def _meta_model(name: str):
+    from transformers import AutoModelForCausalLM
+
+    spec = CellSpec.create(model=name, method="full", seq_len=16, batch_size=1, device="cpu")
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(hf_config(spec))
+
+
+@pytest.mark.parametrize("name", FULL_SIZE + TINY_FAMILIES)
+def test_description_counts_the_parameters_transformers_builds(name):
+    model = _meta_model(name)
+    assert parameter_counts(architecture(name))["total"] == sum(p.numel() for p in model.parameters())
+    linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(describe(architecture(name)).projection_names) == linear - {"lm_head"}
+
+
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_family_defaults_are_transformers_defaults(model_type):
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(model_type).to_dict()
+    defaults = dict(FAMILIES[model_type].defaults)
+    # None means "derived": as many KV heads as query heads, head_dim = hidden / heads.
+    if defaults.get("num_key_value_heads", 0) is None:
+        defaults["num_key_value_heads"] = defaults["num_attention_heads"]
+    if defaults.get("head_dim", 0) is None:
+        defaults["head_dim"] = defaults["hidden_size"] // defaults["num_attention_heads"]
+    for key, value in defaults.items():
+        if key in config:
+            assert config[key] == value, key
+
+
+def test_hub_ids_and_short_names_name_one_cell():
+    assert resolve("meta-llama/Llama-3.1-8B") == "llama-3.1-8b" == resolve("META-LLAMA/llama-3.1-8b")
+    a = CellSpec.create(model="Qwen/Qwen3-14B", method="lora", seq_len=2048, batch_size=1)
+    assert a.model == "qwen3-14b"
+    assert a.cell_id == "526a5bd9fc1004a6"  # the calibration row's id: ids of shipped rows are unchanged
+    assert len(HUB_IDS) == len(FULL_SIZE)
+
+
+def test_all_linear_and_the_default_targets_resolve_per_family():
+    phi = CellSpec.create(model="phi-4", method="lora", seq_len=128, batch_size=1)
+    assert phi.lora_targets == ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    qwen = CellSpec.create(model="qwen3-8b", method="lora", seq_len=128, batch_size=1, lora_targets=["all-linear"])
+    assert qwen.lora_targets == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    with pytest.raises(SpecError, match="qkv_proj"):
+        CellSpec.create(model="phi-4", method="lora", seq_len=128, batch_size=1, lora_targets=["q_proj"])
+
+
+def test_multimodal_config_trains_its_language_model():
+    arch = architecture("gemma-3-4b")
+    assert arch["_multimodal"] and arch["model_type"] == "gemma3_text"
+    prediction = predict(CellSpec.create(model="gemma-3-4b", method="lora", seq_len=512, batch_size=1))
+    assert any("language model" in note for note in prediction.notes)
+
+
+def test_unknown_model_type_is_refused_by_the_predictor_not_guessed(tmp_path):
+    config = dict(architecture("llama-tiny"), model_type="granite")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    spec = CellSpec.create(model=str(tmp_path), method="lora", seq_len=16, batch_size=1, device="cpu",
+                           lora_targets=["q_proj"])
+    with pytest.raises(UnsupportedArchitecture, match="granite"):
+        predict(spec)
+
+
+@pytest.mark.parametrize(
+    "bad, key",
+    [("{not json", "(file)"), ("[1, 2]", "(file)"), ('{"model_type": "llama", "hidden_size": "4096"}', "hidden_size"),
+     ('{"hidden_size": 64}', "model_type")],
+)
+def test_a_broken_config_is_named_with_its_file_and_key(tmp_path, bad, key):
+    (tmp_path / "config.json").write_text(bad)
+    with pytest.raises(SpecError) as err:
+        CellSpec.create(model=str(tmp_path), method="lora", seq_len=16, batch_size=1, device="cpu")
+    assert "config.json" in str(err.value) and key in str(err.value)
+
+
+WALKED = (
+    [(m, method, "eager", "bf16_mixed") for m in TINY_FAMILIES for method in ("full", "lora", "qlora")]
+    + [(m, "lora", "sdpa", "bf16_mixed") for m in TINY_FAMILIES]
+    + [("gemma3-tiny", method, "sdpa", precision) for method in ("full", "lora") for precision in ("bf16_mixed", "bf16")]
+    + [(m, "full", "sdpa", "bf16") for m in ("llama-tiny", "olmo2-tiny", "qwen3-tiny")]
+)
+
+
+@pytest.mark.parametrize("model, method, attn, precision", WALKED)
+def test_walk_saves_what_autograd_saves(model, method, attn, precision):
+    """Per decoder layer, to the byte. SDPA on CPU is checked where its output layout is CUDA's: the CPU
+    kernel writes its output in the layout of q (Phi-3's concatenating RoPE gives a contiguous q, so
+    o_proj then copies the output), where CUDA's flash and memory-efficient kernels always write the
+    (batch, seq, heads, dim) layout o_proj reads without a copy."""
+    spec = CellSpec.create(model=model, method=method, device="cpu", seq_len=32, batch_size=2,
+                           attn_impl=attn, precision=precision)
+    built = build_model(spec, torch.device("cpu"))
+    ids = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
+    measured = saved_per_layer(built, ids, autocast_dtype(spec))
+    walked = [layer.saved + layer.kept + layer.casts_saved for layer in layer_parts(setup(spec))]
+    assert measured == walked
+
+
+@pytest.mark.parametrize("model", TINY_FAMILIES)
+def test_config_only_folder_runs_a_real_cell_and_is_predicted(tmp_path, model):
+    config = {k: v for k, v in architecture(model).items() if not k.startswith("_")}
+    if model == "gemma3-tiny":  # as a multimodal config: the language model is trained
+        config = {"model_type": "gemma3", "text_config": config}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    spec = CellSpec.create(model=str(tmp_path), method="lora", device="cpu", seq_len=32, batch_size=2,
+                           steps=1, warmup_steps=1)
+    row = run_cell(spec, timeout_s=300)
+    assert row["status"] == "ok", row.get("error")
+    assert predict(spec).peak_allocated_bytes > row["param_bytes"]
