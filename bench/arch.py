@@ -40,6 +40,7 @@ class Family:
     act_key: str = "hidden_act"
     embed_scale: bool = False
     sliding: str = "none"  # how layer types are derived: none | all | qwen | gemma
+    moe: str | None = None  # mixture-of-experts block: None | "qwen" (softmax in fp32) | "mixtral" (logits.float())
 
 
 def _defaults(**kw: Any) -> MappingProxyType:
@@ -109,8 +110,42 @@ FAMILIES: MappingProxyType[str, Family] = MappingProxyType(
             placement="post",
             qk_norm="full",
         ),
+        "qwen3_moe": Family(
+            _defaults(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=24,
+                      num_attention_heads=32, num_key_value_heads=4, head_dim=None,
+                      max_position_embeddings=32768, tie_word_embeddings=False, attention_bias=False,
+                      sliding_window=None, use_sliding_window=False, hidden_act="silu", num_experts=128,
+                      num_experts_per_tok=8, moe_intermediate_size=768, decoder_sparse_step=1,
+                      mlp_only_layers=(), norm_topk_prob=False, output_router_logits=False),
+            qk_norm="head",
+            sliding="qwen",
+            moe="qwen",
+        ),
+        "qwen2_moe": Family(
+            _defaults(vocab_size=151936, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
+                      num_attention_heads=16, num_key_value_heads=16, head_dim=None,
+                      max_position_embeddings=32768, tie_word_embeddings=False, sliding_window=0,
+                      use_sliding_window=False, max_window_layers=28, hidden_act="silu", num_experts=60,
+                      num_experts_per_tok=4, moe_intermediate_size=1408, shared_expert_intermediate_size=5632,
+                      decoder_sparse_step=1, mlp_only_layers=(), norm_topk_prob=False,
+                      output_router_logits=False),
+            qkv_bias=True,
+            sliding="qwen",
+            moe="qwen",
+        ),
+        "mixtral": Family(
+            _defaults(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=None,
+                      max_position_embeddings=131072, tie_word_embeddings=False, sliding_window=None,
+                      hidden_act="silu", num_local_experts=8, num_experts_per_tok=2, output_router_logits=False),
+            sliding="all",
+            moe="mixtral",
+        ),
     }
 )
+
+#: Roles of the attention projections (the rest are the MLP's, or the shared expert's).
+ATTENTION_ROLES = ("q", "k", "v", "qkv", "o")
 
 #: The activations of a gated MLP whose memory ftmem models (each saves its input, as silu does).
 GATED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
@@ -133,6 +168,30 @@ class Proj:
 
 
 @dataclass(frozen=True)
+class MoE:
+    """A mixture-of-experts MLP (transformers 5: every expert's gate/up and down stacked in two 3-D
+    parameters, run with grouped matmuls), a router, and for Qwen2-MoE a shared expert with its gate."""
+
+    style: str  # "qwen" (softmax(logits, dtype=float)) or "mixtral" (softmax(logits.float()))
+    experts: int
+    top_k: int
+    intermediate: int  # of one expert
+    shared_intermediate: int  # of the shared expert; 0 when there is none
+    sparse: tuple[bool, ...]  # per layer: an MoE block (True) or the dense MLP (False)
+    norm_topk: bool = True  # the top-k weights renormalised to sum to 1 (Mixtral always; Qwen: norm_topk_prob)
+
+    @property
+    def expert_params(self) -> int:
+        """gate_up_proj (E x 2I x h) and down_proj (E x h x I) of one layer, in elements over h."""
+        return 3 * self.experts * self.intermediate
+
+    @property
+    def expert_parameter_names(self) -> tuple[str, ...]:
+        """LoRA targets of the experts' 3-D parameters (peft's target_parameters)."""
+        return ("experts.gate_up_proj", "experts.down_proj")
+
+
+@dataclass(frozen=True)
 class Arch:
     """What memory depends on in one decoder-only model (see the module docstring)."""
 
@@ -152,6 +211,8 @@ class Arch:
     sliding_window: int | None
     layer_types: tuple[str, ...]  # "full" or "sliding", one per layer
     multimodal: bool = False
+    moe: MoE | None = None
+    output_router_logits: bool = False  # the config computes the router's load-balancing loss
 
     @property
     def q(self) -> int:
@@ -192,10 +253,27 @@ class Arch:
     def layer_linear_params(self) -> int:
         return sum(p.numel for p in self.projections)
 
+    def layer_params_at(self, i: int) -> int:
+        """Parameters of decoder layer i: its linear layers, their biases and its norms; an MoE layer's
+        experts and router (E x h) besides, a dense layer of an MoE model its own MLP instead."""
+        small = sum(self.layer_bias_widths) + sum(self.layer_norm_widths)
+        if self.moe is None:
+            return self.layer_linear_params + small
+        if self.moe.sparse[i]:
+            return self.layer_linear_params + small + self.moe_layer_params
+        attention = sum(p.numel for p in self.projections if p.role in ATTENTION_ROLES)
+        return attention + small + 3 * self.hidden * self.intermediate
+
     @property
     def layer_params(self) -> int:
-        """One decoder layer: projections, their biases, its norms."""
-        return self.layer_linear_params + sum(self.layer_bias_widths) + sum(self.layer_norm_widths)
+        """One (the last) decoder layer's parameters."""
+        return self.layer_params_at(self.layers - 1)
+
+    @property
+    def moe_layer_params(self) -> int:
+        """What an MoE layer has besides attention and the shared expert: experts and router (E x h)."""
+        m = self.moe
+        return 0 if m is None else m.expert_params * self.hidden + m.experts * self.hidden
 
     @property
     def embedding_params(self) -> int:
@@ -207,14 +285,18 @@ class Arch:
 
     @property
     def total_params(self) -> int:
-        return self.embedding_params + self.lm_head_params + self.layers * self.layer_params + self.hidden
+        layers = sum(self.layer_params_at(i) for i in range(self.layers))
+        return self.embedding_params + self.lm_head_params + layers + self.hidden
 
 
 def _field(config: dict, family: Family, key: str) -> Any:
-    return config[key] if config.get(key) is not None or key not in family.defaults else family.defaults[key]
+    """A config field, or its family's default where the config leaves it out (None if neither has it)."""
+    return config[key] if config.get(key) is not None else family.defaults.get(key)
 
 
 def _projections(config: dict, family: Family, widths: dict[str, int]) -> tuple[Proj, ...]:
+    """The linear layers of a decoder layer. An MoE family's MLP linears are its shared expert's (and the
+    shared expert's gate), if any: the experts are 3-D parameters, not linear layers."""
     h, i, q, kv = widths["h"], widths["i"], widths["q"], widths["kv"]
     attn_bias = bool(config.get("attention_bias", False)) or family.qkv_bias
     o_bias = bool(config.get("attention_bias", False))
@@ -224,6 +306,15 @@ def _projections(config: dict, family: Family, widths: dict[str, int]) -> tuple[
     else:
         attention = [Proj(n, h, w, attn_bias, r) for n, w, r in (("q_proj", q, "q"), ("k_proj", kv, "k"), ("v_proj", kv, "v"))]
     attention.append(Proj("o_proj", q, h, o_bias, "o"))
+    if family.moe is not None:
+        shared = int(_field(config, family, "shared_expert_intermediate_size") or 0)
+        if not shared:
+            return tuple(attention)
+        names = (("shared_expert.gate_proj", h, shared, "shared_gate_proj"),
+                 ("shared_expert.up_proj", h, shared, "shared_up"),
+                 ("shared_expert.down_proj", shared, h, "shared_down"),
+                 ("shared_expert_gate", h, 1, "shared_router"))
+        return tuple(attention) + tuple(Proj(n, a, b, False, r) for n, a, b, r in names)
     if "gate_up" in family.fused:
         mlp = [Proj("gate_up_proj", h, 2 * i, mlp_bias, "gate_up")]
     else:
@@ -246,6 +337,27 @@ def _layer_types(config: dict, family: Family, layers: int) -> tuple[str, ...]:
         pattern = int(config.get("sliding_window_pattern") or config.get("_sliding_window_pattern") or 6)
         return tuple("full" if (i + 1) % pattern == 0 else "sliding" for i in range(layers))
     return ("full",) * layers
+
+
+def _moe(config: dict, family: Family, layers: int) -> MoE | None:
+    """The MoE block of a family that has one, read the way its config class and modeling file do."""
+    if family.moe is None:
+        return None
+    experts = config.get("num_experts", config.get("num_local_experts"))
+    experts = int(experts if experts is not None else family.defaults.get("num_experts", family.defaults.get("num_local_experts")))
+    only = set(_field(config, family, "mlp_only_layers") or ())
+    step = int(_field(config, family, "decoder_sparse_step") or 1)
+    sparse = tuple(i not in only and experts > 0 and (i + 1) % step == 0 for i in range(layers))
+    intermediate = _field(config, family, "moe_intermediate_size") or _field(config, family, "intermediate_size")
+    return MoE(
+        style=family.moe,
+        experts=experts,
+        top_k=int(_field(config, family, "num_experts_per_tok")),
+        intermediate=int(intermediate),
+        shared_intermediate=int(_field(config, family, "shared_expert_intermediate_size") or 0),
+        sparse=sparse,
+        norm_topk=family.moe == "mixtral" or bool(_field(config, family, "norm_topk_prob")),
+    )
 
 
 def supported_model_types() -> tuple[str, ...]:
@@ -284,4 +396,6 @@ def describe(config: dict) -> Arch:
         sliding_window=get("sliding_window") if family.sliding != "none" else None,
         layer_types=_layer_types(config, family, layers),
         multimodal=bool(config.get("_multimodal", False)),
+        moe=_moe(config, family, layers),
+        output_router_logits=bool(config.get("output_router_logits", False)),
     )

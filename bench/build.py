@@ -20,11 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.models import architecture, is_checkpoint_dir
+from bench.models import INIT_STD, architecture, is_checkpoint_dir
 from bench.spec import KBIT_METHODS, LORA_METHODS, CellSpec
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-INIT_STD = 0.02
 
 
 def autocast_dtype(spec: CellSpec) -> torch.dtype | None:
@@ -77,6 +76,8 @@ def hf_config(spec: CellSpec):
     )
     config.use_cache = False
     config._attn_implementation = hf_attn_impl(spec)
+    if spec.router_aux_loss:
+        config.output_router_logits = True
     return config
 
 
@@ -270,11 +271,15 @@ def _add_lora(model: nn.Module, spec: CellSpec, device: torch.device) -> nn.Modu
     device): peft would make each on the CPU and copy it over, 560 tensors for 14B, seconds a cell."""
     from peft import LoraConfig, get_peft_model
 
+    # Experts are 3-D parameters, not linear layers: peft adapts them through target_parameters.
+    params = [t for t in spec.lora_targets if t.startswith("experts.")]
+    modules = [t for t in spec.lora_targets if t not in params]
     config = LoraConfig(
         r=spec.lora_r,
         lora_alpha=spec.lora_alpha,
         lora_dropout=spec.lora_dropout,
-        target_modules=list(spec.lora_targets),
+        target_modules=modules or None,
+        target_parameters=params or None,
         task_type="CAUSAL_LM",
     )
     # Mixed precision keeps adapters in fp32 (peft's default); pure bf16 keeps them in bf16.

@@ -28,7 +28,7 @@ from typing import Any
 import psutil
 import torch
 
-from bench import build, nvml, profile, train
+from bench import build, moe, nvml, profile, train
 from bench.cards import gib
 from bench.spec import CellSpec
 
@@ -175,7 +175,10 @@ class CellRun:
         self.clock.lap("training_setup")
         self.values["startup_breakdown_s"] = dict(self.clock.seconds)
         self.values["startup_to_first_step_s"] = sum(self.clock.seconds.values())
+        counter = moe.RoutingCounter(model) if moe.routers(model) else None
         self.values["first_step_time_s"] = self._timed(stepper, batches)
+        if counter is not None:  # counted in the warm-up step, outside the measured ones
+            self.values.update(moe.routing_fields(model, counter.close()))
         if self.cuda:
             self.values["first_step_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
             self.values["first_step_peak_reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)

@@ -23,6 +23,10 @@ from bench.arch import FAMILIES, Arch, UnsupportedArchitecture, describe
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
+#: Standard deviation of ftmem's random weights (bench.build draws every weight from N(0, INIT_STD^2);
+#: norm weights are ones). It fixes how many outliers LLM.int8 meets (analysis.predict.int8).
+INIT_STD = 0.02
+
 #: Qwen3's (and Llama's, Mistral's, ...) seven projections: the default LoRA targets of a spec.
 LINEAR_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALL_LINEAR = "all-linear"
@@ -70,6 +74,10 @@ def _shipped() -> MappingProxyType:
                          ("phi3", "phi-4"), ("olmo2", "olmo-2-7b")):
         configs[f"{family}-tiny"] = MappingProxyType(_tiny(base))
     # Gemma 3's pattern (sliding layers, then a full one) with a window the tests' sequences pass.
+    moe = {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
+    configs["qwen3moe-tiny"] = MappingProxyType(_tiny("qwen3-30b-a3b", **moe))
+    configs["qwen2moe-tiny"] = MappingProxyType(_tiny("qwen1.5-moe-a2.7b", **moe, shared_expert_intermediate_size=64))
+    configs["mixtral-tiny"] = MappingProxyType(_tiny("mixtral-8x7b", num_local_experts=4, intermediate_size=48))
     pattern = ["sliding_attention", "sliding_attention", "full_attention"] * 2
     configs["gemma3-tiny"] = MappingProxyType(_tiny("gemma-3-1b", num_hidden_layers=6, sliding_window=8,
                                                     layer_types=pattern, query_pre_attn_scalar=16))
@@ -186,7 +194,7 @@ def parameter_counts(arch: dict) -> dict[str, int]:
     """Parameter counts by group: embedding, lm_head (0 when tied), linear layers, norms and biases, total."""
     a = describe(arch)
     norms = a.layers * (sum(a.layer_norm_widths) + sum(a.layer_bias_widths)) + a.hidden
-    linear = a.layers * a.layer_linear_params
+    linear = a.total_params - a.embedding_params - a.lm_head_params - norms
     return {
         "embedding": a.embedding_params,
         "lm_head": a.lm_head_params,
@@ -197,14 +205,41 @@ def parameter_counts(arch: dict) -> dict[str, int]:
 
 
 def lora_targets(arch: dict, targets: tuple[str, ...]) -> tuple[str, ...]:
-    """The projections LoRA adapts: `all-linear` is every linear layer of a decoder layer (never lm_head)."""
+    """The projections LoRA adapts: `all-linear` is every linear layer of a decoder layer (never lm_head,
+    never the experts' 3-D parameters, which peft targets by parameter name)."""
     return describe(arch).projection_names if tuple(targets) == (ALL_LINEAR,) else tuple(targets)
 
 
-def lora_parameter_count(arch: dict, r: int, targets: tuple[str, ...]) -> int:
-    """LoRA A (r x in) and B (out x r) parameters over every decoder layer's targeted projections."""
+def lora_target_names(arch: dict) -> tuple[str, ...]:
+    """Every name a spec's lora_targets may hold for this model: its linear layers and, for an MoE model,
+    its experts' parameters."""
     a = describe(arch)
-    return a.layers * sum(r * (a.projection(t).fan_in + a.projection(t).fan_out) for t in lora_targets(arch, targets))
+    return a.projection_names + (a.moe.expert_parameter_names if a.moe else ())
+
+
+def lora_shapes(arch: dict, target: str) -> tuple[int, int, int]:
+    """(copies, in, out) of LoRA on one target of a layer: a linear layer has one A (r x in) and B (out x r);
+    an expert parameter (E x out x in) under peft's ParamWrapper has A (E r x in) and B (out x E r)."""
+    a = describe(arch)
+    if a.moe is not None and target in a.moe.expert_parameter_names:
+        m = a.moe
+        out = 2 * m.intermediate if target.endswith("gate_up_proj") else a.hidden
+        fan_in = a.hidden if target.endswith("gate_up_proj") else m.intermediate
+        return m.experts, fan_in, out
+    p = a.projection(target)
+    return 1, p.fan_in, p.fan_out
+
+
+def lora_parameter_count(arch: dict, r: int, targets: tuple[str, ...]) -> int:
+    """LoRA A and B parameters over every decoder layer's targeted projections (and expert parameters,
+    on the MoE layers)."""
+    a = describe(arch)
+    total = 0
+    for t in lora_targets(arch, targets):
+        copies, fan_in, fan_out = lora_shapes(arch, t)
+        layers = sum(a.moe.sparse) if copies > 1 or (a.moe and t.startswith("shared")) else a.layers
+        total += layers * copies * r * (fan_in + fan_out)
+    return total
 
 
 __all__ = [

@@ -73,6 +73,11 @@ FIELDS: dict[str, str] = {
     "cell_wall_time_s": "wall time of the cell as the parent saw it (process start to row)",
     "final_loss": "loss of the last measured micro-batch (random weights: a sanity value only)",
     "attn_impl_used": "attention implementation the model really ran with",
+    "experts_implementation": "mixture-of-experts cells: transformers' experts code that ran (grouped_mm, "
+    "batched_mm or eager); null for dense models",
+    "moe_expert_tokens": "mixture-of-experts cells: tokens routed to each expert, one list per MoE layer, in the "
+    "first forward of the warm-up step (outside the measured steps)",
+    "moe_imbalance": "mixture-of-experts cells: the busiest expert's tokens over the mean, the largest over layers",
     "unavailable": "features asked for that this machine lacks (e.g. flash_attention_2)",
     "profile_peak_bytes": "profile_memory cells: peak of torch's memory profiler timeline over the profiled steps "
     "(warm-up + first measured; tensor bytes on the cell's device, no allocator rounding)",

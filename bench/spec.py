@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from bench.arch import describe
 from bench.cards import CARD_MIB, budget_bytes
 from bench.models import (
     ALL_LINEAR,
@@ -23,6 +24,7 @@ from bench.models import (
     UnknownModelError,
     architecture,
     linear_shapes,
+    lora_target_names,
     resolve,
 )
 
@@ -61,6 +63,7 @@ LATER_FIELDS: dict[str, Any] = {
     "dist": "none",
     "zero_offload": "none",
     "expandable_segments": False,
+    "router_aux_loss": False,
 }
 
 
@@ -148,6 +151,9 @@ class CellSpec:
         "expandable_segments:True) instead of fixed blocks, against OOMs from fragmentation",
         False,
     )
+    router_aux_loss: bool = _help(
+        "mixture-of-experts models: add the router's load-balancing loss (output_router_logits)", False
+    )
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -231,6 +237,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "dist": (str,),
     "zero_offload": (str,),
     "expandable_segments": (bool,),
+    "router_aux_loss": (bool,),
 }
 
 
@@ -354,10 +361,19 @@ def validate(spec: CellSpec) -> None:
             ) from None
     if spec.method in LORA_METHODS:
         _validate_lora(spec, arch)
+    if spec.router_aux_loss and not _is_moe(arch):
+        raise SpecError("router_aux_loss", True, "the router's loss exists for mixture-of-experts models only")
     if spec.method == "qlora":
         _one_of("quant_type", spec.quant_type, QUANT_TYPES)
         _one_of("quant_compute_dtype", spec.quant_compute_dtype, COMPUTE_DTYPES)
     _validate_combinations(spec)
+
+
+def _is_moe(arch: dict) -> bool:
+    try:
+        return describe(arch).moe is not None
+    except ValueError:
+        return any(k in arch for k in ("num_experts", "num_local_experts"))
 
 
 def _validate_lora(spec: CellSpec, arch: dict) -> None:
@@ -366,7 +382,7 @@ def _validate_lora(spec: CellSpec, arch: dict) -> None:
     if spec.lora_alpha is None or spec.lora_alpha <= 0:
         raise SpecError("lora_alpha", spec.lora_alpha, "must be > 0 for LoRA methods")
     try:
-        names = tuple(linear_shapes(arch))
+        names = lora_target_names(arch)
     except ValueError:  # a model_type ftmem cannot describe: peft checks the names when it builds
         names = None
     if not spec.lora_targets:

@@ -19,6 +19,7 @@ from bench.runner import run_cell
 from bench.spec import CellSpec, SpecError
 
 TINY_FAMILIES = ("qwen3-tiny", "llama-tiny", "mistral-tiny", "qwen2-tiny", "phi3-tiny", "olmo2-tiny", "gemma3-tiny")
+TINY_MOE = ("qwen3moe-tiny", "qwen2moe-tiny", "mixtral-tiny")
 FULL_SIZE = tuple(name for name in ARCHITECTURES if "tiny" not in name)
 
 
@@ -30,12 +31,15 @@ def _meta_model(name: str):
         return AutoModelForCausalLM.from_config(hf_config(spec))
 
 
-@pytest.mark.parametrize("name", FULL_SIZE + TINY_FAMILIES)
+@pytest.mark.parametrize("name", FULL_SIZE + TINY_FAMILIES + TINY_MOE)
 def test_description_counts_the_parameters_transformers_builds(name):
     model = _meta_model(name)
     assert parameter_counts(architecture(name))["total"] == sum(p.numel() for p in model.parameters())
-    linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    assert set(describe(architecture(name)).projection_names) == linear - {"lm_head"}
+    # a layer's linear modules, named below self_attn / mlp (the shared expert's keep their prefix)
+    prefix = "model.layers.0."
+    linear = {n[len(prefix):].split(".", 1)[1] for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and n.startswith(prefix)}
+    assert set(describe(architecture(name)).projection_names) == linear
 
 
 @pytest.mark.parametrize("model_type", list(FAMILIES))
@@ -44,14 +48,16 @@ def test_family_defaults_are_transformers_defaults(model_type):
 
     config = AutoConfig.for_model(model_type).to_dict()
     defaults = dict(FAMILIES[model_type].defaults)
-    # None means "derived": as many KV heads as query heads, head_dim = hidden / heads.
-    if defaults.get("num_key_value_heads", 0) is None:
-        defaults["num_key_value_heads"] = defaults["num_attention_heads"]
-    if defaults.get("head_dim", 0) is None:
-        defaults["head_dim"] = defaults["hidden_size"] // defaults["num_attention_heads"]
+    # None means "derived" (as many KV heads as query heads, head_dim = hidden / heads); transformers'
+    # config shows either None or the derived value.
+    derived = {
+        "num_key_value_heads": defaults["num_attention_heads"],
+        "head_dim": defaults["hidden_size"] // defaults["num_attention_heads"],
+    }
     for key, value in defaults.items():
         if key in config:
-            assert config[key] == value, key
+            got = tuple(config[key]) if isinstance(config[key], list) else config[key]
+            assert got == value or (value is None and got == derived.get(key)), key
 
 
 def test_hub_ids_and_short_names_name_one_cell():
@@ -133,3 +139,50 @@ def test_config_only_folder_runs_a_real_cell_and_is_predicted(tmp_path, model):
     row = run_cell(spec, timeout_s=300)
     assert row["status"] == "ok", row.get("error")
     assert predict(spec).peak_allocated_bytes > row["param_bytes"]
+
+
+MOE_WALKED = [(m, method, False) for m in TINY_MOE for method in ("full", "lora", "qlora")] + [
+    (m, method, True) for m in TINY_MOE for method in ("lora", "qlora")
+]
+
+
+@pytest.mark.parametrize("model, method, experts", MOE_WALKED)
+def test_moe_walk_saves_what_autograd_saves(model, method, experts):
+    """The mixture-of-experts block (router, grouped-matmul experts, shared expert; peft's ParamWrapper on
+    the expert stacks when `experts`) against autograd, per layer, to the byte."""
+    targets = list(describe(architecture(model)).projection_names)
+    if experts:
+        targets += ["experts.gate_up_proj", "experts.down_proj"]
+    spec = CellSpec.create(model=model, method=method, device="cpu", seq_len=32, batch_size=2, attn_impl="eager",
+                           **({"lora_targets": targets} if method != "full" else {}))
+    built = build_model(spec, torch.device("cpu"))
+    ids = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
+    measured = saved_per_layer(built, ids, autocast_dtype(spec))
+    assert measured == [layer.saved + layer.kept + layer.casts_saved for layer in layer_parts(setup(spec))]
+
+
+def test_moe_cell_records_its_routing_and_experts_code():
+    spec = CellSpec.create(model="qwen3moe-tiny", method="lora", device="cpu", seq_len=32, batch_size=2,
+                           steps=1, warmup_steps=1, router_aux_loss=True)
+    row = run_cell(spec, timeout_s=300)
+    assert row["status"] == "ok", row.get("error")
+    assert row["experts_implementation"] in ("grouped_mm", "batched_mm", "eager")
+    counts = row["moe_expert_tokens"]
+    assert len(counts) == 2 and all(sum(layer) == 32 * 2 * 2 for layer in counts)  # tokens x top_k per layer
+    assert row["moe_imbalance"] >= 1.0
+    assert predict(spec).components.get("router_aux_loss_saved", 0) > 0
+
+
+def test_router_aux_loss_is_refused_for_dense_models():
+    with pytest.raises(SpecError, match="router_aux_loss"):
+        CellSpec.create(model="llama-tiny", method="lora", seq_len=16, batch_size=1, router_aux_loss=True)
+
+
+def test_moe_experts_are_never_quantized_and_upcast_with_kbit_training():
+    qlora = predict(CellSpec.create(model="qwen3-30b-a3b", method="qlora", seq_len=512, batch_size=1,
+                                    gradient_checkpointing=True))
+    kept = predict(CellSpec.create(model="qwen3-30b-a3b", method="qlora", seq_len=512, batch_size=1,
+                                   gradient_checkpointing=True, kbit_fp32_upcast=False))
+    experts = 48 * 3 * 128 * 768 * 2048 + 48 * 128 * 2048  # stacks and routers of 48 layers
+    assert qlora.components["experts_fp32"] == 4 * experts
+    assert kept.components["experts_bf16"] == 2 * experts

@@ -30,16 +30,15 @@ from analysis.predict.dist import (
 )
 from analysis.predict.graph import Graph, T
 from analysis.predict.head import fused_loss_bytes, head_graph, loss_bytes
-from analysis.predict.layer import (
+from analysis.predict.attention import (
     attention_eager,
     attention_flash,
     attention_kernel,
     attention_masked,
     attention_math,
     eager_mask_bytes,
-    layer_graph,
-    stream_dtype,
 )
+from analysis.predict.layer import layer_graph, stream_dtype
 from analysis.predict.step import (
     Parts,
     allocator_slack,

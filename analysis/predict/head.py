@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 
 from analysis.predict.graph import Graph
-from analysis.predict.layer import dense_matmul, rmsnorm, stream_dtype
+from analysis.predict.layer import stream_dtype
+from analysis.predict.ops import dense_matmul, rmsnorm
 from analysis.predict.resolve import BYTES, Setup
 
 

@@ -10,7 +10,7 @@ from bench.arch import GATED_ACTIVATIONS, Arch, UnsupportedArchitecture, describ
 from bench.models import ARCHITECTURES, architecture
 from bench.spec import KBIT_METHODS, LORA_METHODS, CellSpec
 
-BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "uint8": 1, "bool": 1, "int64": 8}
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "uint8": 1, "bool": 1, "int32": 4, "int64": 8}
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,9 @@ def _check_predictable(desc: Arch, arch: dict, spec: CellSpec) -> None:
             raise UnsupportedArchitecture(f"{key} {arch[key]!r}: logit soft-capping is not modelled")
     if arch.get("partial_rotary_factor", 1.0) not in (None, 1.0):
         raise UnsupportedArchitecture("partial_rotary_factor != 1 (partial RoPE) is not modelled")
+    if desc.moe is not None and not all(desc.moe.sparse):
+        raise UnsupportedArchitecture("dense MLP layers inside a mixture-of-experts model (mlp_only_layers, "
+                                      "decoder_sparse_step) are not modelled")
     if spec.attn_impl == "sdpa_flash" and desc.windowed_layers(spec.seq_len):
         raise UnsupportedArchitecture(
             f"sdpa_flash: the sliding-window layers need an attention mask at seq_len {spec.seq_len} "

@@ -35,6 +35,28 @@ def decoder_weight_bytes(st: Setup) -> int:
     return per_layer * st.dims["L"]
 
 
+def expert_weight_bytes(st: Setup) -> int:
+    """Every MoE layer's expert stacks and router, never quantized (see analysis.predict.moe)."""
+    m = st.desc.moe
+    if m is None:
+        return 0
+    per_layer = (m.expert_params + m.experts) * st.dims["h"]
+    return sum(m.sparse) * per_layer * BYTES[st.other]
+
+
+def _expert_trainables(st: Setup) -> list[int]:
+    """Trainable tensors of one MoE layer's experts: the stacks and router (full fine-tuning), or
+    peft's ParamWrapper adapters of the targeted stacks, A (E r x in) and B (out x E r)."""
+    m, h = st.desc.moe, st.dims["h"]
+    if m is None:
+        return []
+    if st.full:
+        return [m.experts * 2 * m.intermediate * h, m.experts * h * m.intermediate, m.experts * h]
+    shapes = {"experts.gate_up_proj": (h, 2 * m.intermediate), "experts.down_proj": (m.intermediate, h)}
+    r = st.spec.lora_r
+    return [n for t in st.spec.lora_targets if t in shapes for n in (m.experts * r * shapes[t][0], shapes[t][1] * m.experts * r)]
+
+
 def small_layer_params(st: Setup) -> int:
     """Norm weights and projection biases of one decoder layer (never quantized)."""
     return sum(st.desc.layer_norm_widths) + sum(st.desc.layer_bias_widths)
@@ -55,13 +77,16 @@ def trainable_groups(st: Setup) -> dict[str, list[int]]:
     if st.full:
         layer = [p.numel for p in a.projections] + list(a.layer_norm_widths) + list(a.layer_bias_widths)
         head = [] if a.tied else [a.lm_head_params]
+        layer += _expert_trainables(st)
         return {"embedding": [a.embedding_params], "lm_head": head, "layer": layer, "final_norm": [a.hidden]}
+    names = set(a.projection_names)
     layer = [
         n
         for t in spec.lora_targets
+        if t in names
         for n in (spec.lora_r * a.projection(t).fan_in, spec.lora_r * a.projection(t).fan_out)
     ]
-    return {"embedding": [], "lm_head": [], "layer": layer, "final_norm": []}
+    return {"embedding": [], "lm_head": [], "layer": layer + _expert_trainables(st), "final_norm": []}
 
 
 def trainable_shapes(st: Setup) -> list[int]:
@@ -123,5 +148,5 @@ def optimizer_step_transient(st: Setup) -> int:
 
 
 def weight_bytes(st: Setup) -> int:
-    """Every parameter in its storage format: decoder projections, embedding/lm_head/norms, adapters."""
-    return decoder_weight_bytes(st) + unquantized_weight_bytes(st) + adapter_bytes(st)
+    """Every parameter in its storage format: decoder projections, experts, embedding/lm_head/norms, adapters."""
+    return decoder_weight_bytes(st) + expert_weight_bytes(st) + unquantized_weight_bytes(st) + adapter_bytes(st)

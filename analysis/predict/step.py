@@ -13,11 +13,14 @@ from dataclasses import dataclass
 from analysis.predict.calibration import CALIBRATION
 from analysis.predict.graph import Graph
 from analysis.predict.head import head_graph, loss_bytes
-from analysis.predict.layer import eager_mask_bytes, layer_graph, stream_dtype
+from analysis.predict.attention import eager_mask_bytes
+from analysis.predict.layer import layer_graph, stream_dtype
 from analysis.predict.resolve import BYTES, Prediction, Setup
+from analysis.predict.moe import router_aux_loss_bytes
 from analysis.predict.state import (
     adapter_bytes,
     decoder_weight_bytes,
+    expert_weight_bytes,
     grad_bytes,
     optimizer_state_bytes,
     optimizer_step_transient,
@@ -89,6 +92,7 @@ def static_bytes(st: Setup) -> tuple[dict[str, int], int]:
     names = {"nf4": "weights_nf4", "fp4": "weights_fp4", "int8": "weights_int8"}
     static = {
         names.get(st.quant, f"weights_{st.base}"): decoder_weight_bytes(st),
+        f"experts_{st.other}": expert_weight_bytes(st),
         f"embed_head_norms_{st.other}": unquantized_weight_bytes(st),
         "lora_adapters": adapter_bytes(st),
         "optimizer_state": opt_device,
@@ -175,6 +179,7 @@ def activation_bytes(st: Setup, layers: tuple[LayerParts, ...], head: Graph) -> 
         "attention_mask": eager_mask_bytes(st),
         "rope_tables": rope_tables_bytes(st),
         "kept_by_autograd_functions": sum(layer.kept for layer in layers),
+        "router_aux_loss_saved": router_aux_loss_bytes(st),
     }
     if st.spec.gradient_checkpointing:
         acts["layer_inputs"] = len(layers) * st.tokens * st.dims["h"] * BYTES[stream_dtype(st)]
