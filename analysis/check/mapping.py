@@ -109,9 +109,10 @@ def _targets(r: Reading, model_type: str) -> None:
 
 
 def _liger(r: Reading, model_type: str) -> None:
-    r.fields.setdefault("fused_ce", False)
     if r.liger is None:
+        r.set("fused_ce", False, f"{r.tool}: no Liger kernel switch set")
         return
+    r.set("fused_ce", False, f"{Path(r.liger['file']).name}: {r.liger['key']}")
     key, kernels, file = r.liger["key"], r.liger["kernels"], r.liger["file"]
     if model_type not in LIGER_MODEL_TYPES:
         r.flag(key, True, f"Liger has no kernels for model type {model_type} in the releases ftmem knows; "
@@ -175,7 +176,9 @@ def _distributed(r: Reading, setup: Setup) -> DsPlan | None:
         _ds_optimizer(plan, r)
     elif fsdp:
         _fsdp(fsdp, r)
-    else:
+    if not plan:
+        r.set("zero_offload", "none", "no DeepSpeed config")
+    if not plan and not fsdp:
         r.set("dist", "ddp" if gpus > 1 else "none", r.sources["gpus"])
         if gpus > 1:
             r.assume(f"{gpus} GPUs without DeepSpeed or FSDP: the Trainer wraps the model in DDP")
@@ -319,6 +322,8 @@ def build(r: Reading, setup: Setup) -> CellSpec:
     _rope(r, arch)
     plan = _distributed(r, setup)
     _accumulation(r)
+    # The tools' torch_compile compiles the whole model (flagged where set); ftmem's compile knob is per layer.
+    r.set("compile", False, "ftmem's eager cell")
     r.set("precision", _precision(r, plan, _model_dtype(arch, name, r)), r.amp_source or r.load_source)
     spec = _create(r)
     if plan is not None and spec.dist in DEEPSPEED_DISTS:
