@@ -29,41 +29,143 @@ from bench.spec import CellSpec
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "check"
 ALL = list(LINEAR_PROJECTIONS)
 LF_QLORA = dict(
-    model="qwen3-8b", method="qlora", seq_len=2048, batch_size=1, grad_accum=8, precision="bf16_mixed", lora_r=8,
-    lora_alpha=16, lora_targets=ALL, lora_dropout=0.0, quant_type="nf4", double_quant=True,
-    quant_compute_dtype="bf16", kbit_fp32_upcast=False, optimizer="adamw_fused", gradient_checkpointing=True,
-    gc_reentrant=True, attn_impl="sdpa", fused_ce=False, gpus=1, dist="none", zero_offload="none",
+    model="qwen3-8b",
+    method="qlora",
+    seq_len=2048,
+    batch_size=1,
+    grad_accum=8,
+    precision="bf16_mixed",
+    lora_r=8,
+    lora_alpha=16,
+    lora_targets=ALL,
+    lora_dropout=0.0,
+    quant_type="nf4",
+    double_quant=True,
+    quant_compute_dtype="bf16",
+    kbit_fp32_upcast=False,
+    optimizer="adamw_fused",
+    gradient_checkpointing=True,
+    gc_reentrant=True,
+    attn_impl="sdpa",
+    fused_ce=False,
+    gpus=1,
+    dist="none",
+    zero_offload="none",
 )
 LF_FULL_DS3 = dict(
-    model="qwen3-14b", method="full", seq_len=4096, batch_size=1, grad_accum=2, precision="bf16_mixed",
-    optimizer="adamw_fused", gradient_checkpointing=True, gc_reentrant=True, attn_impl="sdpa", fused_ce=False,
-    gpus=4, dist="deepspeed_zero3", zero_offload="none",
+    model="qwen3-14b",
+    method="full",
+    seq_len=4096,
+    batch_size=1,
+    grad_accum=2,
+    precision="bf16_mixed",
+    optimizer="adamw_fused",
+    gradient_checkpointing=True,
+    gc_reentrant=True,
+    attn_impl="sdpa",
+    fused_ce=False,
+    gpus=4,
+    dist="deepspeed_zero3",
+    zero_offload="none",
 )
 AXOLOTL_LORA = dict(
-    model="qwen3-14b", method="lora", seq_len=2048, batch_size=2, grad_accum=4, precision="bf16_mixed", lora_r=16,
-    lora_alpha=32, lora_targets=ALL, lora_dropout=0.05, optimizer="adamw_8bit", gradient_checkpointing=True,
-    gc_reentrant=False, attn_impl="flash_attention_2", fused_ce=False, gpus=1, dist="none", zero_offload="none",
+    model="qwen3-14b",
+    method="lora",
+    seq_len=2048,
+    batch_size=2,
+    grad_accum=4,
+    precision="bf16_mixed",
+    lora_r=16,
+    lora_alpha=32,
+    lora_targets=ALL,
+    lora_dropout=0.05,
+    optimizer="adamw_8bit",
+    gradient_checkpointing=True,
+    gc_reentrant=False,
+    attn_impl="flash_attention_2",
+    fused_ce=False,
+    gpus=1,
+    dist="none",
+    zero_offload="none",
 )
 AXOLOTL_QLORA = dict(
-    model="qwen3-32b", method="qlora", seq_len=4096, batch_size=1, grad_accum=4, precision="bf16_mixed", lora_r=32,
-    lora_alpha=16, lora_targets=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.05, quant_type="nf4",
-    double_quant=True, quant_compute_dtype="bf16", kbit_fp32_upcast=False, optimizer="paged_adamw_8bit",
-    gradient_checkpointing=True, gc_reentrant=False, attn_impl="sdpa", fused_ce=False, gpus=1, dist="none",
+    model="qwen3-32b",
+    method="qlora",
+    seq_len=4096,
+    batch_size=1,
+    grad_accum=4,
+    precision="bf16_mixed",
+    lora_r=32,
+    lora_alpha=16,
+    lora_targets=["q_proj", "k_proj", "v_proj", "o_proj"],
+    lora_dropout=0.05,
+    quant_type="nf4",
+    double_quant=True,
+    quant_compute_dtype="bf16",
+    kbit_fp32_upcast=False,
+    optimizer="paged_adamw_8bit",
+    gradient_checkpointing=True,
+    gc_reentrant=False,
+    attn_impl="sdpa",
+    fused_ce=False,
+    gpus=1,
+    dist="none",
 )
 TRL_LORA = dict(
-    model="qwen3-4b", method="lora", seq_len=2048, batch_size=2, grad_accum=8, precision="bf16_mixed", lora_r=32,
-    lora_alpha=16, lora_targets=ALL, lora_dropout=0.05, optimizer="adamw_fused", gradient_checkpointing=True,
-    gc_reentrant=False, attn_impl="sdpa", fused_ce=False, gpus=1, dist="none",
+    model="qwen3-4b",
+    method="lora",
+    seq_len=2048,
+    batch_size=2,
+    grad_accum=8,
+    precision="bf16_mixed",
+    lora_r=32,
+    lora_alpha=16,
+    lora_targets=ALL,
+    lora_dropout=0.05,
+    optimizer="adamw_fused",
+    gradient_checkpointing=True,
+    gc_reentrant=False,
+    attn_impl="sdpa",
+    fused_ce=False,
+    gpus=1,
+    dist="none",
 )
 TRL_QLORA = dict(
-    model="qwen3-8b", method="qlora", seq_len=1024, batch_size=4, grad_accum=4, precision="bf16_mixed", lora_r=16,
-    lora_alpha=32, lora_targets=["q_proj", "v_proj"], lora_dropout=0.05, quant_type="nf4", double_quant=True,
-    quant_compute_dtype="bf16", kbit_fp32_upcast=True, optimizer="paged_adamw_8bit", gradient_checkpointing=True,
-    gc_reentrant=False, attn_impl="sdpa", fused_ce=False, gpus=1, dist="none",
+    model="qwen3-8b",
+    method="qlora",
+    seq_len=1024,
+    batch_size=4,
+    grad_accum=4,
+    precision="bf16_mixed",
+    lora_r=16,
+    lora_alpha=32,
+    lora_targets=["q_proj", "v_proj"],
+    lora_dropout=0.05,
+    quant_type="nf4",
+    double_quant=True,
+    quant_compute_dtype="bf16",
+    kbit_fp32_upcast=True,
+    optimizer="paged_adamw_8bit",
+    gradient_checkpointing=True,
+    gc_reentrant=False,
+    attn_impl="sdpa",
+    fused_ce=False,
+    gpus=1,
+    dist="none",
 )
 HF_FULL_FSDP = dict(
-    model="qwen3-1.7b", method="full", seq_len=2048, batch_size=4, grad_accum=2, precision="bf16_mixed",
-    optimizer="adamw_fused", gradient_checkpointing=True, gc_reentrant=False, attn_impl="sdpa", gpus=2, dist="fsdp2",
+    model="qwen3-1.7b",
+    method="full",
+    seq_len=2048,
+    batch_size=4,
+    grad_accum=2,
+    precision="bf16_mixed",
+    optimizer="adamw_fused",
+    gradient_checkpointing=True,
+    gc_reentrant=False,
+    attn_impl="sdpa",
+    gpus=2,
+    dist="fsdp2",
     zero_offload="none",
 )
 CASES = [
@@ -89,14 +191,25 @@ def write(tmp_path: Path, name: str, data: dict) -> Path:
 
 def lf(tmp_path: Path, **keys) -> Path:
     """A minimal LLaMA-Factory LoRA config of Qwen3-8B with bf16, plus `keys`."""
-    base = {"model_name_or_path": "Qwen/Qwen3-8B", "stage": "sft", "finetuning_type": "lora",
-            "cutoff_len": 1024, "per_device_train_batch_size": 1, "bf16": True}
+    base = {
+        "model_name_or_path": "Qwen/Qwen3-8B",
+        "stage": "sft",
+        "finetuning_type": "lora",
+        "cutoff_len": 1024,
+        "per_device_train_batch_size": 1,
+        "bf16": True,
+    }
     return write(tmp_path, "lf.yaml", {**base, **keys})
 
 
 def trl(tmp_path: Path, **keys) -> Path:
-    base = {"model_name_or_path": "Qwen/Qwen3-4B", "use_peft": True, "max_length": 1024, "loss_type": "nll",
-            "per_device_train_batch_size": 1}
+    base = {
+        "model_name_or_path": "Qwen/Qwen3-4B",
+        "use_peft": True,
+        "max_length": 1024,
+        "loss_type": "nll",
+        "per_device_train_batch_size": 1,
+    }
     return write(tmp_path, "trl.yaml", {**base, **keys})
 
 
@@ -132,7 +245,9 @@ def test_defaults_cite_their_tool(tmp_path):
 
 
 def test_trl_defaults(tmp_path):
-    path = write(tmp_path, "trl.yaml", {"model_name_or_path": "Qwen/Qwen3-4B", "use_peft": True, "loss_type": "nll"})
+    path = write(
+        tmp_path, "trl.yaml", {"model_name_or_path": "Qwen/Qwen3-4B", "use_peft": True, "loss_type": "nll"}
+    )
     spec = run(path).spec
     # sft_config.py max_length 1024; base_config.py gradient_checkpointing True and bf16 unless fp16; ModelConfig
     # lora_r 16 / alpha 32 / dropout 0.05, targets peft's qwen3 default; transformers batch 8.
@@ -142,8 +257,17 @@ def test_trl_defaults(tmp_path):
 
 
 def test_axolotl_requires_lora_rank(tmp_path):
-    path = write(tmp_path, "ax.yaml", {"base_model": "Qwen/Qwen3-4B", "adapter": "lora", "lora_alpha": 16,
-                                       "lora_target_linear": True, "micro_batch_size": 1})
+    path = write(
+        tmp_path,
+        "ax.yaml",
+        {
+            "base_model": "Qwen/Qwen3-4B",
+            "adapter": "lora",
+            "lora_alpha": 16,
+            "lora_target_linear": True,
+            "micro_batch_size": 1,
+        },
+    )
     with pytest.raises(ConfigError, match=r"ax.yaml: lora_r: is required"):
         run(path)
 
@@ -174,11 +298,22 @@ def test_deepspeed_auto_sizes_are_flagged_by_direction():
 
 
 def test_cli_deepspeed_zero2_offload(tmp_path):
-    ds = write(tmp_path, "ds.json", {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
-                                     "bf16": {"enabled": "auto"}, "train_micro_batch_size_per_gpu": "auto"})
+    ds = write(
+        tmp_path,
+        "ds.json",
+        {
+            "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+            "bf16": {"enabled": "auto"},
+            "train_micro_batch_size_per_gpu": "auto",
+        },
+    )
     spec = run(trl(tmp_path, use_peft=False, dtype="float32"), deepspeed=ds, gpus=2).spec
-    assert (spec.dist, spec.zero_offload, spec.gpus, spec.precision) == ("deepspeed_zero2", "optimizer", 2,
-                                                                          "bf16_mixed")
+    assert (spec.dist, spec.zero_offload, spec.gpus, spec.precision) == (
+        "deepspeed_zero2",
+        "optimizer",
+        2,
+        "bf16_mixed",
+    )
 
 
 def test_zero1_is_a_lower_bound_and_zero0_refused(tmp_path):
@@ -198,20 +333,40 @@ def test_deepspeed_values_that_disagree_are_refused(tmp_path):
 
 
 def test_accelerate_deepspeed_inline(tmp_path):
-    acc = write(tmp_path, "acc.yaml", {"compute_environment": "LOCAL_MACHINE", "distributed_type": "DEEPSPEED",
-                                       "num_processes": 4, "mixed_precision": "bf16",
-                                       "deepspeed_config": {"zero_stage": 3, "offload_optimizer_device": "cpu",
-                                                            "offload_param_device": "cpu"}})
+    acc = write(
+        tmp_path,
+        "acc.yaml",
+        {
+            "compute_environment": "LOCAL_MACHINE",
+            "distributed_type": "DEEPSPEED",
+            "num_processes": 4,
+            "mixed_precision": "bf16",
+            "deepspeed_config": {
+                "zero_stage": 3,
+                "offload_optimizer_device": "cpu",
+                "offload_param_device": "cpu",
+            },
+        },
+    )
     spec = run(trl(tmp_path, use_peft=False), accelerate=acc).spec
     assert (spec.gpus, spec.dist, spec.zero_offload) == (4, "deepspeed_zero3", "optimizer_and_params")
 
 
 def test_fsdp1_and_shard_grad_op_are_flagged(tmp_path):
-    acc = write(tmp_path, "acc.yaml", {"distributed_type": "FSDP", "num_processes": 2,
-                                       "fsdp_config": {"fsdp_reshard_after_forward": False}})
+    acc = write(
+        tmp_path,
+        "acc.yaml",
+        {
+            "distributed_type": "FSDP",
+            "num_processes": 2,
+            "fsdp_config": {"fsdp_reshard_after_forward": False},
+        },
+    )
     result = run(FIXTURES / "hf_full.json", accelerate=acc)
     flagged = keys_of(result)
-    assert flagged["fsdp_config (fsdp_version)"].effect == "unknown"  # accelerate's FSDP_VERSION defaults to 1
+    assert (
+        flagged["fsdp_config (fsdp_version)"].effect == "unknown"
+    )  # accelerate's FSDP_VERSION defaults to 1
     assert flagged["fsdp_config (reshard_after_forward / sharding_strategy)"].effect == "higher"
 
 
@@ -231,17 +386,24 @@ def test_trl_default_loss_is_flagged(tmp_path):
     assert keys_of(run(path))["loss_type"].value == "(unset)"
 
 
-@pytest.mark.parametrize("keys,flag,effect", [
-    ({"neftune_noise_alpha": 5}, "neftune_noise_alpha", "higher"),
-    ({"use_unsloth": True}, "use_unsloth", "unknown"),
-    ({"use_dora": True}, "use_dora", "higher"),
-    ({"additional_target": "embed_tokens,lm_head"}, "additional_target", "higher"),
-    ({"lora_target": "q_proj,v_proj,lm_head"}, "lora_target", "higher"),
-    ({"optim": "adafactor"}, "optim", "lower"),
-    ({"use_galore": True}, "use_galore", "lower"),
-    ({"upcast_lmhead_output": True}, "upcast_lmhead_output", "higher"),
-    ({"eval_strategy": "steps", "per_device_eval_batch_size": 16}, "per_device_eval_batch_size", "unknown"),
-])
+@pytest.mark.parametrize(
+    "keys,flag,effect",
+    [
+        ({"neftune_noise_alpha": 5}, "neftune_noise_alpha", "higher"),
+        ({"use_unsloth": True}, "use_unsloth", "unknown"),
+        ({"use_dora": True}, "use_dora", "higher"),
+        ({"additional_target": "embed_tokens,lm_head"}, "additional_target", "higher"),
+        ({"lora_target": "q_proj,v_proj,lm_head"}, "lora_target", "higher"),
+        ({"optim": "adafactor"}, "optim", "lower"),
+        ({"use_galore": True}, "use_galore", "lower"),
+        ({"upcast_lmhead_output": True}, "upcast_lmhead_output", "higher"),
+        (
+            {"eval_strategy": "steps", "per_device_eval_batch_size": 16},
+            "per_device_eval_batch_size",
+            "unknown",
+        ),
+    ],
+)
 def test_llamafactory_unmodelled(tmp_path, keys, flag, effect):
     result = run(lf(tmp_path, **keys))
     assert keys_of(result)[flag].effect == effect
@@ -262,8 +424,11 @@ def test_trl_modules_to_save_and_dora(tmp_path):
 
 
 def test_rope_scaling_beyond_max_positions_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match=r"cutoff_len: 65536 is past the model's max_position_embeddings 40960: "
-                                          r"rope scaling"):
+    with pytest.raises(
+        ConfigError,
+        match=r"cutoff_len: 65536 is past the model's max_position_embeddings 40960: "
+        r"rope scaling",
+    ):
         run(lf(tmp_path, cutoff_len=65536, rope_scaling="yarn"))
 
 
@@ -296,15 +461,23 @@ def test_fixtures_have_no_unrecognised_keys():
 # -- verdicts and suggestions -----------------------------------------------------------------------
 def _pred(nvml: int):
     return predict(CellSpec.create(model="qwen3-tiny", method="lora", seq_len=32, batch_size=1)).__class__(
-        nvml, nvml, nvml, {})
+        nvml, nvml, nvml, {}
+    )
 
 
-@pytest.mark.parametrize("effects,fits,word", [
-    ((), True, "fits"), ((), False, "OOM"),
-    (("lower",), True, "fits"), (("lower",), False, "unknown"),
-    (("higher",), False, "OOM"), (("higher",), True, "unknown"),
-    (("unknown",), True, "unknown"), (("lower", "higher"), False, "unknown"),
-])
+@pytest.mark.parametrize(
+    "effects,fits,word",
+    [
+        ((), True, "fits"),
+        ((), False, "OOM"),
+        (("lower",), True, "fits"),
+        (("lower",), False, "unknown"),
+        (("higher",), False, "OOM"),
+        (("higher",), True, "unknown"),
+        (("unknown",), True, "unknown"),
+        (("lower", "higher"), False, "unknown"),
+    ],
+)
 def test_verdict_follows_the_unmodelled_direction(effects, fits, word):
     card = Card("c", 10 * 2**30)
     pred = _pred(9 * 2**30 if fits else 11 * 2**30)
@@ -365,7 +538,9 @@ def test_resolve_model_fallback_and_hook(monkeypatch):
 def test_unknown_model_names_file_key_value():
     with pytest.raises(ConfigError) as err:
         run(FIXTURES / "unknown_model.yaml")
-    assert str(err.value).startswith(f"{FIXTURES / 'unknown_model.yaml'}: model_name_or_path: 'acme/NotAModel-7B' ")
+    assert str(err.value).startswith(
+        f"{FIXTURES / 'unknown_model.yaml'}: model_name_or_path: 'acme/NotAModel-7B' "
+    )
 
 
 # -- the command line -------------------------------------------------------------------------------
@@ -375,14 +550,20 @@ def cli(capsys, *argv):
     return code, out, err
 
 
-@pytest.mark.parametrize("name,pattern", [
-    ("not_yaml.yaml", r"not_yaml.yaml: \(file\): is not YAML or JSON at line 2"),
-    ("unknown_format.yaml", r"unknown_format.yaml: \(format\): holds no key of any training format"),
-    ("bad_value.yaml", r"bad_value.yaml: lora_rank: 'eight' must be an integer >= 1"),
-    ("unknown_model.yaml", r"unknown_model.yaml: model_name_or_path: 'acme/NotAModel-7B' is not"),
-    ("nosuch.yaml", r"nosuch.yaml: \(file\): no such file"),
-    ("ds_z3_config.json", r"ds_z3_config.json: \(format\): is a DeepSpeed config: pass it .* --deepspeed"),
-])
+@pytest.mark.parametrize(
+    "name,pattern",
+    [
+        ("not_yaml.yaml", r"not_yaml.yaml: \(file\): is not YAML or JSON at line 2"),
+        ("unknown_format.yaml", r"unknown_format.yaml: \(format\): holds no key of any training format"),
+        ("bad_value.yaml", r"bad_value.yaml: lora_rank: 'eight' must be an integer >= 1"),
+        ("unknown_model.yaml", r"unknown_model.yaml: model_name_or_path: 'acme/NotAModel-7B' is not"),
+        ("nosuch.yaml", r"nosuch.yaml: \(file\): no such file"),
+        (
+            "ds_z3_config.json",
+            r"ds_z3_config.json: \(format\): is a DeepSpeed config: pass it .* --deepspeed",
+        ),
+    ],
+)
 def test_bad_files_exit_2_without_traceback(capsys, name, pattern):
     import re
 
@@ -392,7 +573,9 @@ def test_bad_files_exit_2_without_traceback(capsys, name, pattern):
 
 
 def test_bad_card_exits_2(capsys):
-    code, _, err = cli(capsys, FIXTURES / "trl_lora.yaml", "--card", "rtx4090-24gb", "tpu-v5", "--no-measured")
+    code, _, err = cli(
+        capsys, FIXTURES / "trl_lora.yaml", "--card", "rtx4090-24gb", "tpu-v5", "--no-measured"
+    )
     assert code == 2 and "--card: 'tpu-v5' is not a card; allowed:" in err
 
 
@@ -413,8 +596,15 @@ def test_text_output_names_everything(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
     code, out, _ = cli(capsys, FIXTURES / "trl_lora.yaml", "--no-measured")
     assert code == 0
-    for text in ("read as TRL", "Assumed spec", "ftmem run --model qwen3-4b", "GiB = 2^30 bytes", "padding_free",
-                 "loss_type", "To fit, cheapest change first"):
+    for text in (
+        "read as TRL",
+        "Assumed spec",
+        "ftmem run --model qwen3-4b",
+        "GiB = 2^30 bytes",
+        "padding_free",
+        "loss_type",
+        "To fit, cheapest change first",
+    ):
         assert text in out, text
 
 
@@ -439,14 +629,21 @@ def test_verify_runs_the_cell_and_appends_the_row(capsys, monkeypatch, tmp_path)
     def fake_run_cell(spec, timeout_s, artifacts_dir=None):
         seen["spec"] = spec
         pred = predict(spec)
-        return {"cell_id": spec.cell_id, "status": "ok", "spec": spec.to_dict(),
-                "peak_allocated_bytes": pred.peak_allocated_bytes, "peak_reserved_bytes": pred.peak_reserved_bytes,
-                "nvml_peak_process_bytes": int(pred.nvml_process_bytes * 1.01)}
+        return {
+            "cell_id": spec.cell_id,
+            "status": "ok",
+            "spec": spec.to_dict(),
+            "peak_allocated_bytes": pred.peak_allocated_bytes,
+            "peak_reserved_bytes": pred.peak_reserved_bytes,
+            "nvml_peak_process_bytes": int(pred.nvml_process_bytes * 1.01),
+        }
 
     monkeypatch.setattr(check_cli, "_cuda_devices", lambda: 1)
     monkeypatch.setattr(bench.runner, "run_cell", fake_run_cell)
     out_file = tmp_path / "verify.jsonl"
-    code, out, _ = cli(capsys, FIXTURES / "trl_lora.yaml", "--verify", "--out", out_file, "--json", "--no-measured")
+    code, out, _ = cli(
+        capsys, FIXTURES / "trl_lora.yaml", "--verify", "--out", out_file, "--json", "--no-measured"
+    )
     assert code == 0
     data = json.loads(out)
     assert data["verify"]["status"] == "ok" and seen["spec"].cell_id == data["verify"]["cell_id"]
@@ -457,7 +654,9 @@ def test_verify_runs_the_cell_and_appends_the_row(capsys, monkeypatch, tmp_path)
 
 def test_verify_needs_enough_gpus(capsys, monkeypatch):
     monkeypatch.setattr(check_cli, "_cuda_devices", lambda: 1)
-    code, _, err = cli(capsys, FIXTURES / "llamafactory_full_ds3.yaml", "--gpus", "4", "--verify", "--no-measured")
+    code, _, err = cli(
+        capsys, FIXTURES / "llamafactory_full_ds3.yaml", "--gpus", "4", "--verify", "--no-measured"
+    )
     assert code == 2 and "needs 4 GPUs and torch sees 1" in err
 
 
@@ -465,6 +664,8 @@ def test_check_imports_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys, analysis.check, analysis.check_cli; "
-            "assert 'torch' not in sys.modules and 'bench.runner' not in sys.modules")
+    code = (
+        "import sys, analysis.check, analysis.check_cli; "
+        "assert 'torch' not in sys.modules and 'bench.runner' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

@@ -74,7 +74,9 @@ def _accelerate(path: str | Path | None, reading: Reading):
         return None
     data = load_mapping(path)
     if "distributed_type" not in data and "compute_environment" not in data:
-        raise ConfigError(path, "(format)", "not accelerate", "has no distributed_type: not an accelerate config")
+        raise ConfigError(
+            path, "(format)", "not accelerate", "has no distributed_type: not an accelerate config"
+        )
     setting = read_accelerate(Path(path), data)
     reading.unrecognised += [f"{setting.file.name}: {k}" for k in setting.unrecognised]
     return setting
@@ -96,7 +98,9 @@ def check(
     """Read, map, predict and judge one training config; ConfigError on anything it cannot answer."""
     path = Path(config)
     reading = read_training(path, load_mapping(path), fmt)
-    setup = Setup(gpus, Path(deepspeed) if deepspeed else None, _accelerate(accelerate, reading), model, seq_len)
+    setup = Setup(
+        gpus, Path(deepspeed) if deepspeed else None, _accelerate(accelerate, reading), model, seq_len
+    )
     spec = build(reading, setup)
     pred, cards = predict(spec), cards or default_cards()
     files = [str(path)] + [str(p) for p in (deepspeed, accelerate) if p]
@@ -106,7 +110,15 @@ def check(
 
         near = nearest_rows(spec, results)
     return CheckResult(
-        reading.tool, files, spec, dict(sorted(reading.sources.items())), pred,
-        [verdict(pred, c, reading.unmodelled) for c in cards], suggestions(spec, cards),
-        reading.unmodelled, reading.unrecognised, reading.assumptions, near,
+        reading.tool,
+        files,
+        spec,
+        dict(sorted(reading.sources.items())),
+        pred,
+        [verdict(pred, c, reading.unmodelled) for c in cards],
+        suggestions(spec, cards),
+        reading.unmodelled,
+        reading.unrecognised,
+        reading.assumptions,
+        near,
     )

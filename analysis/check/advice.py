@@ -72,8 +72,15 @@ def verdict(pred: Prediction, c: Card, unmodelled: list[Unmodelled]) -> Verdict:
     elif effects:
         keys = ", ".join(sorted({u.key for u in unmodelled if u.effect != ("lower" if ok else "higher")}))
         word, note = "unknown", f"predicted to {'fit' if ok else 'run out'}, but {keys} may change that"
-    return Verdict(c.name, c.total_bytes, pred.nvml_process_bytes, headroom, word,
-                   abs(headroom) <= TIGHT * c.total_bytes, note)
+    return Verdict(
+        c.name,
+        c.total_bytes,
+        pred.nvml_process_bytes,
+        headroom,
+        word,
+        abs(headroom) <= TIGHT * c.total_bytes,
+        note,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -106,8 +113,10 @@ def _micro_batch(spec: dict[str, Any]) -> Iterator[Candidate]:
     batch, accum = spec["batch_size"], spec["grad_accum"]
     while batch > 1 and batch % 2 == 0:
         batch, accum = batch // 2, accum * 2
-        yield f"micro-batch {batch} x accumulation {accum} (same {batch * accum} sequences per step)", \
-            {**spec, "batch_size": batch, "grad_accum": accum}
+        yield (
+            f"micro-batch {batch} x accumulation {accum} (same {batch * accum} sequences per step)",
+            {**spec, "batch_size": batch, "grad_accum": accum},
+        )
 
 
 def _optimizer(spec: dict[str, Any]) -> Iterator[Candidate]:
@@ -116,8 +125,15 @@ def _optimizer(spec: dict[str, Any]) -> Iterator[Candidate]:
             yield f"bitsandbytes optimizer {name}", {**spec, "optimizer": name}
 
 
-_QLORA_FIELDS = ("lora_r", "lora_alpha", "lora_targets", "lora_dropout", "quant_type", "double_quant",
-                 "kbit_fp32_upcast")
+_QLORA_FIELDS = (
+    "lora_r",
+    "lora_alpha",
+    "lora_targets",
+    "lora_dropout",
+    "quant_type",
+    "double_quant",
+    "kbit_fp32_upcast",
+)
 
 
 def _qlora(spec: dict[str, Any]) -> Iterator[Candidate]:
@@ -128,24 +144,33 @@ def _qlora(spec: dict[str, Any]) -> Iterator[Candidate]:
     defaults = {f.name: f.default for f in fields(CellSpec) if f.name in _QLORA_FIELDS}
     filled = {k: spec[k] if spec.get(k) is not None else defaults[k] for k in _QLORA_FIELDS}
     compute = {"fp16_mixed": "fp16", "fp32": "fp32"}.get(spec["precision"], "bf16")
-    words = "QLoRA (4-bit NF4 base)" + ("" if spec["method"] != "full" else ", LoRA r 8 on every projection "
-                                        "instead of full fine-tuning")
+    words = "QLoRA (4-bit NF4 base)" + (
+        "" if spec["method"] != "full" else ", LoRA r 8 on every projection instead of full fine-tuning"
+    )
     yield words, {**spec, **filled, "method": "qlora", "quant_compute_dtype": compute}
 
 
 #: Sharding rungs, cheapest first: (dist, zero_offload).
-SHARDING = (("deepspeed_zero2", "none"), ("deepspeed_zero3", "none"), ("fsdp2", "none"),
-            ("deepspeed_zero3", "optimizer"), ("deepspeed_zero3", "optimizer_and_params"))
+SHARDING = (
+    ("deepspeed_zero2", "none"),
+    ("deepspeed_zero3", "none"),
+    ("fsdp2", "none"),
+    ("deepspeed_zero3", "optimizer"),
+    ("deepspeed_zero3", "optimizer_and_params"),
+)
 
 
 def _sharding(spec: dict[str, Any]) -> Iterator[Candidate]:
     if spec["gpus"] < 2:
         return
     current = (spec["dist"], spec["zero_offload"])
-    later = SHARDING[SHARDING.index(current) + 1:] if current in SHARDING else SHARDING
+    later = SHARDING[SHARDING.index(current) + 1 :] if current in SHARDING else SHARDING
     for dist, offload in later:
-        optimizer = spec["optimizer"] if spec["optimizer"].startswith("adamw") and "8bit" not in spec["optimizer"] \
+        optimizer = (
+            spec["optimizer"]
+            if spec["optimizer"].startswith("adamw") and "8bit" not in spec["optimizer"]
             else "adamw"
+        )
         words = f"{dist}" + (f" with {offload.replace('_', ' ')} offload" if offload != "none" else "")
         yield words, {**spec, "dist": dist, "zero_offload": offload, "optimizer": optimizer}
 
@@ -159,7 +184,12 @@ def _sequence(spec: dict[str, Any]) -> Iterator[Candidate]:
 
 #: The ladder of changes, cheapest first (the order the issue gives).
 LADDER: tuple[Callable[[dict[str, Any]], Iterator[Candidate]], ...] = (
-    _checkpointing, _micro_batch, _optimizer, _qlora, _sharding, _sequence,
+    _checkpointing,
+    _micro_batch,
+    _optimizer,
+    _qlora,
+    _sharding,
+    _sequence,
 )
 
 
@@ -186,8 +216,15 @@ def _first_fit(spec: dict[str, Any], rung, total: int) -> tuple[str, dict[str, A
 def _suggestion(c: Card, rank: int, spec: dict[str, Any], found) -> Suggestion:
     words, candidate, pred = found
     full = CellSpec.create(**candidate).to_dict()
-    return Suggestion(c.name, rank, words, _diff(spec, candidate), pred.nvml_process_bytes,
-                      c.total_bytes - pred.nvml_process_bytes, full)
+    return Suggestion(
+        c.name,
+        rank,
+        words,
+        _diff(spec, candidate),
+        pred.nvml_process_bytes,
+        c.total_bytes - pred.nvml_process_bytes,
+        full,
+    )
 
 
 def _combined(spec: dict[str, Any], c: Card) -> Suggestion | None:
@@ -213,8 +250,11 @@ def suggestions(spec: CellSpec, cards: list[Card]) -> list[Suggestion]:
     for c in cards:
         if fits(pred, c.total_bytes):
             continue
-        singles = [_suggestion(c, rank, base, hit) for rank, rung in enumerate(LADDER)
-                   if (hit := _first_fit(base, rung, c.total_bytes))]
+        singles = [
+            _suggestion(c, rank, base, hit)
+            for rank, rung in enumerate(LADDER)
+            if (hit := _first_fit(base, rung, c.total_bytes))
+        ]
         combined = None if singles else _combined(base, c)
         found += singles or ([combined] if combined else [])
     return found

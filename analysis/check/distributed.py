@@ -17,10 +17,25 @@ from analysis.check.source import Config, ConfigError, Reading, load_mapping
 
 ACCELERATE_DOC = "accelerate utils/dataclasses.py"
 FSDP_KEYS = {
-    "version", "reshard_after_forward", "sharding_strategy", "offload_params", "cpu_offload",
-    "activation_checkpointing", "auto_wrap_policy", "transformer_layer_cls_to_wrap", "min_num_params",
-    "cpu_ram_efficient_loading", "state_dict_type", "sync_module_states", "use_orig_params",
-    "forward_prefetch", "backward_prefetch", "limit_all_gathers", "xla", "xla_fsdp_v2", "xla_fsdp_grad_ckpt",
+    "version",
+    "reshard_after_forward",
+    "sharding_strategy",
+    "offload_params",
+    "cpu_offload",
+    "activation_checkpointing",
+    "auto_wrap_policy",
+    "transformer_layer_cls_to_wrap",
+    "min_num_params",
+    "cpu_ram_efficient_loading",
+    "state_dict_type",
+    "sync_module_states",
+    "use_orig_params",
+    "forward_prefetch",
+    "backward_prefetch",
+    "limit_all_gathers",
+    "xla",
+    "xla_fsdp_v2",
+    "xla_fsdp_grad_ckpt",
 }
 
 
@@ -63,8 +78,9 @@ def _strip_prefix(config: dict[str, Any]) -> dict[str, Any]:
     return {(k[5:] if k.startswith("fsdp_") else k): v for k, v in config.items()}
 
 
-def fsdp_from_config(path: Path, key: str, config: dict[str, Any], version_default: int,
-                     items: list[str] = ()) -> FsdpSetting:
+def fsdp_from_config(
+    path: Path, key: str, config: dict[str, Any], version_default: int, items: list[str] = ()
+) -> FsdpSetting:
     """FSDP settings from a (prefix-stripped) fsdp_config and the legacy option words of `fsdp`."""
     config = _strip_prefix(config)
     version = int(config.get("version", version_default))
@@ -73,7 +89,9 @@ def fsdp_from_config(path: Path, key: str, config: dict[str, Any], version_defau
         if item in ("shard_grad_op", "hybrid_shard", "hybrid_shard_zero2", "no_shard"):
             reshard = item.upper()
     offload = bool(config.get("offload_params", config.get("cpu_offload", False))) or "offload" in items
-    return FsdpSetting(path, key, version, reshard, offload, bool(config.get("activation_checkpointing", False)))
+    return FsdpSetting(
+        path, key, version, reshard, offload, bool(config.get("activation_checkpointing", False))
+    )
 
 
 def read_trainer_fsdp(cfg: Config, r: Reading) -> None:
@@ -92,15 +110,27 @@ def read_trainer_fsdp(cfg: Config, r: Reading) -> None:
 def flag_fsdp(s: FsdpSetting, r: Reading) -> None:
     """Map an FSDP setting onto ftmem's fsdp2 cell; flag what differs."""
     if s.version != 2:
-        r.flag(f"{s.key} (fsdp_version)", s.version, "FSDP1's flat parameters are not modelled; predicted as "
-               "FSDP2 (fully_shard per decoder layer)", "unknown", s.file)
+        r.flag(
+            f"{s.key} (fsdp_version)",
+            s.version,
+            "FSDP1's flat parameters are not modelled; predicted as FSDP2 (fully_shard per decoder layer)",
+            "unknown",
+            s.file,
+        )
     reshard = s.reshard_after_forward
     if reshard not in (True, "FULL_SHARD", 1, "1", "true"):
         effect = "higher" if str(reshard).upper() in ("FALSE", "SHARD_GRAD_OP", "2") else "unknown"
-        r.flag(f"{s.key} (reshard_after_forward / sharding_strategy)", reshard,
-               "ftmem's fsdp2 cell reshards parameters after forward (FULL_SHARD)", effect, s.file)
+        r.flag(
+            f"{s.key} (reshard_after_forward / sharding_strategy)",
+            reshard,
+            "ftmem's fsdp2 cell reshards parameters after forward (FULL_SHARD)",
+            effect,
+            s.file,
+        )
     if s.offload_params:
-        r.flag(f"{s.key} (offload_params)", True, "FSDP CPU offload of parameters and gradients", "lower", s.file)
+        r.flag(
+            f"{s.key} (offload_params)", True, "FSDP CPU offload of parameters and gradients", "lower", s.file
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -111,8 +141,13 @@ def resolve_path(base: Path, value: str, key: str) -> Path:
     for candidate in (base.parent / value, Path(value)):
         if candidate.is_file():
             return candidate
-    raise ConfigError(base, key, value, f"names a file that is not there (looked beside {base.name} and in "
-                      "the working directory); pass it with --deepspeed / the right path")
+    raise ConfigError(
+        base,
+        key,
+        value,
+        f"names a file that is not there (looked beside {base.name} and in "
+        "the working directory); pass it with --deepspeed / the right path",
+    )
 
 
 def _device(section: Any, path: Path, key: str) -> str:
@@ -143,7 +178,9 @@ def ds_plan(data: dict[str, Any], path: Path, key: str) -> DsPlan:
         opt_device = "cpu"
     bf16 = data.get("bf16") or data.get("bfloat16") or {}
     return DsPlan(
-        path, key, _stage(zero, path),
+        path,
+        key,
+        _stage(zero, path),
         offload_optimizer=opt_device,
         offload_param=_device(zero.get("offload_param"), path, "zero_optimization.offload_param"),
         zero=zero,
@@ -176,8 +213,12 @@ def load_ds(value: Any, base: Path, key: str) -> DsPlan:
 def load_ds_file(path: Path, key: str) -> DsPlan:
     data = load_mapping(path)
     if "zero_optimization" not in data and not data.keys() & DS_HANDLED:
-        raise ConfigError(path, "(format)", "not DeepSpeed", "holds no zero_optimization or batch keys of a "
-                          "DeepSpeed config")
+        raise ConfigError(
+            path,
+            "(format)",
+            "not DeepSpeed",
+            "holds no zero_optimization or batch keys of a DeepSpeed config",
+        )
     return ds_plan(data, path, key)
 
 
@@ -187,19 +228,32 @@ _STAGE_DIST = {1: "deepspeed_zero2", 2: "deepspeed_zero2", 3: "deepspeed_zero3"}
 def ds_fields(plan: DsPlan, r: Reading) -> dict[str, Any]:
     """dist / zero_offload of a DeepSpeed plan; ZeRO-1 is predicted as ZeRO-2 (a lower bound)."""
     if plan.stage == 0:
-        raise ConfigError(plan.file, "zero_optimization.stage", 0, "DeepSpeed without ZeRO is not an ftmem "
-                          "cell; allowed: 1 (predicted as 2), 2, 3")
+        raise ConfigError(
+            plan.file,
+            "zero_optimization.stage",
+            0,
+            "DeepSpeed without ZeRO is not an ftmem cell; allowed: 1 (predicted as 2), 2, 3",
+        )
     if plan.stage == 1:
-        r.flag("zero_optimization.stage", 1, "ZeRO-1 keeps every gradient on each rank; predicted as ZeRO-2, "
-               "which shards them", "higher", plan.file)
+        r.flag(
+            "zero_optimization.stage",
+            1,
+            "ZeRO-1 keeps every gradient on each rank; predicted as ZeRO-2, which shards them",
+            "higher",
+            plan.file,
+        )
     return {"dist": _STAGE_DIST[plan.stage], "zero_offload": _offload(plan, r)}
 
 
 def _offload(plan: DsPlan, r: Reading) -> str:
     if plan.offload_param != "none":
         if plan.stage != 3 or plan.offload_optimizer == "none":
-            raise ConfigError(plan.file, "zero_optimization.offload_param.device", plan.offload_param,
-                              "ftmem models parameter offload with ZeRO-3 and optimizer offload together")
+            raise ConfigError(
+                plan.file,
+                "zero_optimization.offload_param.device",
+                plan.offload_param,
+                "ftmem models parameter offload with ZeRO-3 and optimizer offload together",
+            )
         _flag_nvme(plan, r, "offload_param", plan.offload_param)
         return "optimizer_and_params"
     if plan.offload_optimizer != "none":
@@ -210,8 +264,13 @@ def _offload(plan: DsPlan, r: Reading) -> str:
 
 def _flag_nvme(plan: DsPlan, r: Reading, name: str, device: str) -> None:
     if device == "nvme":
-        r.flag(f"zero_optimization.{name}.device", "nvme", "NVMe offload is predicted as CPU offload (the GPU "
-               "side alike; its staging buffers differ)", "unknown", plan.file)
+        r.flag(
+            f"zero_optimization.{name}.device",
+            "nvme",
+            "NVMe offload is predicted as CPU offload (the GPU side alike; its staging buffers differ)",
+            "unknown",
+            plan.file,
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -230,9 +289,23 @@ class AccelerateSetting:
 
 
 _ACCELERATE_HARMLESS = {
-    "compute_environment", "debug", "downcast_bf16", "enable_cpu_affinity", "machine_rank", "main_process_ip",
-    "main_process_port", "main_training_function", "num_machines", "rdzv_backend", "same_network", "tpu_env",
-    "tpu_use_cluster", "tpu_use_sudo", "use_cpu", "gpu_ids", "dynamo_config",
+    "compute_environment",
+    "debug",
+    "downcast_bf16",
+    "enable_cpu_affinity",
+    "machine_rank",
+    "main_process_ip",
+    "main_process_port",
+    "main_training_function",
+    "num_machines",
+    "rdzv_backend",
+    "same_network",
+    "tpu_env",
+    "tpu_use_cluster",
+    "tpu_use_sudo",
+    "use_cpu",
+    "gpu_ids",
+    "dynamo_config",
 }
 
 
@@ -253,8 +326,13 @@ def read_accelerate(path: Path, data: dict[str, Any]) -> AccelerateSetting:
     if kind == "FSDP":
         # accelerate utils/dataclasses.py: FSDP_VERSION defaults to 1 when the config does not say.
         setting.fsdp = fsdp_from_config(path, "fsdp_config", data.get("fsdp_config") or {}, 1)
-    known = _ACCELERATE_HARMLESS | {"distributed_type", "num_processes", "mixed_precision", "deepspeed_config",
-                                    "fsdp_config"}
+    known = _ACCELERATE_HARMLESS | {
+        "distributed_type",
+        "num_processes",
+        "mixed_precision",
+        "deepspeed_config",
+        "fsdp_config",
+    }
     setting.unrecognised = sorted(k for k in data if k not in known)
     return setting
 
@@ -269,8 +347,11 @@ def _accelerate_ds(path: Path, section: dict[str, Any]) -> DsPlan:
     for name in ("offload_optimizer", "offload_param"):
         device = section.get(f"{name}_device", "none")
         zero[name] = {"device": device}
-    plan = ds_plan({"zero_optimization": zero, "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}},
-                   path, "deepspeed_config")
+    plan = ds_plan(
+        {"zero_optimization": zero, "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}},
+        path,
+        "deepspeed_config",
+    )
     plan.grad_accum = section.get("gradient_accumulation_steps", "auto")
     return plan
 
@@ -279,31 +360,81 @@ def _accelerate_ds(path: Path, section: dict[str, Any]) -> DsPlan:
 # DeepSpeed memory knobs against the config ftmem's cells run (bench/deepspeed_config.py)
 # ------------------------------------------------------------------------------------------------
 #: zero_optimization sizes whose larger values hold more memory.
-ZERO_SIZES = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
-              "stage3_param_persistence_threshold", "stage3_max_live_parameters", "stage3_max_reuse_distance",
-              "sub_group_size")
+ZERO_SIZES = (
+    "reduce_bucket_size",
+    "allgather_bucket_size",
+    "stage3_prefetch_bucket_size",
+    "stage3_param_persistence_threshold",
+    "stage3_max_live_parameters",
+    "stage3_max_reuse_distance",
+    "sub_group_size",
+)
 #: zero_optimization switches: the effect of turning them on where ftmem's cell has them off.
-ZERO_SWITCHES = {"overlap_comm": "higher", "contiguous_gradients": "unknown", "reduce_scatter": "unknown",
-                 "allgather_partitions": "unknown"}
-ZERO_HARMLESS = frozenset({
-    "stage", "offload_optimizer", "offload_param", "cpu_offload", "stage3_gather_16bit_weights_on_model_save",
-    "stage3_gather_fp16_weights_on_model_save", "round_robin_gradients", "elastic_checkpoint",
-    "load_from_fp32_weights", "ignore_unused_parameters", "memory_efficient_linear", "legacy_stage1",
-})
-DS_HANDLED = frozenset({"zero_optimization", "optimizer", "bf16", "bfloat16", "fp16", "train_batch_size",
-                        "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"})
-DS_HARMLESS = frozenset({
-    "gradient_clipping", "steps_per_print", "wall_clock_breakdown", "zero_allow_untested_optimizer",
-    "zero_force_ds_cpu_optimizer", "scheduler", "prescale_gradients", "gradient_predivide_factor",
-    "activation_checkpointing", "flops_profiler", "tensorboard", "wandb", "csv_monitor", "comms_logger",
-    "checkpoint", "aio", "dump_state", "memory_breakdown",
-})
+ZERO_SWITCHES = {
+    "overlap_comm": "higher",
+    "contiguous_gradients": "unknown",
+    "reduce_scatter": "unknown",
+    "allgather_partitions": "unknown",
+}
+ZERO_HARMLESS = frozenset(
+    {
+        "stage",
+        "offload_optimizer",
+        "offload_param",
+        "cpu_offload",
+        "stage3_gather_16bit_weights_on_model_save",
+        "stage3_gather_fp16_weights_on_model_save",
+        "round_robin_gradients",
+        "elastic_checkpoint",
+        "load_from_fp32_weights",
+        "ignore_unused_parameters",
+        "memory_efficient_linear",
+        "legacy_stage1",
+    }
+)
+DS_HANDLED = frozenset(
+    {
+        "zero_optimization",
+        "optimizer",
+        "bf16",
+        "bfloat16",
+        "fp16",
+        "train_batch_size",
+        "train_micro_batch_size_per_gpu",
+        "gradient_accumulation_steps",
+    }
+)
+DS_HARMLESS = frozenset(
+    {
+        "gradient_clipping",
+        "steps_per_print",
+        "wall_clock_breakdown",
+        "zero_allow_untested_optimizer",
+        "zero_force_ds_cpu_optimizer",
+        "scheduler",
+        "prescale_gradients",
+        "gradient_predivide_factor",
+        "activation_checkpointing",
+        "flops_profiler",
+        "tensorboard",
+        "wandb",
+        "csv_monitor",
+        "comms_logger",
+        "checkpoint",
+        "aio",
+        "dump_state",
+        "memory_breakdown",
+    }
+)
 
 
 def _auto_size(key: str, hidden: int) -> int | None:
     """transformers integrations/deepspeed.py fills these "auto" values from the model's hidden size."""
-    return {"reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
-            "stage3_param_persistence_threshold": 10 * hidden}.get(key)
+    return {
+        "reduce_bucket_size": hidden * hidden,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+        "stage3_param_persistence_threshold": 10 * hidden,
+    }.get(key)
 
 
 def flag_zero_knobs(plan: DsPlan, reference: dict[str, Any], hidden: int, r: Reading) -> None:
@@ -324,7 +455,9 @@ def flag_zero_knobs(plan: DsPlan, reference: dict[str, Any], hidden: int, r: Rea
     r.unrecognised += [f"{plan.file.name}: {k}" for k in plan.top_keys if k not in DS_HANDLED | DS_HARMLESS]
 
 
-def _flag_size(plan: DsPlan, key: str, value: Any, reference: dict[str, Any], hidden: int, r: Reading) -> None:
+def _flag_size(
+    plan: DsPlan, key: str, value: Any, reference: dict[str, Any], hidden: int, r: Reading
+) -> None:
     ours = reference.get(key)
     if ours is None:  # not a knob of this stage: DeepSpeed ignores it
         return
@@ -333,7 +466,13 @@ def _flag_size(plan: DsPlan, key: str, value: Any, reference: dict[str, Any], hi
         r.flag(f"zero_optimization.{key}", value, "a value ftmem cannot size", "unknown", plan.file)
     elif size != ours:
         effect = "higher" if size > ours else "lower"
-        r.flag(f"zero_optimization.{key}", value, f"{int(size):,} against ftmem's {int(ours):,}", effect, plan.file)
+        r.flag(
+            f"zero_optimization.{key}",
+            value,
+            f"{int(size):,} against ftmem's {int(ours):,}",
+            effect,
+            plan.file,
+        )
 
 
 def _opposite(effect: str) -> str:

@@ -40,31 +40,92 @@ UNMODELLED = {
     "fp8": ("unknown", "FP8 training through accelerate"),
     "use_v1_kernels": ("unknown", "LLaMA-Factory's v1 kernels"),
 }
-OPTIMIZER_SWITCHES = {"use_galore": "galore", "use_apollo": "apollo", "use_badam": "badam",
-                      "use_adam_mini": "adam_mini", "use_muon": "muon"}
+OPTIMIZER_SWITCHES = {
+    "use_galore": "galore",
+    "use_apollo": "apollo",
+    "use_badam": "badam",
+    "use_adam_mini": "adam_mini",
+    "use_muon": "muon",
+}
 
-HARMLESS_HERE = frozenset({
-    "template", "dataset", "dataset_dir", "eval_dataset", "media_dir", "train_on_prompt", "mask_history",
-    "streaming", "buffer_size", "mix_strategy", "interleave_probs", "overwrite_cache", "preprocessing_batch_size",
-    "preprocessing_num_workers", "max_samples", "eval_num_beams", "ignore_pad_token_for_loss", "val_size",
-    "eval_on_each_dataset", "tool_format", "tokenized_path", "adapter_name_or_path", "adapter_folder", "cache_dir",
-    "use_fast_tokenizer", "split_special_tokens", "model_revision", "low_cpu_mem_usage", "infer_backend",
-    "offload_folder", "use_kv_cache", "infer_dtype", "hf_hub_token", "ms_hub_token", "om_hub_token",
-    "print_param_status", "trust_remote_code", "loraplus_lr_ratio", "loraplus_lr_embedding", "use_rslora",
-    "create_new_adapter", "plot_loss", "include_effective_tokens_per_second", "disable_shuffling",
-    "early_stopping_steps", "compute_accuracy", "freeze_vision_tower", "freeze_multi_modal_projector",
-    "freeze_language_model", "pissa_iter", "pissa_convert", "quantization_device_map", "train_from_scratch",
-    "moe_aux_loss_coef", "new_special_tokens_config", "init_special_tokens", "use_swanlab", "swanlab_project",
-    "swanlab_workspace", "swanlab_run_name", "swanlab_mode", "swanlab_api_key", "swanlab_logdir",
-})
+HARMLESS_HERE = frozenset(
+    {
+        "template",
+        "dataset",
+        "dataset_dir",
+        "eval_dataset",
+        "media_dir",
+        "train_on_prompt",
+        "mask_history",
+        "streaming",
+        "buffer_size",
+        "mix_strategy",
+        "interleave_probs",
+        "overwrite_cache",
+        "preprocessing_batch_size",
+        "preprocessing_num_workers",
+        "max_samples",
+        "eval_num_beams",
+        "ignore_pad_token_for_loss",
+        "val_size",
+        "eval_on_each_dataset",
+        "tool_format",
+        "tokenized_path",
+        "adapter_name_or_path",
+        "adapter_folder",
+        "cache_dir",
+        "use_fast_tokenizer",
+        "split_special_tokens",
+        "model_revision",
+        "low_cpu_mem_usage",
+        "infer_backend",
+        "offload_folder",
+        "use_kv_cache",
+        "infer_dtype",
+        "hf_hub_token",
+        "ms_hub_token",
+        "om_hub_token",
+        "print_param_status",
+        "trust_remote_code",
+        "loraplus_lr_ratio",
+        "loraplus_lr_embedding",
+        "use_rslora",
+        "create_new_adapter",
+        "plot_loss",
+        "include_effective_tokens_per_second",
+        "disable_shuffling",
+        "early_stopping_steps",
+        "compute_accuracy",
+        "freeze_vision_tower",
+        "freeze_multi_modal_projector",
+        "freeze_language_model",
+        "pissa_iter",
+        "pissa_convert",
+        "quantization_device_map",
+        "train_from_scratch",
+        "moe_aux_loss_coef",
+        "new_special_tokens_config",
+        "init_special_tokens",
+        "use_swanlab",
+        "swanlab_project",
+        "swanlab_workspace",
+        "swanlab_run_name",
+        "swanlab_mode",
+        "swanlab_api_key",
+        "swanlab_logdir",
+    }
+)
 
 
 def read(cfg: Config) -> Reading:
     r = Reading(TOOL, cfg.path)
     _stage(cfg)
     if not cfg.has("model_name_or_path"):
-        raise missing(cfg.path, "model_name_or_path", "is required (LLaMA-Factory model_args.py: 'Please provide "
-                      "`model_name_or_path`')")
+        raise missing(
+            cfg.path,
+            "model_name_or_path",
+            "is required (LLaMA-Factory model_args.py: 'Please provide `model_name_or_path`')",
+        )
     r.set("model", cfg.get("model_name_or_path", None, (str,)), f"{cfg.path.name}: model_name_or_path")
     method = _method(cfg, r)
     if method != "full":
@@ -77,29 +138,46 @@ def read(cfg: Config) -> Reading:
     _checkpointing(cfg, r)
     _kernels(cfg, r)
     _unmodelled(cfg, r)
-    r.unrecognised = [f"{cfg.path.name}: {k}" for k in cfg.unused() if k not in HARMLESS and k not in HARMLESS_HERE]
+    r.unrecognised = [
+        f"{cfg.path.name}: {k}" for k in cfg.unused() if k not in HARMLESS and k not in HARMLESS_HERE
+    ]
     return r
 
 
 def _stage(cfg: Config) -> None:
     stage = cfg.choice("stage", "sft", ("pt", "sft", "rm", "ppo", "dpo", "kto"))
     if stage not in ("pt", "sft"):
-        raise ConfigError(cfg.path, "stage", stage, "ftmem models one supervised step (sft or pt); rm, ppo, dpo "
-                          "and kto also run reward / reference models ftmem does not build")
+        raise ConfigError(
+            cfg.path,
+            "stage",
+            stage,
+            "ftmem models one supervised step (sft or pt); rm, ppo, dpo "
+            "and kto also run reward / reference models ftmem does not build",
+        )
 
 
 def _method(cfg: Config, r: Reading) -> str:
     ftype = cfg.choice("finetuning_type", "lora", ("lora", "full", "freeze", "oft"))
     if ftype in ("freeze", "oft"):
-        raise ConfigError(cfg.path, "finetuning_type", ftype, "ftmem models full and lora (with 4/8-bit bases)")
+        raise ConfigError(
+            cfg.path, "finetuning_type", ftype, "ftmem models full and lora (with 4/8-bit bases)"
+        )
     bits = cfg.choice("quantization_bit", None, (None, 4, 8))
     if bits is not None:
-        qmethod = cfg.choice("quantization_method", "bnb", ("bnb", "hqq", "eetq", "gptq", "awq", "aqlm", "bitsandbytes"))
+        qmethod = cfg.choice(
+            "quantization_method", "bnb", ("bnb", "hqq", "eetq", "gptq", "awq", "aqlm", "bitsandbytes")
+        )
         if qmethod not in ("bnb", "bitsandbytes"):
-            raise ConfigError(cfg.path, "quantization_method", qmethod, "ftmem models bitsandbytes (bnb) only")
+            raise ConfigError(
+                cfg.path, "quantization_method", qmethod, "ftmem models bitsandbytes (bnb) only"
+            )
         if ftype != "lora":
-            raise ConfigError(cfg.path, "quantization_bit", bits, "needs finetuning_type lora (LLaMA-Factory refuses "
-                              "quantized full fine-tuning)")
+            raise ConfigError(
+                cfg.path,
+                "quantization_bit",
+                bits,
+                "needs finetuning_type lora (LLaMA-Factory refuses quantized full fine-tuning)",
+            )
     method = {None: ftype, 4: "qlora", 8: "lora8bit"}[bits]
     source = cfg.src("quantization_bit" if bits else "finetuning_type", f"{FT}: finetuning_type lora")
     r.set("method", method, source)
@@ -115,8 +193,13 @@ def _lora(cfg: Config, r: Reading) -> None:
     r.set("lora_dropout", float(dropout), cfg.src("lora_dropout", f"{FT}: lora_dropout 0.0"))
     targets = cfg.get("lora_target", "all", (str, list))
     names = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else [str(t) for t in targets]
-    r.later["lora_targets"] = ("lora_target", names, cfg.src("lora_target", f"{FT}: lora_target all (every linear "
-                                                              "layer but lm_head: model_utils/misc.py)"))
+    r.later["lora_targets"] = (
+        "lora_target",
+        names,
+        cfg.src(
+            "lora_target", f"{FT}: lora_target all (every linear layer but lm_head: model_utils/misc.py)"
+        ),
+    )
 
 
 def _quant(cfg: Config, r: Reading) -> None:
@@ -134,11 +217,15 @@ def _sequence(cfg: Config, r: Reading) -> None:
     r.set("seq_len", cutoff, cfg.src("cutoff_len", f"{DA}: cutoff_len 2048"))
     packing = cfg.get("packing", None, (bool,))
     if packing or cfg.get("neat_packing", False, (bool,)):
-        r.assume(f"packing: every sequence is cutoff_len tokens ({cutoff}); LLaMA-Factory packs to "
-                 "cutoff_len - 1, one token less than predicted")
+        r.assume(
+            f"packing: every sequence is cutoff_len tokens ({cutoff}); LLaMA-Factory packs to "
+            "cutoff_len - 1, one token less than predicted"
+        )
     else:
-        r.assume(f"no packing: the collator pads each batch to its longest sample; predicted at the worst case, "
-                 f"cutoff_len ({cutoff})")
+        r.assume(
+            f"no packing: the collator pads each batch to its longest sample; predicted at the worst case, "
+            f"cutoff_len ({cutoff})"
+        )
     if cfg.has("rope_scaling"):
         r.later["rope_scaling"] = ("rope_scaling", cfg.get("rope_scaling", None, (str, dict)))
 
@@ -160,8 +247,11 @@ def _checkpointing(cfg: Config, r: Reading) -> None:
     """model_utils/checkpointing.py: on unless disable_gradient_checkpointing; use_reentrant_gc defaults True."""
     off = cfg.get("disable_gradient_checkpointing", False, (bool,))
     on = not off or r.fields["gradient_checkpointing"]
-    r.set("gradient_checkpointing", on, cfg.src("disable_gradient_checkpointing",
-                                                f"{MA}: disable_gradient_checkpointing False"))
+    r.set(
+        "gradient_checkpointing",
+        on,
+        cfg.src("disable_gradient_checkpointing", f"{MA}: disable_gradient_checkpointing False"),
+    )
     if on:
         reentrant = cfg.get("use_reentrant_gc", True, (bool,))
         r.set("gc_reentrant", reentrant, cfg.src("use_reentrant_gc", f"{MA}: use_reentrant_gc True"))
@@ -170,9 +260,17 @@ def _checkpointing(cfg: Config, r: Reading) -> None:
 def _kernels(cfg: Config, r: Reading) -> None:
     flash = cfg.choice("flash_attn", "auto", (*ATTENTION, "fa3"))
     if flash == "fa3":
-        r.flag("flash_attn", flash, "FlashAttention-3; predicted as FlashAttention-2 (same saved tensors)", "unknown")
-    r.set("attn_impl", ATTENTION.get(flash, "flash_attention_2"), cfg.src("flash_attn", f"{MA}: flash_attn auto "
-                                                                           "(transformers' default, sdpa)"))
+        r.flag(
+            "flash_attn",
+            flash,
+            "FlashAttention-3; predicted as FlashAttention-2 (same saved tensors)",
+            "unknown",
+        )
+    r.set(
+        "attn_impl",
+        ATTENTION.get(flash, "flash_attention_2"),
+        cfg.src("flash_attn", f"{MA}: flash_attn auto (transformers' default, sdpa)"),
+    )
     if cfg.get("enable_liger_kernel", False, (bool,)):
         # model_utils/liger_kernel.py applies liger's defaults (rope, swiglu, rms_norm, fused linear CE).
         kernels = {"fused_linear_cross_entropy": True, "rms_norm": True, "swiglu": True, "rope": True}

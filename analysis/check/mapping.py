@@ -15,7 +15,13 @@ from typing import Any
 
 import bench.models
 from analysis.check.distributed import (
-    AccelerateSetting, DsPlan, ds_fields, flag_fsdp, flag_zero_knobs, load_ds, load_ds_file,
+    AccelerateSetting,
+    DsPlan,
+    ds_fields,
+    flag_fsdp,
+    flag_zero_knobs,
+    load_ds,
+    load_ds_file,
 )
 from analysis.check.source import ConfigError, Reading, missing
 from bench.deepspeed_config import deepspeed_config
@@ -24,11 +30,33 @@ from bench.spec import DEEPSPEED_DISTS, CellSpec, SpecError
 
 #: peft utils/constants.py TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING: the targets peft picks when a
 #: LoraConfig names none (TRL's lora_target_modules None), for the model types ftmem can build.
-PEFT_DEFAULT_TARGETS = {"qwen3": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"), "llama": ("q_proj", "v_proj"),
-                        "mistral": ("q_proj", "v_proj"), "gemma": ("q_proj", "v_proj"), "gemma2": ("q_proj", "v_proj")}
+PEFT_DEFAULT_TARGETS = {
+    "qwen3": ("q_proj", "v_proj"),
+    "qwen2": ("q_proj", "v_proj"),
+    "llama": ("q_proj", "v_proj"),
+    "mistral": ("q_proj", "v_proj"),
+    "gemma": ("q_proj", "v_proj"),
+    "gemma2": ("q_proj", "v_proj"),
+}
 #: liger-kernel transformers/monkey_patch.py MODEL_TYPE_TO_APPLY_LIGER_FN (model types with Liger kernels).
-LIGER_MODEL_TYPES = frozenset({"llama", "mistral", "mixtral", "gemma", "gemma2", "gemma3", "gemma3_text", "qwen2",
-                               "qwen3", "qwen3_moe", "phi3", "granite", "olmo2", "glm4"})
+LIGER_MODEL_TYPES = frozenset(
+    {
+        "llama",
+        "mistral",
+        "mixtral",
+        "gemma",
+        "gemma2",
+        "gemma3",
+        "gemma3_text",
+        "qwen2",
+        "qwen3",
+        "qwen3_moe",
+        "phi3",
+        "granite",
+        "olmo2",
+        "glm4",
+    }
+)
 ALL_LINEAR = ("all", "all-linear")
 TORCH_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 QWEN3_HUB = re.compile(r"Qwen/Qwen3-(0\.6B|1\.7B|4B|8B|14B|32B)")
@@ -78,10 +106,19 @@ def _model(r: Reading, setup: Setup) -> tuple[str, dict]:
 def _model_dtype(arch: dict, name: str, r: Reading) -> str:
     """The dtype "auto" loads: the checkpoint config's torch_dtype. Shipped Qwen3 architectures copy the
     published configs, which say bfloat16."""
-    value = arch.get("dtype") or arch.get("torch_dtype") or ("bfloat16" if name in bench.models.ARCHITECTURES else None)
+    value = (
+        arch.get("dtype")
+        or arch.get("torch_dtype")
+        or ("bfloat16" if name in bench.models.ARCHITECTURES else None)
+    )
     if value not in TORCH_DTYPES:
-        raise ConfigError(r.path, "(dtype)", value, f"the model {name} does not say its dtype; set the config's "
-                          "dtype / torch_dtype (or bf16 / fp16) explicitly")
+        raise ConfigError(
+            r.path,
+            "(dtype)",
+            value,
+            f"the model {name} does not say its dtype; set the config's "
+            "dtype / torch_dtype (or bf16 / fp16) explicitly",
+        )
     return TORCH_DTYPES[value]
 
 
@@ -91,8 +128,9 @@ def _targets(r: Reading, model_type: str) -> None:
     key, names, source = r.later["lora_targets"]
     if names is None:
         if model_type not in PEFT_DEFAULT_TARGETS:
-            raise missing(r.path, key, f"is unset and peft has no default targets ftmem knows for {model_type}; "
-                          "set it")
+            raise missing(
+                r.path, key, f"is unset and peft has no default targets ftmem knows for {model_type}; set it"
+            )
         r.set("lora_targets", PEFT_DEFAULT_TARGETS[model_type], source)
         return
     wanted = set(LINEAR_PROJECTIONS) if any(n in ALL_LINEAR for n in names) else set(names)
@@ -100,11 +138,18 @@ def _targets(r: Reading, model_type: str) -> None:
         r.flag(key, extra, f"LoRA on {extra} (peft wraps the embedding / head); not modelled", "higher")
     unknown = sorted(wanted - set(LINEAR_PROJECTIONS) - {"embed_tokens", "lm_head"})
     if unknown:
-        raise ConfigError(r.path, key, unknown[0], f"is not a module ftmem models; allowed: "
-                          f"{', '.join(LINEAR_PROJECTIONS)}, all, embed_tokens, lm_head")
+        raise ConfigError(
+            r.path,
+            key,
+            unknown[0],
+            f"is not a module ftmem models; allowed: "
+            f"{', '.join(LINEAR_PROJECTIONS)}, all, embed_tokens, lm_head",
+        )
     kept = tuple(p for p in LINEAR_PROJECTIONS if p in wanted)
     if not kept:
-        raise ConfigError(r.path, key, names, f"targets no projection ftmem models ({', '.join(LINEAR_PROJECTIONS)})")
+        raise ConfigError(
+            r.path, key, names, f"targets no projection ftmem models ({', '.join(LINEAR_PROJECTIONS)})"
+        )
     r.set("lora_targets", kept, source)
 
 
@@ -115,22 +160,37 @@ def _liger(r: Reading, model_type: str) -> None:
     r.set("fused_ce", False, f"{Path(r.liger['file']).name}: {r.liger['key']}")
     key, kernels, file = r.liger["key"], r.liger["kernels"], r.liger["file"]
     if model_type not in LIGER_MODEL_TYPES:
-        r.flag(key, True, f"Liger has no kernels for model type {model_type} in the releases ftmem knows; "
-               "predicted without them", "unknown", file)
+        r.flag(
+            key,
+            True,
+            f"Liger has no kernels for model type {model_type} in the releases ftmem knows; "
+            "predicted without them",
+            "unknown",
+            file,
+        )
         return
     r.set("fused_ce", bool(kernels.get("fused_linear_cross_entropy")), f"{Path(file).name}: {key}")
     others = sorted(k for k, on in kernels.items() if on and k != "fused_linear_cross_entropy")
     if others:
-        r.flag(key, others, f"Liger's {', '.join(others)} kernels save less than the eager ops ftmem models "
-               "(only the fused linear cross-entropy is an ftmem knob)", "lower", file)
+        r.flag(
+            key,
+            others,
+            f"Liger's {', '.join(others)} kernels save less than the eager ops ftmem models "
+            "(only the fused linear cross-entropy is an ftmem knob)",
+            "lower",
+            file,
+        )
 
 
 def _rope(r: Reading, arch: dict) -> None:
     limit, seq = arch.get("max_position_embeddings"), r.fields.get("seq_len")
     if limit and seq and seq > limit:
         key = r.sources.get("seq_len", "seq_len").split(": ")[-1]
-        why = "rope scaling beyond max_position_embeddings is not modelled" if "rope_scaling" in r.later else \
-            "the model has no positions for it"
+        why = (
+            "rope scaling beyond max_position_embeddings is not modelled"
+            if "rope_scaling" in r.later
+            else "the model has no positions for it"
+        )
         raise ConfigError(r.path, key, seq, f"is past the model's max_position_embeddings {limit}: {why}")
 
 
@@ -154,7 +214,9 @@ def _ds_plan(r: Reading, setup: Setup) -> DsPlan | None:
     its DeepSpeed config from TrainingArguments.deepspeed)."""
     if setup.deepspeed is not None:
         if r.deepspeed is not None:
-            r.assume(f"--deepspeed {setup.deepspeed} replaces {r.path.name}: {r.deepspeed_key} ({r.deepspeed})")
+            r.assume(
+                f"--deepspeed {setup.deepspeed} replaces {r.path.name}: {r.deepspeed_key} ({r.deepspeed})"
+            )
         return load_ds_file(Path(setup.deepspeed), "--deepspeed")
     if r.deepspeed is not None:
         return load_ds(r.deepspeed, r.path, r.deepspeed_key)
@@ -166,9 +228,14 @@ def _distributed(r: Reading, setup: Setup) -> DsPlan | None:
     r.fields["gpus"] = gpus
     fsdp = r.fsdp or (setup.accelerate.fsdp if setup.accelerate else None)
     if plan and fsdp:
-        raise ConfigError(fsdp.file, fsdp.key, "FSDP", f"and DeepSpeed ({plan.file.name}) cannot both drive a run")
+        raise ConfigError(
+            fsdp.file, fsdp.key, "FSDP", f"and DeepSpeed ({plan.file.name}) cannot both drive a run"
+        )
     if setup.accelerate and setup.accelerate.mixed_precision and r.amp is None:
-        r.amp, r.amp_source = setup.accelerate.mixed_precision, f"{setup.accelerate.file.name}: mixed_precision"
+        r.amp, r.amp_source = (
+            setup.accelerate.mixed_precision,
+            f"{setup.accelerate.file.name}: mixed_precision",
+        )
     if plan:
         for name, value in ds_fields(plan, r).items():
             r.set(name, value, f"{plan.file.name}: zero_optimization")
@@ -196,13 +263,20 @@ def _fsdp(fsdp, r: Reading) -> None:
 
 def _ds_batch(plan: DsPlan, r: Reading) -> None:
     """transformers integrations/deepspeed.py refuses DeepSpeed values that disagree with TrainingArguments."""
-    for ds_key, field_name in (("train_micro_batch_size_per_gpu", "batch_size"),
-                               ("gradient_accumulation_steps", "grad_accum")):
+    for ds_key, field_name in (
+        ("train_micro_batch_size_per_gpu", "batch_size"),
+        ("gradient_accumulation_steps", "grad_accum"),
+    ):
         value = plan.micro_batch if field_name == "batch_size" else plan.grad_accum
         ours = r.fields.get(field_name)
         if value != "auto" and value != ours:
-            raise ConfigError(plan.file, ds_key, value, f"disagrees with {r.sources.get(field_name)} ({ours}); the "
-                              "HF Trainer refuses mismatched DeepSpeed values (use \"auto\")")
+            raise ConfigError(
+                plan.file,
+                ds_key,
+                value,
+                f"disagrees with {r.sources.get(field_name)} ({ours}); the "
+                'HF Trainer refuses mismatched DeepSpeed values (use "auto")',
+            )
 
 
 def _ds_optimizer(plan: DsPlan, r: Reading) -> None:
@@ -211,11 +285,19 @@ def _ds_optimizer(plan: DsPlan, r: Reading) -> None:
         return
     kind = str(plan.optimizer.get("type", "")).lower() if isinstance(plan.optimizer, dict) else ""
     if kind in ("adam", "adamw"):
-        r.set("optimizer", "adamw_fused", f"{plan.file.name}: optimizer.type (DeepSpeed FusedAdam, in place as "
-              "torch's fused AdamW)")
+        r.set(
+            "optimizer",
+            "adamw_fused",
+            f"{plan.file.name}: optimizer.type (DeepSpeed FusedAdam, in place as torch's fused AdamW)",
+        )
     else:
-        r.flag("optimizer.type", kind or plan.optimizer, "a DeepSpeed optimizer ftmem does not build; predicted as "
-               "AdamW", "unknown", plan.file)
+        r.flag(
+            "optimizer.type",
+            kind or plan.optimizer,
+            "a DeepSpeed optimizer ftmem does not build; predicted as AdamW",
+            "unknown",
+            plan.file,
+        )
         r.set("optimizer", "adamw", f"{plan.file.name}: optimizer (unmodelled: predicted as adamw)")
 
 
@@ -224,13 +306,25 @@ def _ds_precision(plan: DsPlan, r: Reading) -> str:
         value = getattr(plan, name)
         if value != "auto" and bool(value) != (r.amp == name):
             ours = r.amp_source or "no mixed precision"
-            raise ConfigError(plan.file, f"{name}.enabled", value, f"disagrees with {ours}; the HF Trainer refuses "
-                              "mismatched DeepSpeed values (use \"auto\")")
+            raise ConfigError(
+                plan.file,
+                f"{name}.enabled",
+                value,
+                f'disagrees with {ours}; the HF Trainer refuses mismatched DeepSpeed values (use "auto")',
+            )
     if r.amp is None:
-        raise ConfigError(plan.file, "bf16.enabled", plan.bf16, "DeepSpeed in fp32 is not an ftmem cell; run it "
-                          "with bf16 or fp16")
+        raise ConfigError(
+            plan.file,
+            "bf16.enabled",
+            plan.bf16,
+            "DeepSpeed in fp32 is not an ftmem cell; run it with bf16 or fp16",
+        )
     section = plan.bf16_section
-    if r.amp == "bf16" and section.get("bf16_master_weights_and_grads") and section.get("bf16_optimizer_states"):
+    if (
+        r.amp == "bf16"
+        and section.get("bf16_master_weights_and_grads")
+        and section.get("bf16_optimizer_states")
+    ):
         return "bf16"
     return f"{r.amp}_mixed"
 
@@ -256,12 +350,16 @@ def _full_precision(r: Reading, weights: str) -> str:
         return f"{amp}_mixed" if amp else "fp32"
     if weights == "bf16" and amp in (None, "bf16"):
         if amp:
-            r.assume("full fine-tuning of bf16-loaded weights under bf16 autocast: predicted as pure bf16 (weights, "
-                     "gradients and optimizer state in bf16; autocast makes no copies of bf16 weights)")
+            r.assume(
+                "full fine-tuning of bf16-loaded weights under bf16 autocast: predicted as pure bf16 (weights, "
+                "gradients and optimizer state in bf16; autocast makes no copies of bf16 weights)"
+            )
         return "bf16"
-    raise ConfigError(r.path, r.amp_source.split(": ")[-1] or "(precision)", amp,
-                      f"with weights loaded in {weights} ({r.load_source}) is not an ftmem precision (fp32, "
-                      "bf16/fp16 autocast over fp32 weights, or pure bf16)")
+    raise _refused(
+        r,
+        f"with weights loaded in {weights} ({r.load_source}) is not an ftmem precision (fp32, "
+        "bf16/fp16 autocast over fp32 weights, or pure bf16)",
+    )
 
 
 def _adapter_precision(r: Reading, base: str) -> str:
@@ -271,13 +369,30 @@ def _adapter_precision(r: Reading, base: str) -> str:
     if amp is None and base == "fp32":
         return "fp32"
     if amp is None and base == "bf16":
-        r.flag(r.load_source.split(": ")[-1] or "(precision)", "bf16 without autocast", "peft keeps the adapters "
-               "in fp32 on a bf16 base (autocast_adapter_dtype), so the LoRA inputs are cast to fp32; predicted "
-               "as pure bf16 with bf16 adapters", "higher")
+        r.flag(
+            _key(r.load_source),
+            "bf16 without autocast",
+            "peft keeps the adapters "
+            "in fp32 on a bf16 base (autocast_adapter_dtype), so the LoRA inputs are cast to fp32; predicted "
+            "as pure bf16 with bf16 adapters",
+            "higher",
+        )
         return "bf16"
-    raise ConfigError(r.path, r.amp_source.split(": ")[-1] or "(precision)", amp,
-                      f"over a base loaded in {base} ({r.load_source}) is not an ftmem precision for adapters "
-                      "(the frozen base in the autocast dtype, or everything in bf16 or fp32)")
+    raise _refused(
+        r,
+        f"over a base loaded in {base} ({r.load_source}) is not an ftmem precision for adapters "
+        "(the frozen base in the autocast dtype, or everything in bf16 or fp32)",
+    )
+
+
+def _refused(r: Reading, why: str) -> ConfigError:
+    """A precision ftmem does not build, named by the key that set the mixed precision."""
+    return ConfigError(r.path, _key(r.amp_source), r.amp, why)
+
+
+def _key(source: str) -> str:
+    """The key of a "file: key" source ("(precision)" for a tool default)."""
+    return source.split(": ")[-1] if ": " in source else "(precision)"
 
 
 # ------------------------------------------------------------------------------------------------

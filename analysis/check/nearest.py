@@ -13,13 +13,40 @@ from typing import Any
 from bench.spec import CellSpec
 
 #: Weight of a differing spec field: the knobs that move memory most weigh most.
-WEIGHTS = {"model": 100.0, "method": 30.0, "dist": 10.0, "gpus": 10.0, "zero_offload": 8.0, "precision": 6.0,
-           "gradient_checkpointing": 6.0, "optimizer": 3.0, "attn_impl": 2.0, "fused_ce": 2.0, "lora_r": 1.0,
-           "lora_targets": 1.0, "quant_type": 1.0, "double_quant": 0.5, "kbit_fp32_upcast": 1.0,
-           "grad_accum": 0.5, "compile": 1.0, "gc_reentrant": 0.5}
+WEIGHTS = {
+    "model": 100.0,
+    "method": 30.0,
+    "dist": 10.0,
+    "gpus": 10.0,
+    "zero_offload": 8.0,
+    "precision": 6.0,
+    "gradient_checkpointing": 6.0,
+    "optimizer": 3.0,
+    "attn_impl": 2.0,
+    "fused_ce": 2.0,
+    "lora_r": 1.0,
+    "lora_targets": 1.0,
+    "quant_type": 1.0,
+    "double_quant": 0.5,
+    "kbit_fp32_upcast": 1.0,
+    "grad_accum": 0.5,
+    "compile": 1.0,
+    "gc_reentrant": 0.5,
+}
 SHAPE_WEIGHT = 3.0
-COLUMNS = ("cell_id", "model", "method", "precision", "seq_len", "batch_size", "gpus", "dist", "status",
-           "peak_allocated_bytes", "nvml_peak_process_bytes")
+COLUMNS = (
+    "cell_id",
+    "model",
+    "method",
+    "precision",
+    "seq_len",
+    "batch_size",
+    "gpus",
+    "dist",
+    "status",
+    "peak_allocated_bytes",
+    "nvml_peak_process_bytes",
+)
 
 
 def _value(value: Any) -> Any:
@@ -44,7 +71,9 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def nearest_rows(spec: CellSpec, results: list[str | Path] | None = None, limit: int = 5) -> list[dict[str, Any]]:
+def nearest_rows(
+    spec: CellSpec, results: list[str | Path] | None = None, limit: int = 5
+) -> list[dict[str, Any]]:
     """Up to `limit` measured rows (status ok or oom) closest to `spec`, closest first."""
     from analysis.load import load_results
 

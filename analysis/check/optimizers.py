@@ -67,7 +67,9 @@ def _check_sgd_momentum(r: Reading, cfg: Config, name: str) -> None:
     args: Any = cfg.get("optim_args", None, (str, dict))
     text = str(args or "")
     if name == "sgd" and "momentum" in text:
-        r.flag("optim_args", args, "SGD momentum keeps one buffer per parameter ftmem's sgd cell lacks", "higher")
+        r.flag(
+            "optim_args", args, "SGD momentum keeps one buffer per parameter ftmem's sgd cell lacks", "higher"
+        )
 
 
 def override_optimizer(r: Reading, key: str, value: Any, name: str) -> None:

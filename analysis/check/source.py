@@ -47,7 +47,13 @@ class Unmodelled:
     effect: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"file": self.file, "key": self.key, "value": self.value, "why": self.why, "effect": self.effect}
+        return {
+            "file": self.file,
+            "key": self.key,
+            "value": self.value,
+            "why": self.why,
+            "effect": self.effect,
+        }
 
 
 def load_mapping(path: str | Path) -> dict[str, Any]:
@@ -78,7 +84,14 @@ def _yaml(text: str, path: Path) -> Any:
         raise ConfigError(path, "(file)", _MISSING, f"is not YAML or JSON{line}") from None
 
 
-_KIND_NAMES = {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping"}
+_KIND_NAMES = {
+    bool: "true/false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    list: "a list",
+    dict: "a mapping",
+}
 
 
 def _is_kind(value: Any, kinds: tuple[type, ...]) -> bool:

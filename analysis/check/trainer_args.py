@@ -50,7 +50,9 @@ def read_amp(cfg: Config, r: Reading, d: TrainerDefaults) -> None:
     if bf16 is None:
         bf16 = not fp16
     if bf16 and fp16:
-        raise ConfigError(cfg.path, "bf16", True, "and fp16: true cannot both be set (transformers refuses it)")
+        raise ConfigError(
+            cfg.path, "bf16", True, "and fp16: true cannot both be set (transformers refuses it)"
+        )
     r.amp = "bf16" if bf16 else "fp16" if fp16 else None
     key = "bf16" if bf16 or not fp16 else "fp16"
     r.amp_source = cfg.src(key, d.bf16_doc if key == "bf16" else f"{TA}: fp16 False")
@@ -73,8 +75,13 @@ def read_checkpointing(cfg: Config, r: Reading, default: bool, doc: str) -> None
     on = cfg.get("gradient_checkpointing", default, (bool,))
     r.set("gradient_checkpointing", on, cfg.src("gradient_checkpointing", doc))
     if on:
-        read_gc_kwargs(cfg, r, "gradient_checkpointing_kwargs", False, "transformers modeling_utils.py "
-                       "gradient_checkpointing_enable: use_reentrant False")
+        read_gc_kwargs(
+            cfg,
+            r,
+            "gradient_checkpointing_kwargs",
+            False,
+            "transformers modeling_utils.py gradient_checkpointing_enable: use_reentrant False",
+        )
 
 
 def read_gc_kwargs(cfg: Config, r: Reading, key: str, default: bool, doc: str) -> None:
@@ -83,7 +90,11 @@ def read_gc_kwargs(cfg: Config, r: Reading, key: str, default: bool, doc: str) -
     reentrant = kwargs.get("use_reentrant", default)
     if not isinstance(reentrant, bool):
         raise ConfigError(cfg.path, f"{key}.use_reentrant", reentrant, "must be true/false")
-    r.set("gc_reentrant", reentrant, f"{cfg.path.name}: {key}.use_reentrant" if "use_reentrant" in kwargs else doc)
+    r.set(
+        "gc_reentrant",
+        reentrant,
+        f"{cfg.path.name}: {key}.use_reentrant" if "use_reentrant" in kwargs else doc,
+    )
     for name, value in kwargs.items():
         if name == "offload" and value:
             r.flag(f"{key}.offload", value, "checkpointed activations held in host memory", "lower")
@@ -107,14 +118,30 @@ def read_extras(cfg: Config, r: Reading) -> None:
     """TrainingArguments keys that change memory and that ftmem does not model."""
     alpha = cfg.get("neftune_noise_alpha", None, (int, float))
     if alpha:
-        r.flag("neftune_noise_alpha", alpha, "NEFTune adds a noise tensor to the embeddings in every forward", "higher")
-    if cfg.get("torch_compile", False, (bool,)) or cfg.has("torch_compile_backend") or cfg.has("torch_compile_mode"):
-        r.flag("torch_compile", True, "the Trainer compiles the whole model; ftmem models eager layers", "unknown")
+        r.flag(
+            "neftune_noise_alpha",
+            alpha,
+            "NEFTune adds a noise tensor to the embeddings in every forward",
+            "higher",
+        )
+    if (
+        cfg.get("torch_compile", False, (bool,))
+        or cfg.has("torch_compile_backend")
+        or cfg.has("torch_compile_mode")
+    ):
+        r.flag(
+            "torch_compile",
+            True,
+            "the Trainer compiles the whole model; ftmem models eager layers",
+            "unknown",
+        )
     if cfg.get("auto_find_batch_size", False, (bool,)):
         r.flag("auto_find_batch_size", True, "the Trainer halves the batch after an OOM", "lower")
     steps = cfg.get("torch_empty_cache_steps", None, (int,))
     if steps:
-        r.flag("torch_empty_cache_steps", steps, "emptying the allocator cache lowers reserved memory", "lower")
+        r.flag(
+            "torch_empty_cache_steps", steps, "emptying the allocator cache lowers reserved memory", "lower"
+        )
     read_eval(cfg, r)
 
 
@@ -122,9 +149,13 @@ def read_eval(cfg: Config, r: Reading) -> None:
     strategy = cfg.get("eval_strategy", None, (str,)) or cfg.get("evaluation_strategy", "no", (str,))
     if strategy != "no" or cfg.get("do_eval", False, (bool,)):
         size = cfg.get("per_device_eval_batch_size", 8, (int,))
-        r.flag("per_device_eval_batch_size", size,
-               f"evaluation (eval_strategy {strategy}) runs no-grad forwards at this batch; ftmem predicts "
-               "the training step only", "unknown")
+        r.flag(
+            "per_device_eval_batch_size",
+            size,
+            f"evaluation (eval_strategy {strategy}) runs no-grad forwards at this batch; ftmem predicts "
+            "the training step only",
+            "unknown",
+        )
 
 
 def read_distributed_refs(cfg: Config, r: Reading) -> None:
@@ -137,24 +168,103 @@ def read_distributed_refs(cfg: Config, r: Reading) -> None:
 
 #: TrainingArguments keys that do not change the GPU memory of a training step (schedules, logging,
 #: saving, hub, data loading on the host, seeds, clipping thresholds, evaluation-only settings).
-HARMLESS = frozenset({
-    "output_dir", "overwrite_output_dir", "do_train", "do_eval", "do_predict", "learning_rate", "weight_decay",
-    "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "num_train_epochs", "max_steps",
-    "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_ratio", "warmup_steps", "log_level", "logging_dir",
-    "logging_strategy", "logging_first_step", "logging_steps", "logging_nan_inf_filter", "save_strategy",
-    "save_steps", "save_total_limit", "save_safetensors", "save_only_model", "save_on_each_node", "seed",
-    "data_seed", "run_name", "report_to", "disable_tqdm", "remove_unused_columns", "label_names",
-    "load_best_model_at_end", "metric_for_best_model", "greater_is_better", "ignore_data_skip",
-    "push_to_hub", "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo", "hub_always_push",
-    "resume_from_checkpoint", "dataloader_num_workers", "dataloader_pin_memory", "dataloader_drop_last",
-    "dataloader_persistent_workers", "dataloader_prefetch_factor", "ddp_timeout", "ddp_backend",
-    "ddp_find_unused_parameters", "ddp_bucket_cap_mb", "ddp_broadcast_buffers", "local_rank", "tf32",
-    "eval_steps", "eval_delay", "eval_accumulation_steps", "eval_on_start", "prediction_loss_only",
-    "per_device_eval_batch_size", "eval_strategy", "evaluation_strategy", "include_tokens_per_second",
-    "include_num_input_tokens_seen", "group_by_length", "length_column_name", "past_index", "use_cpu",
-    "full_determinism", "skip_memory_metrics", "optim_args", "lr_scheduler_kwargs", "average_tokens_across_devices",
-    "label_smoothing_factor", "gradient_checkpointing_kwargs", "liger_kernel_config", "torch_compile_backend",
-    "torch_compile_mode", "batch_eval_metrics", "use_cache", "project", "trackio_space_id",
-    "bf16_full_eval", "fp16_full_eval", "half_precision_backend", "predict_with_generate", "generation_max_length",
-    "generation_num_beams", "generation_config", "sortish_sampler", "accelerator_config", "restore_callback_states_from_checkpoint",
-})
+HARMLESS = frozenset(
+    {
+        "output_dir",
+        "overwrite_output_dir",
+        "do_train",
+        "do_eval",
+        "do_predict",
+        "learning_rate",
+        "weight_decay",
+        "adam_beta1",
+        "adam_beta2",
+        "adam_epsilon",
+        "max_grad_norm",
+        "num_train_epochs",
+        "max_steps",
+        "lr_scheduler_type",
+        "lr_scheduler_kwargs",
+        "warmup_ratio",
+        "warmup_steps",
+        "log_level",
+        "logging_dir",
+        "logging_strategy",
+        "logging_first_step",
+        "logging_steps",
+        "logging_nan_inf_filter",
+        "save_strategy",
+        "save_steps",
+        "save_total_limit",
+        "save_safetensors",
+        "save_only_model",
+        "save_on_each_node",
+        "seed",
+        "data_seed",
+        "run_name",
+        "report_to",
+        "disable_tqdm",
+        "remove_unused_columns",
+        "label_names",
+        "load_best_model_at_end",
+        "metric_for_best_model",
+        "greater_is_better",
+        "ignore_data_skip",
+        "push_to_hub",
+        "hub_model_id",
+        "hub_strategy",
+        "hub_token",
+        "hub_private_repo",
+        "hub_always_push",
+        "resume_from_checkpoint",
+        "dataloader_num_workers",
+        "dataloader_pin_memory",
+        "dataloader_drop_last",
+        "dataloader_persistent_workers",
+        "dataloader_prefetch_factor",
+        "ddp_timeout",
+        "ddp_backend",
+        "ddp_find_unused_parameters",
+        "ddp_bucket_cap_mb",
+        "ddp_broadcast_buffers",
+        "local_rank",
+        "tf32",
+        "eval_steps",
+        "eval_delay",
+        "eval_accumulation_steps",
+        "eval_on_start",
+        "prediction_loss_only",
+        "per_device_eval_batch_size",
+        "eval_strategy",
+        "evaluation_strategy",
+        "include_tokens_per_second",
+        "include_num_input_tokens_seen",
+        "group_by_length",
+        "length_column_name",
+        "past_index",
+        "use_cpu",
+        "full_determinism",
+        "skip_memory_metrics",
+        "optim_args",
+        "average_tokens_across_devices",
+        "label_smoothing_factor",
+        "gradient_checkpointing_kwargs",
+        "liger_kernel_config",
+        "torch_compile_backend",
+        "torch_compile_mode",
+        "batch_eval_metrics",
+        "use_cache",
+        "project",
+        "trackio_space_id",
+        "bf16_full_eval",
+        "fp16_full_eval",
+        "half_precision_backend",
+        "predict_with_generate",
+        "generation_max_length",
+        "generation_num_beams",
+        "generation_config",
+        "sortish_sampler",
+        "accelerator_config",
+        "restore_callback_states_from_checkpoint",
+    }
+)

@@ -22,22 +22,65 @@ DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "auto": "aut
 ATTENTION = {"eager": "eager", "sdpa": "sdpa", "flash_attention_2": "flash_attention_2"}
 
 TRL_DEFAULTS = TrainerDefaults(
-    gradient_checkpointing=True, gc_doc="base_config.py: gradient_checkpointing True",
-    bf16=None, bf16_doc="base_config.py: bf16 True unless fp16",
+    gradient_checkpointing=True,
+    gc_doc="base_config.py: gradient_checkpointing True",
+    bf16=None,
+    bf16_doc="base_config.py: bf16 True unless fp16",
 )
-HARMLESS_TRL = frozenset({
-    "dataset_name", "dataset_config", "dataset_train_split", "dataset_test_split", "dataset_streaming",
-    "datasets", "dataset_text_field", "dataset_kwargs", "dataset_num_proc", "eos_token", "pad_token",
-    "chat_template_path", "truncation_mode", "shuffle_dataset", "eval_packing", "completion_only_loss",
-    "assistant_only_loss", "model_revision", "trust_remote_code", "lora_task_type", "use_rslora",
-    "gradient_checkpointing_use_reentrant", "ignore_bias_buffers", "packing_strategy", "tokenizer_name_or_path",
-})
-HARMLESS_HF = frozenset({
-    "config_name", "tokenizer_name", "cache_dir", "use_fast_tokenizer", "model_revision", "token",
-    "trust_remote_code", "low_cpu_mem_usage", "dataset_name", "dataset_config_name", "train_file",
-    "validation_file", "max_train_samples", "max_eval_samples", "streaming", "validation_split_percentage",
-    "preprocessing_num_workers", "overwrite_cache", "keep_linebreaks", "model_type", "config_overrides",
-})
+HARMLESS_TRL = frozenset(
+    {
+        "dataset_name",
+        "dataset_config",
+        "dataset_train_split",
+        "dataset_test_split",
+        "dataset_streaming",
+        "datasets",
+        "dataset_text_field",
+        "dataset_kwargs",
+        "dataset_num_proc",
+        "eos_token",
+        "pad_token",
+        "chat_template_path",
+        "truncation_mode",
+        "shuffle_dataset",
+        "eval_packing",
+        "completion_only_loss",
+        "assistant_only_loss",
+        "model_revision",
+        "trust_remote_code",
+        "lora_task_type",
+        "use_rslora",
+        "gradient_checkpointing_use_reentrant",
+        "ignore_bias_buffers",
+        "packing_strategy",
+        "tokenizer_name_or_path",
+    }
+)
+HARMLESS_HF = frozenset(
+    {
+        "config_name",
+        "tokenizer_name",
+        "cache_dir",
+        "use_fast_tokenizer",
+        "model_revision",
+        "token",
+        "trust_remote_code",
+        "low_cpu_mem_usage",
+        "dataset_name",
+        "dataset_config_name",
+        "train_file",
+        "validation_file",
+        "max_train_samples",
+        "max_eval_samples",
+        "streaming",
+        "validation_split_percentage",
+        "preprocessing_num_workers",
+        "overwrite_cache",
+        "keep_linebreaks",
+        "model_type",
+        "config_overrides",
+    }
+)
 
 
 def read_trl(cfg: Config) -> Reading:
@@ -55,7 +98,9 @@ def read_trl(cfg: Config) -> Reading:
     _loss(cfg, r)
     if cfg.get("activation_offloading", False, (bool,)):
         r.flag("activation_offloading", True, "activations held in host memory", "lower")
-    r.unrecognised = [f"{cfg.path.name}: {k}" for k in cfg.unused() if k not in HARMLESS and k not in HARMLESS_TRL]
+    r.unrecognised = [
+        f"{cfg.path.name}: {k}" for k in cfg.unused() if k not in HARMLESS and k not in HARMLESS_TRL
+    ]
     return r
 
 
@@ -66,12 +111,16 @@ def read_hf(cfg: Config) -> Reading:
     r.set("method", "full", f"{HF}: the Trainer trains the model's parameters (adapters are added in code)")
     block = cfg.positive("block_size", None)
     if block is None:
-        r.assume("block_size unset: run_clm.py takes tokenizer.model_max_length, or 1024 when that exceeds "
-                 "max_position_embeddings (Qwen3: 131072 > 40960); predicted at 1024")
+        r.assume(
+            "block_size unset: run_clm.py takes tokenizer.model_max_length, or 1024 when that exceeds "
+            "max_position_embeddings (Qwen3: 131072 > 40960); predicted at 1024"
+        )
     r.set("seq_len", block or 1024, cfg.src("block_size", "run_clm.py: 1024 for Qwen3 tokenizers"))
     read_trainer_args(cfg, r, TrainerDefaults())
     _load_dtype(cfg, r)
-    r.unrecognised = [f"{cfg.path.name}: {k}" for k in cfg.unused() if k not in HARMLESS and k not in HARMLESS_HF]
+    r.unrecognised = [
+        f"{cfg.path.name}: {k}" for k in cfg.unused() if k not in HARMLESS and k not in HARMLESS_HF
+    ]
     return r
 
 
@@ -80,9 +129,15 @@ def _model(cfg: Config, r: Reading) -> None:
         r.set("model", cfg.get("model_name_or_path", None, (str,)), f"{cfg.path.name}: model_name_or_path")
     attn = cfg.get("attn_implementation", None, (str,)) or _init_kwargs(cfg).get("attn_implementation")
     if attn is not None and attn not in ATTENTION:
-        r.flag("attn_implementation", attn, "an attention implementation ftmem does not build; predicted as sdpa",
-               "unknown")
-    r.set("attn_impl", ATTENTION.get(attn, "sdpa"), cfg.src("attn_implementation", "transformers' default sdpa"))
+        r.flag(
+            "attn_implementation",
+            attn,
+            "an attention implementation ftmem does not build; predicted as sdpa",
+            "unknown",
+        )
+    r.set(
+        "attn_impl", ATTENTION.get(attn, "sdpa"), cfg.src("attn_implementation", "transformers' default sdpa")
+    )
 
 
 def _init_kwargs(cfg: Config) -> dict:
@@ -95,8 +150,12 @@ def _method(cfg: Config, r: Reading) -> str:
     if four and eight:
         raise ConfigError(cfg.path, "load_in_4bit", True, "and load_in_8bit cannot both be true")
     if (four or eight) and not peft:
-        raise ConfigError(cfg.path, "load_in_4bit" if four else "load_in_8bit", True,
-                          "needs use_peft: true (a quantized base trains adapters only)")
+        raise ConfigError(
+            cfg.path,
+            "load_in_4bit" if four else "load_in_8bit",
+            True,
+            "needs use_peft: true (a quantized base trains adapters only)",
+        )
     method = "full" if not peft else "qlora" if four else "lora8bit" if eight else "lora"
     key = "load_in_4bit" if four else "load_in_8bit" if eight else "use_peft"
     r.set("method", method, cfg.src(key, f"{MC}: use_peft False"))
@@ -112,26 +171,40 @@ def _kbit_casts(r: Reading) -> None:
         return
     r.set("kbit_fp32_upcast", True, f"{TRL} sft_trainer.py (prepare_model_for_kbit_training)")
     if method == "qlora" and r.amp == "bf16":
-        r.flag("load_in_4bit", True, "SFTTrainer casts embed_tokens / lm_head back to bf16 after "
-               "prepare_model_for_kbit_training (peft_module_casting_to_bf16); predicted with them in fp32",
-               "lower")
+        r.flag(
+            "load_in_4bit",
+            True,
+            "SFTTrainer casts embed_tokens / lm_head back to bf16 after "
+            "prepare_model_for_kbit_training (peft_module_casting_to_bf16); predicted with them in fp32",
+            "lower",
+        )
 
 
 def _lora(cfg: Config, r: Reading) -> None:
     rank = cfg.positive("lora_r", 16)
     r.set("lora_r", rank, cfg.src("lora_r", f"{MC}: lora_r 16"))
-    r.set("lora_alpha", cfg.get("lora_alpha", 32, (int, float)), cfg.src("lora_alpha", f"{MC}: lora_alpha 32"))
-    r.set("lora_dropout", float(cfg.get("lora_dropout", 0.05, (float,))),
-          cfg.src("lora_dropout", f"{MC}: lora_dropout 0.05"))
+    r.set(
+        "lora_alpha", cfg.get("lora_alpha", 32, (int, float)), cfg.src("lora_alpha", f"{MC}: lora_alpha 32")
+    )
+    r.set(
+        "lora_dropout",
+        float(cfg.get("lora_dropout", 0.05, (float,))),
+        cfg.src("lora_dropout", f"{MC}: lora_dropout 0.05"),
+    )
     targets = cfg.get("lora_target_modules", None, (str, list))
     if targets is None:
-        r.later["lora_targets"] = ("lora_target_modules", None, f"{MC}: lora_target_modules None (peft's "
-                                                                 "default for the model type)")
+        r.later["lora_targets"] = (
+            "lora_target_modules",
+            None,
+            f"{MC}: lora_target_modules None (peft's default for the model type)",
+        )
     else:
         names = [targets] if isinstance(targets, str) else [str(t) for t in targets]
         r.later["lora_targets"] = ("lora_target_modules", names, f"{cfg.path.name}: lora_target_modules")
-    for key, why in (("use_dora", "DoRA keeps a weight-norm magnitude and its activations per adapted layer"),
-                     ("lora_modules_to_save", "modules trained in full beside LoRA (peft modules_to_save)")):
+    for key, why in (
+        ("use_dora", "DoRA keeps a weight-norm magnitude and its activations per adapted layer"),
+        ("lora_modules_to_save", "modules trained in full beside LoRA (peft modules_to_save)"),
+    ):
         value = cfg.get(key, None, (bool, list, str))
         if value:
             r.flag(key, value, why, "higher")
@@ -141,8 +214,9 @@ def _sequence(cfg: Config, r: Reading) -> None:
     # TRL renamed max_seq_length to max_length; null means no truncation (the longest sample decides).
     key = "max_seq_length" if "max_seq_length" in cfg.data and "max_length" not in cfg.data else "max_length"
     if key in cfg.data and cfg.data[key] is None:
-        raise ConfigError(cfg.path, key, None, "means no truncation, so the longest sample decides the memory; "
-                          "set a length")
+        raise ConfigError(
+            cfg.path, key, None, "means no truncation, so the longest sample decides the memory; set a length"
+        )
     length = cfg.positive(key, 1024)
     multiple = cfg.get("pad_to_multiple_of", None, (int,))
     seq = -(-length // multiple) * multiple if multiple else length
@@ -151,12 +225,19 @@ def _sequence(cfg: Config, r: Reading) -> None:
     if packing:
         r.assume(f"packing: every row is max_length ({length}) tokens")
     else:
-        r.assume(f"no packing: the collator pads each batch to its longest sample; predicted at the worst case, "
-                 f"{seq} tokens")
+        r.assume(
+            f"no packing: the collator pads each batch to its longest sample; predicted at the worst case, "
+            f"{seq} tokens"
+        )
     strategy = cfg.get("packing_strategy", "bfd", (str,))
     if cfg.get("padding_free", False, (bool,)) or (packing and strategy == "bfd"):
-        r.flag("padding_free", True, "padding-free batches flatten the batch into one sequence without padding "
-               "(on with packing_strategy bfd); predicted padded to the full length", "lower")
+        r.flag(
+            "padding_free",
+            True,
+            "padding-free batches flatten the batch into one sequence without padding "
+            "(on with packing_strategy bfd); predicted padded to the full length",
+            "lower",
+        )
 
 
 def _load_dtype(cfg: Config, r: Reading) -> None:
@@ -188,7 +269,12 @@ def _loss(cfg: Config, r: Reading) -> None:
     if r.liger is not None or loss == "nll":
         return
     if loss in (None, "chunked_nll"):
-        r.flag("loss_type", loss or "(unset)", "chunked_nll (TRL >= 1.7's default) computes lm_head and the "
-               "loss in chunks; predicted with the full logits (nll, TRL <= 1.6's default)", "lower")
+        r.flag(
+            "loss_type",
+            loss or "(unset)",
+            "chunked_nll (TRL >= 1.7's default) computes lm_head and the "
+            "loss in chunks; predicted with the full logits (nll, TRL <= 1.6's default)",
+            "lower",
+        )
     else:
         r.flag("loss_type", loss, "a loss ftmem does not model; predicted as nll", "unknown")
