@@ -100,7 +100,7 @@ def _table(title: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]], ri
 
     table = Table(title=title, title_justify="left")
     for col in columns:
-        table.add_column(col, justify="right" if col in right else "left")
+        table.add_column(col, justify="right" if col in right else "left", overflow="fold")
     for row in rows:
         table.add_row(*[str(v) for v in row])
     return table

@@ -441,6 +441,13 @@ def build(r: Reading, setup: Setup) -> CellSpec:
     r.set("compile", False, "ftmem's eager cell")
     r.set("precision", _precision(r, plan, _model_dtype(arch, name, r)), r.amp_source or r.load_source)
     spec = _create(r)
+    if spec.dist != "none":
+        r.assume(
+            "multi-GPU cell: the predictor's allocated figure was within 0.74% of the multi-GPU rows (README), but its "
+            "allocator slack is the single-GPU fit; uncapped on an H200 those rows reserved 8-13 GiB more than "
+            "predicted (results/nvidia-h200-x4/qwen3-14b-4gpu.jsonl), cache a smaller card's allocator frees "
+            "before it fails"
+        )
     if plan is not None and spec.dist in DEEPSPEED_DISTS:
         flag_zero_knobs(plan, _zero_reference(spec), arch["hidden_size"], r)
     return spec
