@@ -178,40 +178,30 @@ def _suggestion_table(result: CheckResult):
     )
 
 
+#: Columns of the closest measured rows: header, and how to show a row's value.
+NEAREST = (
+    ("cell_id", lambda r: r["cell_id"]),
+    ("model", lambda r: r["model"]),
+    ("method", lambda r: r["method"]),
+    ("precision", lambda r: r["precision"]),
+    ("seq", lambda r: r["seq_len"]),
+    ("batch", lambda r: r["batch_size"]),
+    ("gpus", lambda r: f"{r['gpus']} {r['dist']}"),
+    ("budget GiB", lambda r: _gib(r["budget_bytes"])),
+    ("status", lambda r: r["status"]),
+    ("allocated GiB", lambda r: _gib(r["peak_allocated_bytes"])),
+    ("NVML GiB", lambda r: _gib(r["nvml_peak_process_bytes"])),
+    ("row (file:line)", lambda r: os.path.basename(r["row"])),
+)
+
+
 def _nearest_table(result: CheckResult):
-    rows = [
-        (
-            r["cell_id"],
-            r["model"],
-            r["method"],
-            r["precision"],
-            r["seq_len"],
-            r["batch_size"],
-            f"{r['gpus']} {r['dist']}",
-            r["status"],
-            _gib(r["peak_allocated_bytes"]),
-            _gib(r["nvml_peak_process_bytes"]),
-            r["row"],
-        )
-        for r in result.nearest
-    ]
+    rows = [tuple(show(r) for _, show in NEAREST) for r in result.nearest]
     return _table(
-        "Closest measured rows (results/)",
-        (
-            "cell_id",
-            "model",
-            "method",
-            "precision",
-            "seq",
-            "batch",
-            "gpus",
-            "status",
-            "allocated GiB",
-            "NVML GiB",
-            "row",
-        ),
+        "Closest measured rows (results/, --json for their paths; budget: the cap it ran under, - for the whole GPU)",
+        tuple(name for name, _ in NEAREST),
         rows,
-        ("allocated GiB", "NVML GiB"),
+        ("budget GiB", "allocated GiB", "NVML GiB"),
     )
 
 

@@ -44,6 +44,7 @@ COLUMNS = (
     "gpus",
     "dist",
     "status",
+    "budget_bytes",
     "peak_allocated_bytes",
     "nvml_peak_process_bytes",
 )
@@ -65,7 +66,14 @@ def distance(spec: dict[str, Any], row: dict[str, Any]) -> float:
 
 def _row(record: dict[str, Any]) -> dict[str, Any]:
     out = {k: (None if _value(record.get(k)) is None else record.get(k)) for k in COLUMNS}
-    for key in ("seq_len", "batch_size", "gpus", "peak_allocated_bytes", "nvml_peak_process_bytes"):
+    for key in (
+        "seq_len",
+        "batch_size",
+        "gpus",
+        "budget_bytes",
+        "peak_allocated_bytes",
+        "nvml_peak_process_bytes",
+    ):
         out[key] = None if out[key] is None else int(out[key])
     out["row"] = f"{record['source_file']}:{record['source_line']}"
     return out

@@ -53,6 +53,11 @@ def map_optimizer(r: Reading, cfg: Config, key: str, default: str, doc: str) -> 
     """Set r.fields['optimizer'] from the tool's optimizer name; an unmodelled one is flagged and
     predicted as torch AdamW (adamw)."""
     name = cfg.get(key, default, (str,))
+    if not cfg.has(key) and default == "adamw_torch_fused":
+        r.assume(
+            f"{key} unset: transformers' default adamw_torch_fused needs torch >= 2.8; with older torch it is "
+            "adamw_torch, whose foreach step holds a temporary as large as the trainable parameters"
+        )
     if name in OPTIMIZERS:
         r.set("optimizer", OPTIMIZERS[name], cfg.src(key, doc))
         _check_sgd_momentum(r, cfg, name)
