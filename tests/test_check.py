@@ -669,3 +669,51 @@ def test_check_imports_no_torch():
         "assert 'torch' not in sys.modules and 'bench.runner' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_hf_arguments_need_a_model(tmp_path):
+    path = write(tmp_path, "args.json", {"output_dir": "out", "per_device_train_batch_size": 2, "bf16": True})
+    with pytest.raises(
+        ConfigError, match=r"args.json: model_name_or_path: names no model; add it or pass --model"
+    ):
+        run(path)
+    result = run(path, model="Qwen/Qwen3-0.6B", seq_len=512)
+    assert (result.spec.model, result.spec.seq_len, result.spec.method) == ("qwen3-0.6b", 512, "full")
+    assert (
+        result.sources["model"] == "command line: --model"
+        and result.sources["seq_len"] == "command line: --seq-len"
+    )
+    assert any("--format trl" in a for a in result.assumptions)
+
+
+def test_axolotl_global_batch_size_sets_accumulation(tmp_path):
+    path = write(
+        tmp_path, "ax.yaml", {"base_model": "Qwen/Qwen3-0.6B", "micro_batch_size": 2, "batch_size": 32}
+    )
+    assert run(path, gpus=2).spec.grad_accum == 8  # 32 // 2 // 2 GPUs
+
+
+def test_spec_errors_quote_the_config(tmp_path):
+    ds = write(tmp_path, "ds.json", {"zero_optimization": {"stage": 2}})
+    path = write(
+        tmp_path,
+        "ax.yaml",
+        {
+            "base_model": "Qwen/Qwen3-0.6B",
+            "micro_batch_size": 1,
+            "gradient_accumulation_steps": 1,
+            "optimizer": "adamw_bnb_8bit",
+            "deepspeed": str(ds),
+        },
+    )
+    with pytest.raises(
+        ConfigError, match=r"ax.yaml: optimizer: 'adamw_bnb_8bit' DeepSpeed cells use its AdamW"
+    ):
+        run(path, gpus=2)
+
+
+def test_llamafactory_checkpointing_switches(tmp_path):
+    off = run(lf(tmp_path, disable_gradient_checkpointing=True)).spec
+    assert not off.gradient_checkpointing
+    plain = run(lf(tmp_path, use_reentrant_gc=False)).spec
+    assert plain.gradient_checkpointing and not plain.gc_reentrant

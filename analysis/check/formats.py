@@ -172,4 +172,6 @@ def read_training(path: Path, data: dict[str, Any], fmt: str | None = None) -> R
     name = fmt or detect(path, data)
     if name not in READERS:
         raise ConfigError(path, "--format", name, f"allowed: {', '.join(FORMATS)}")
-    return READERS[name](Config(path, data, SIGNATURES[name][0]))
+    reading = READERS[name](Config(path, data, SIGNATURES[name][0]))
+    reading.raw = data
+    return reading

@@ -244,17 +244,19 @@ def _precision(cfg: Config, r: Reading) -> None:
 
 
 def _checkpointing(cfg: Config, r: Reading) -> None:
-    """model_utils/checkpointing.py: on unless disable_gradient_checkpointing; use_reentrant_gc defaults True."""
-    off = cfg.get("disable_gradient_checkpointing", False, (bool,))
-    on = not off or r.fields["gradient_checkpointing"]
+    """model_utils/checkpointing.py: on unless disable_gradient_checkpointing, reentrant unless use_reentrant_gc
+    is false. With it disabled, the Trainer's own gradient_checkpointing (read before) still applies."""
+    if cfg.get("disable_gradient_checkpointing", False, (bool,)):
+        if not r.fields["gradient_checkpointing"]:
+            r.sources["gradient_checkpointing"] = f"{cfg.path.name}: disable_gradient_checkpointing"
+        return
     r.set(
         "gradient_checkpointing",
-        on,
+        True,
         cfg.src("disable_gradient_checkpointing", f"{MA}: disable_gradient_checkpointing False"),
     )
-    if on:
-        reentrant = cfg.get("use_reentrant_gc", True, (bool,))
-        r.set("gc_reentrant", reentrant, cfg.src("use_reentrant_gc", f"{MA}: use_reentrant_gc True"))
+    reentrant = cfg.get("use_reentrant_gc", True, (bool,))
+    r.set("gc_reentrant", reentrant, cfg.src("use_reentrant_gc", f"{MA}: use_reentrant_gc True"))
 
 
 def _kernels(cfg: Config, r: Reading) -> None:

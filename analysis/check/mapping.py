@@ -412,7 +412,10 @@ def _create(r: Reading) -> CellSpec:
     except SpecError as exc:
         source = r.sources.get(exc.key, "")
         file, _, key = source.partition(": ") if ": " in source else (str(r.path), "", exc.key)
-        raise ConfigError(file, key or exc.key, exc.value, f"{exc.allowed} (ftmem's {exc.key})") from None
+        value = r.raw.get(key, exc.value) if file == r.path.name else exc.value
+        raise ConfigError(
+            file, key or exc.key, value, f"{exc.allowed} (ftmem's {exc.key} {exc.value!r})"
+        ) from None
 
 
 def _zero_reference(spec: CellSpec) -> dict[str, Any]:

@@ -173,6 +173,8 @@ class Reading:
     deepspeed_key: str = ""
     #: FSDP settings the file holds (analysis.check.distributed.FsdpSetting), if any.
     fsdp: Any = None
+    #: The file's own keys and values, for errors that quote what the file says.
+    raw: dict[str, Any] = field(default_factory=dict)
     #: Facts a reader leaves for the mapping, which knows the model (rope_scaling, default LoRA targets).
     later: dict[str, Any] = field(default_factory=dict)
     #: Liger kernels asked for: {"key", "kernels": {name: on}, "file"}; resolved once the model is known.

@@ -107,6 +107,10 @@ def read_trl(cfg: Config) -> Reading:
 def read_hf(cfg: Config) -> Reading:
     """Full fine-tuning by the Trainer: TrainingArguments hold no adapter (PEFT is set up in code)."""
     r = Reading(HF, cfg.path)
+    r.assume(
+        "read as HF TrainingArguments (no key only TRL uses): pass --format trl for a `trl sft` config, "
+        "whose defaults differ (gradient checkpointing and bf16 on)"
+    )
     _model(cfg, r)
     r.set("method", "full", f"{HF}: the Trainer trains the model's parameters (adapters are added in code)")
     block = cfg.positive("block_size", None)
