@@ -114,7 +114,7 @@ def _model_dtype(arch: dict, name: str, r: Reading) -> str:
     if value not in TORCH_DTYPES:
         raise ConfigError(
             r.path,
-            "(dtype)",
+            _key(r, r.load_source, "(dtype)"),
             value,
             f"the model {name} does not say its dtype; set the config's "
             "dtype / torch_dtype (or bf16 / fp16) explicitly",
@@ -185,7 +185,7 @@ def _liger(r: Reading, model_type: str) -> None:
 def _rope(r: Reading, arch: dict) -> None:
     limit, seq = arch.get("max_position_embeddings"), r.fields.get("seq_len")
     if limit and seq and seq > limit:
-        key = r.sources.get("seq_len", "seq_len").split(": ")[-1]
+        key = _key(r, r.sources.get("seq_len", ""), "seq_len")
         why = (
             "rope scaling beyond max_position_embeddings is not modelled"
             if "rope_scaling" in r.later
@@ -370,7 +370,7 @@ def _adapter_precision(r: Reading, base: str) -> str:
         return "fp32"
     if amp is None and base == "bf16":
         r.flag(
-            _key(r.load_source),
+            _key(r, r.load_source, "(precision)"),
             "bf16 without autocast",
             "peft keeps the adapters "
             "in fp32 on a bf16 base (autocast_adapter_dtype), so the LoRA inputs are cast to fp32; predicted "
@@ -387,12 +387,15 @@ def _adapter_precision(r: Reading, base: str) -> str:
 
 def _refused(r: Reading, why: str) -> ConfigError:
     """A precision ftmem does not build, named by the key that set the mixed precision."""
-    return ConfigError(r.path, _key(r.amp_source), r.amp, why)
+    return ConfigError(r.path, _key(r, r.amp_source, "(precision)"), r.amp, why)
 
 
-def _key(source: str) -> str:
-    """The key of a "file: key" source ("(precision)" for a tool default)."""
-    return source.split(": ")[-1] if ": " in source else "(precision)"
+def _key(r: Reading, source: str, fallback: str) -> str:
+    """The key of a "file: key" or "command line: --flag" source; `fallback` for a tool default."""
+    for prefix in (f"{r.path.name}: ", "command line: "):
+        if source.startswith(prefix):
+            return source[len(prefix) :]
+    return fallback
 
 
 # ------------------------------------------------------------------------------------------------
@@ -442,7 +445,8 @@ def build(r: Reading, setup: Setup) -> CellSpec:
     _accumulation(r)
     # The tools' torch_compile compiles the whole model (flagged where set); ftmem's compile knob is per layer.
     r.set("compile", False, "ftmem's eager cell")
-    r.set("precision", _precision(r, plan, _model_dtype(arch, name, r)), r.amp_source or r.load_source)
+    model_dtype = _model_dtype(arch, name, r) if r.load_dtype == "auto" else r.load_dtype
+    r.set("precision", _precision(r, plan, model_dtype), r.amp_source or r.load_source)
     spec = _create(r)
     if spec.dist != "none":
         r.assume(
