@@ -59,7 +59,6 @@ LIGER_MODEL_TYPES = frozenset(
 )
 ALL_LINEAR = ("all", "all-linear")
 TORCH_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
-QWEN3_HUB = re.compile(r"Qwen/Qwen3-(0\.6B|1\.7B|4B|8B|14B|32B)")
 
 
 @dataclass
@@ -74,16 +73,8 @@ class Setup:
 
 
 def _resolve_model(name: str) -> str:
-    """A model name as ftmem knows it: bench.models.resolve where it exists (hub ids and families);
-    until then the Qwen3 hub ids map to the shipped names, and shipped names or checkpoint folders pass."""
-    resolve = getattr(bench.models, "resolve", None)
-    if resolve is not None:
-        return resolve(name)
-    match = QWEN3_HUB.fullmatch(name)
-    if match:
-        return f"qwen3-{match.group(1).lower()}"
-    architecture(name)  # UnknownModelError unless shipped or a folder holding config.json
-    return name
+    """A model name as ftmem knows it: a shipped name or hub id, a folder, or the local HF cache."""
+    return bench.models.resolve(name)
 
 
 def _model(r: Reading, setup: Setup) -> tuple[str, dict]:
@@ -98,8 +89,6 @@ def _model(r: Reading, setup: Setup) -> tuple[str, dict]:
     except UnknownModelError as exc:
         key = "--model" if setup.model else r.model_key
         why = str(exc).removeprefix(f"model: {name!r} ")
-        if getattr(bench.models, "resolve", None) is None:
-            why += "; hub ids ftmem maps: Qwen/Qwen3-{0.6B,1.7B,4B,8B,14B,32B}"
         raise ConfigError("command line" if setup.model else r.path, key, name, why) from None
 
 
@@ -423,7 +412,7 @@ def _create(r: Reading) -> CellSpec:
 
 def _zero_reference(spec: CellSpec) -> dict[str, Any]:
     """The zero_optimization section ftmem's cell runs, with DeepSpeed's sub_group_size default."""
-    from analysis.predict import ZERO3_SUB_GROUP
+    from analysis.predict.calibration import ZERO3_SUB_GROUP
 
     zero = dict(deepspeed_config(spec)["zero_optimization"])
     if spec.dist == "deepspeed_zero3":
