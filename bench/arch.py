@@ -41,6 +41,7 @@ class Family:
     embed_scale: bool = False
     sliding: str = "none"  # how layer types are derived: none | all | qwen | gemma
     moe: str | None = None  # mixture-of-experts block: None | "qwen" (softmax in fp32) | "mixtral" (logits.float())
+    rope_cat: bool = False  # RoPE ends in torch.cat (Phi-3's partial rotary): q comes out (batch, heads, seq, dim)
 
 
 def _defaults(**kw: Any) -> MappingProxyType:
@@ -100,6 +101,7 @@ FAMILIES: MappingProxyType[str, Family] = MappingProxyType(
                       hidden_act="silu", partial_rotary_factor=1.0),
             fused=("qkv", "gate_up"),
             sliding="all",
+            rope_cat=True,
         ),
         "olmo2": Family(
             _defaults(vocab_size=50304, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,

@@ -109,16 +109,15 @@ WALKED = (
     [(m, method, "eager", "bf16_mixed") for m in TINY_FAMILIES for method in ("full", "lora", "qlora")]
     + [(m, "lora", "sdpa", "bf16_mixed") for m in TINY_FAMILIES]
     + [("gemma3-tiny", method, "sdpa", precision) for method in ("full", "lora") for precision in ("bf16_mixed", "bf16")]
-    + [(m, "full", "sdpa", "bf16") for m in ("llama-tiny", "olmo2-tiny", "qwen3-tiny")]
+    + [(m, "full", "sdpa", "bf16") for m in ("llama-tiny", "olmo2-tiny", "qwen3-tiny", "phi3-tiny")]
+    + [("phi3-tiny", method, "sdpa", "bf16_mixed") for method in ("full", "qlora")]
 )
 
 
 @pytest.mark.parametrize("model, method, attn, precision", WALKED)
 def test_walk_saves_what_autograd_saves(model, method, attn, precision):
-    """Per decoder layer, to the byte. SDPA on CPU is checked where its output layout is CUDA's: the CPU
-    kernel writes its output in the layout of q (Phi-3's concatenating RoPE gives a contiguous q, so
-    o_proj then copies the output), where CUDA's flash and memory-efficient kernels always write the
-    (batch, seq, heads, dim) layout o_proj reads without a copy."""
+    """Per decoder layer, to the byte. SDPA's flash kernel (CPU and CUDA alike) writes its output in q's
+    layout: after Phi-3's concatenating RoPE that is (batch, heads, seq, dim), and o_proj reads a copy."""
     spec = CellSpec.create(model=model, method=method, device="cpu", seq_len=32, batch_size=2,
                            attn_impl=attn, precision=precision)
     built = build_model(spec, torch.device("cpu"))

@@ -5,7 +5,7 @@ mixture-of-experts block), a residual add, in the order and placement the family
 
 from __future__ import annotations
 
-from analysis.predict.attention import attention_kernel
+from analysis.predict.attention import attention_flash, attention_kernel
 from analysis.predict.graph import Graph, T
 from analysis.predict.moe import moe_block
 from analysis.predict.ops import Linear, linear, mlp_block, rmsnorm
@@ -29,7 +29,14 @@ def attention_block(g: Graph, x: T, lins: dict[str, Linear], windowed: bool) -> 
         k = rmsnorm(g, k, dm["d"] if qk == "head" else dm["kv"])
     q = g.new(q.numel, promote(q.dtype, st.other), q.grad)  # RoPE: q * cos + rotate_half(q) * sin
     k = g.new(k.numel, promote(k.dtype, st.other), k.grad)
-    return linear(g, attention_kernel(st, q, windowed)(g, q, k, v), roles["o"])
+    kernel = attention_kernel(st, q, windowed)
+    out = kernel(g, q, k, v)
+    if kernel is attention_flash and st.spec.attn_impl == "sdpa" and st.desc.family.rope_cat:
+        # SDPA's flash kernel writes its output in q's layout; a concatenating RoPE leaves q (batch, heads,
+        # seq, dim), so transformers' transpose(1, 2).contiguous() copies it for o_proj (measured on an
+        # H200: scripts/cuda_facts.py); after RoPE's elementwise ops q keeps the projection's layout.
+        out = g.new(out.numel, out.dtype, out.grad)
+    return linear(g, out, roles["o"])
 
 
 def projections(st: Setup) -> dict[str, Linear]:
