@@ -1,7 +1,9 @@
-"""How far the predictor is from the measured rows: relative error of peak_allocated per family, and the
-fit / OOM verdict under each row's budget. Imports no torch.
+"""How far the predictor is from the measured rows: relative error of peak allocated, peak reserved and the
+NVML process peak, per architecture family and per configuration, and the fit / OOM verdict under each
+row's budget. Imports no torch.
 
-Rows: every results/**/*.jsonl row measured on CUDA for a Qwen3 architecture. Multi-GPU rows (spec gpus /
+Rows: every results/**/*.jsonl row measured on CUDA for a model the predictor describes (bench.arch);
+rows of other models are counted apart (`unpredictable`). Multi-GPU rows (spec gpus /
 dist; older rows without them are 1 / none) are compared per rank: the prediction is one rank's, the row's
 headline `peak_allocated_bytes` the max over its ranks; they form families of their own (strategy and GPU
 count in the family), apart from the single-GPU families and flag lines. Errors use the `ok` rows;
@@ -21,12 +23,14 @@ import numpy as np
 import pandas as pd
 
 from analysis.predict import CALIBRATION, CALIBRATION_CELL_IDS, fits_budget, predict
+from bench.arch import UnsupportedArchitecture
 from bench.models import UnknownModelError, architecture
 from bench.store import latest_rows, read_rows
 
 CLOSE_CALL = 0.03
 START, END = "<!-- accuracy:start -->", "<!-- accuracy:end -->"
 FLAG_FAMILIES = ("optimizer", "fused_ce", "compile", "kbit_fp32_upcast")
+MOE_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral")
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -34,29 +38,34 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return latest_rows(read_rows(path))
 
 
-def is_qwen3(model: str) -> bool:
-    """A shipped Qwen3 architecture, or a checkpoint folder here whose config says qwen3."""
+def model_family(model: str) -> str | None:
+    """The model_type of a model the predictor describes (a multimodal one's text model), else None."""
     try:
-        return architecture(model).get("model_type") == "qwen3"
+        from bench.arch import FAMILIES
+
+        model_type = architecture(model).get("model_type")
     except (UnknownModelError, OSError, ValueError):
-        return False
+        return None
+    return model_type if model_type in FAMILIES else None
 
 
 def load_rows(results_dir: str | Path = "results") -> list[dict[str, Any]]:
-    """Every CUDA row of a Qwen3 model under results_dir/**.jsonl (any status)."""
+    """Every CUDA row under results_dir/**.jsonl (any status) of a model the predictor describes."""
     rows = []
     for path in sorted(Path(results_dir).glob("**/*.jsonl")):
         for row in read_jsonl(path):
             spec = row.get("spec") or {}
-            if spec.get("device") == "cuda" and is_qwen3(spec.get("model", "")):
+            if spec.get("device") == "cuda" and model_family(spec.get("model", "")):
                 rows.append(row)
     return rows
 
 
 def _measured_fits(row: dict[str, Any]) -> bool | None:
-    """Did the cell fit its GPU budget? None where the row cannot say (the host ran out first)."""
+    """Did the cell fit its GPU budget? The harness's verdict (bench.measure): it ran every step under the
+    cap and NVML confirmed the process stayed within the budget; an OOM did not fit. None where the row
+    cannot say (the host ran out first, an error)."""
     if row["status"] == "ok":
-        return True
+        return row.get("fits_budget") is not False
     if row.get("host_oom"):
         return None
     return False if row["status"] == "oom" else None
@@ -81,7 +90,10 @@ def evaluate(row: dict[str, Any], peaks: dict[str, int] | None = None) -> dict[s
     measured_fit = _measured_fits(row)
     if measured_fit is None:
         return None
-    pred = predict(row["spec"])
+    try:
+        pred = predict(row["spec"])
+    except UnsupportedArchitecture:
+        return None
     spec, budget = row["spec"], row.get("budget_bytes")
     out = {
         **{
@@ -96,6 +108,7 @@ def evaluate(row: dict[str, Any], peaks: dict[str, int] | None = None) -> dict[s
                 *FLAG_FAMILIES,
             )
         },
+        "family": model_family(spec.get("model", "")),
         "gpus": spec.get("gpus") or 1,
         "dist": spec.get("dist") or "none",
         "zero_offload": spec.get("zero_offload") or "none",
@@ -103,6 +116,8 @@ def evaluate(row: dict[str, Any], peaks: dict[str, int] | None = None) -> dict[s
         "predicted": pred.peak_allocated_bytes,
         "measured": None,
         "rel_error": None,
+        "reserved_error": None,
+        "nvml_error": None,
         "budget": budget,
         "predicted_fit": None,
         "measured_fit": None,
@@ -112,6 +127,8 @@ def evaluate(row: dict[str, Any], peaks: dict[str, int] | None = None) -> dict[s
     if row["status"] == "ok" and row.get("peak_allocated_bytes"):
         out["measured"] = row["peak_allocated_bytes"]
         out["rel_error"] = (pred.peak_allocated_bytes - out["measured"]) / out["measured"]
+        out["reserved_error"] = _relative(pred.peak_reserved_bytes, row.get("peak_reserved_bytes"))
+        out["nvml_error"] = _relative(pred.nvml_process_bytes, _nvml_per_rank(row))
     if budget:
         peak = (peaks or {}).get(cell_key(spec)) or out["measured"]
         out.update(
@@ -120,6 +137,15 @@ def evaluate(row: dict[str, Any], peaks: dict[str, int] | None = None) -> dict[s
             close_call=close_call(peak, pred.peak_allocated_bytes, row, budget),
         )
     return out
+
+
+def _relative(predicted: int, measured: int | None) -> float | None:
+    return None if not measured else (predicted - measured) / measured
+
+
+def _nvml_per_rank(row: dict[str, Any]) -> int | None:
+    """The NVML process peak of one rank: the row's own figure (the max over ranks for multi-GPU rows)."""
+    return row.get("nvml_peak_process_bytes")
 
 
 def close_call(measured_peak: int | None, predicted_peak: int, row: dict[str, Any], budget: int) -> bool:
@@ -147,17 +173,30 @@ def _family_stats(frame: pd.DataFrame) -> dict[str, Any]:
     close = verdicts["close_call"].astype(bool)
     right = verdicts["predicted_fit"] == verdicts["measured_fit"]
     some = len(err) > 0
+    reserved = _abs(frame, "reserved_error")
+    nvml = _abs(frame, "nvml_error")
     return {
         "n": int(len(err)),
         "median": absolute.median() if some else np.nan,
         "p95": absolute.quantile(0.95) if some else np.nan,
         "max": absolute.max() if some else np.nan,
         "bias": err.median() if some else np.nan,
+        "reserved_median": reserved.median() if len(reserved) else np.nan,
+        "reserved_max": reserved.max() if len(reserved) else np.nan,
+        "nvml_median": nvml.median() if len(nvml) else np.nan,
+        "nvml_p95": nvml.quantile(0.95) if len(nvml) else np.nan,
+        "nvml_max": nvml.max() if len(nvml) else np.nan,
         "n_verdicts": int((~close).sum()),
         "verdicts_correct": int((right & ~close).sum()),
         "close_calls": int(close.sum()),
         "close_calls_correct": int((right & close).sum()),
     }
+
+
+def _abs(frame: pd.DataFrame, column: str) -> pd.Series:
+    if column not in frame.columns:
+        return pd.Series(dtype=float)
+    return frame[column].dropna().astype(float).abs()
 
 
 def accuracy_table(frame: pd.DataFrame) -> pd.DataFrame:
@@ -171,6 +210,11 @@ def accuracy_table(frame: pd.DataFrame) -> pd.DataFrame:
                 "p95",
                 "max",
                 "bias",
+                "reserved_median",
+                "reserved_max",
+                "nvml_median",
+                "nvml_p95",
+                "nvml_max",
                 "n_verdicts",
                 "verdicts_correct",
                 "close_calls",
@@ -181,6 +225,12 @@ def accuracy_table(frame: pd.DataFrame) -> pd.DataFrame:
     multi = (frame["dist"] != "none") | (frame["gpus"] > 1)
     single_rows, multi_rows = frame[~multi], frame[multi]
     lines = []
+    if "family" in frame.columns:
+        for family, group in single_rows.groupby("family", dropna=True):
+            lines.append({"family": f"model family {family}", **_family_stats(group)})
+        moe = single_rows["family"].isin(MOE_FAMILIES)
+        if moe.any():
+            lines.append({"family": "all mixtures of experts", **_family_stats(single_rows[moe])})
     for key, group in single_rows.groupby(["method", "gradient_checkpointing", "attn_impl"], dropna=False):
         method, gc, attn = key
         lines.append({"family": f"{method} / GC {'on' if gc else 'off'} / {attn}", **_family_stats(group)})
@@ -218,20 +268,26 @@ def _pct(value: float) -> str:
 
 
 def accuracy_markdown(df: pd.DataFrame) -> str:
-    """The table as Markdown: |relative error| of peak allocated (median, p95, max), signed median, verdicts."""
+    """The table as Markdown: |relative error| of peak allocated (median, p95, max, signed median), of peak
+    reserved (median, max) and of the NVML process peak (median, p95, max); verdicts."""
     head = (
-        "| family | rows | median abs err | p95 abs err | max abs err | median signed err | "
-        "fit/OOM verdicts correct | close calls (<3%) correct |\n|---|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| family | rows | allocated: median | p95 | max | signed | reserved: median | max | "
+        "NVML: median | p95 | max | fit/OOM verdicts correct | close calls (<3%) correct |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     body = "".join(
         f"| {r.family} | {r.n} | {_pct(r.median)} | {_pct(r.p95)} | {_pct(r.max)} | {_pct(r.bias)} | "
-        f"{r.verdicts_correct}/{r.n_verdicts} | {r.close_calls_correct}/{r.close_calls} |\n"
+        f"{_pct(r.reserved_median)} | {_pct(r.reserved_max)} | {_pct(r.nvml_median)} | {_pct(r.nvml_p95)} | "
+        f"{_pct(r.nvml_max)} | {r.verdicts_correct}/{r.n_verdicts} | {r.close_calls_correct}/{r.close_calls} |\n"
         for r in df.itertuples()
     )
     note = (
-        "\nRelative error = (predicted - measured) / measured steady-state `peak_allocated_bytes`; "
-        "verdict = predicted allocated + CUDA context <= budget, against the row's ok / oom status; "
-        "close calls: the cell's peak (measured, else predicted) within 3% of the budget.\n"
+        "\nRelative error = (predicted - measured) / measured, of the steady-state `peak_allocated_bytes`, "
+        "`peak_reserved_bytes` and `nvml_peak_process_bytes` (ok rows; multi-GPU rows per rank). Verdict: the "
+        "predicted NVML process peak (allocated, the allocator's slack, the CUDA context, memory outside torch) "
+        "<= the budget, against the harness's own verdict (ran under the cap and NVML stayed within the budget; "
+        "an OOM did not fit). Close calls: the cell's allocated peak (measured, else predicted) plus context "
+        "within 3% of the budget.\n"
     )
     return head + body + note
 

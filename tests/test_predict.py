@@ -392,7 +392,8 @@ def test_accuracy_table_on_constructed_rows(tmp_path):
         _row({**TINY, "seq_len": 64}, error=-0.04),
         _row({**TINY, "gradient_checkpointing": True}, error=0.10),
         _row({**TINY, "device": "cpu"}, error=0.5),  # not a CUDA row: ignored
-        _row({**TINY, "batch_size": 1}, status="oom", budget=10**9),  # predicted to fit: a wrong verdict
+        # predicted to fit (NVML: context, memory outside torch, slack and the tiny peak: ~1.1 GB): a wrong verdict
+        _row({**TINY, "batch_size": 1}, status="oom", budget=2 * 10**9),
         _row({**TINY, "batch_size": 4}, error=0.0, budget=2 * 10**9),  # fits, predicted to fit
     ]
     path = tmp_path / "gpu" / "cells.jsonl"

@@ -72,9 +72,26 @@ def predict(spec: dict[str, Any] | CellSpec, arch: dict | None = None) -> Predic
 
 
 def fits_budget(prediction: Prediction, budget: int) -> bool:
-    """The harness caps torch's allocator at budget - CUDA context (bench.measure); under a cap the
-    allocator frees its cache and retries before failing, so allocated (not reserved) must fit."""
-    return prediction.peak_allocated_bytes + CALIBRATION["cuda_context_bytes"] <= budget
+    """Does the cell fit a card of `budget` bytes (its nvidia-smi total)? A card runs out when the process's
+    memory as nvidia-smi shows it reaches the total, so the predicted NVML process peak must fit: allocated,
+    the allocator's slack, the CUDA context and the memory outside torch (the harness's own verdict,
+    bench.measure: the run under the cap, confirmed by NVML)."""
+    return nvml_uncapped(prediction) <= budget
+
+
+def fits_allocated(prediction: Prediction, budget: int) -> bool:
+    """Does the allocated peak (with the CUDA context and the memory outside torch) fit? Where it does
+    and `fits_budget` does not, the shortfall is the caching allocator's slack: fragmentation that
+    expandable segments (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True) can save."""
+    outside = prediction.outside_allocated
+    return prediction.peak_allocated_bytes + outside.get("cuda_context", 0) + outside.get("non_torch_process", 0) <= budget
+
+
+def nvml_uncapped(prediction: Prediction) -> int:
+    """The NVML process peak the cell would reach on a card without a cap (the slack in full)."""
+    outside = prediction.outside_allocated
+    extra = sum(v for k, v in outside.items() if k not in ("allocator_slack", "host_bytes"))
+    return max(prediction.uncapped_reserved_bytes, prediction.peak_reserved_bytes) + extra
 
 
 __all__ = [
@@ -97,7 +114,9 @@ __all__ = [
     "compute_setup",
     "decoder_weight_bytes",
     "eager_mask_bytes",
+    "fits_allocated",
     "fits_budget",
+    "nvml_uncapped",
     "fsdp2_gathered_bytes",
     "fsdp2_grad_terms",
     "fsdp2_shard_bytes",

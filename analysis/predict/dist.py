@@ -14,7 +14,7 @@ import dataclasses
 from typing import Any
 
 from analysis.predict.calibration import CALIBRATION, DIST_ESTIMATES, ZERO3_SUB_GROUP
-from analysis.predict.step import Parts, allocator_slack, moments, nonzero, parts
+from analysis.predict.step import Parts, allocator_slack, capped_reserved, moments, nonzero, parts
 from analysis.predict.resolve import BYTES, Prediction, Setup
 from analysis.predict.state import (
     grad_bytes,
@@ -299,7 +299,7 @@ def predict_dist(st: Setup, notes: tuple[str, ...] = ()) -> Prediction:
     table = dist_moments(st, cst, p)
     phase = max(table, key=lambda name: sum(table[name].values()))
     allocated = sum(table[phase].values())
-    reserved = allocated + allocator_slack(p)
+    reserved = capped_reserved(st, allocated, allocator_slack(p))
     paged = _shard(p.paged, st.spec.gpus) if st.spec.dist == "fsdp2" else p.paged
     outside = nonzero(
         {
@@ -313,6 +313,7 @@ def predict_dist(st: Setup, notes: tuple[str, ...] = ()) -> Prediction:
     )
     nvml = reserved + sum(v for k, v in outside.items() if k not in ("allocator_slack", "host_bytes"))
     totals = {name: sum(terms.values()) for name, terms in table.items()}
-    return Prediction(allocated, reserved, nvml, table[phase], phase, outside, totals, notes)
+    uncapped = allocated + allocator_slack(p)
+    return Prediction(allocated, reserved, nvml, table[phase], phase, outside, totals, notes, uncapped)
 
 

@@ -31,6 +31,8 @@ class Prediction:
     outside_allocated: dict[str, int] = field(default_factory=dict)
     phases: dict[str, int] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    #: reserved without the budget's cap (the allocator's slack in full): what a real card of that size sees
+    uncapped_reserved_bytes: int = 0
 
 
 @dataclass(frozen=True)

@@ -322,13 +322,24 @@ def allocator_slack(p: Parts) -> int:
     )
 
 
+def capped_reserved(st: Setup, allocated: int, slack: int) -> int:
+    """Reserved at the peak. Under a budget the harness caps the caching allocator at budget - CUDA context
+    (torch.cuda.set_per_process_memory_fraction): at the cap it frees its cached blocks and retries
+    instead of growing, so reserved never passes the cap (while the allocated peak fits under it)."""
+    budget = st.spec.budget_bytes
+    if budget is None:
+        return allocated + slack
+    cap = budget - int(CALIBRATION["cuda_context_bytes"])
+    return min(allocated + slack, max(allocated, cap))
+
+
 def predict_single(st: Setup, notes: tuple[str, ...] = ()) -> Prediction:
     """The prediction of a single-process cell from its moments."""
     p = parts(st)
     table = moments(st, p)
     phase = max(table, key=lambda name: sum(table[name].values()))
     allocated = sum(table[phase].values())
-    reserved = allocated + allocator_slack(p)
+    reserved = capped_reserved(st, allocated, allocator_slack(p))
     outside = nonzero(
         {
             "allocator_slack": reserved - allocated,
@@ -339,4 +350,5 @@ def predict_single(st: Setup, notes: tuple[str, ...] = ()) -> Prediction:
     )
     nvml = reserved + sum(v for k, v in outside.items() if k != "allocator_slack")
     totals = {name: sum(terms.values()) for name, terms in table.items()}
-    return Prediction(allocated, reserved, nvml, table[phase], phase, outside, totals, notes)
+    uncapped = allocated + allocator_slack(p)
+    return Prediction(allocated, reserved, nvml, table[phase], phase, outside, totals, notes, uncapped)
