@@ -122,13 +122,8 @@ def cmd_capacity(args: argparse.Namespace) -> int:
         console.print(table)
     if not args.verify:
         return 0
-    from bench.devices import require_cuda
-    from bench.spec import CellSpec
     from bench.store import held
 
-    require_cuda(
-        [CellSpec.from_dict(base)], "--verify measures the frontier on a GPU: run it on a machine with one"
-    )
     with held(args.out):  # checked and locked before the first cell: one runner per results file
         cells = frontier_cells(base, budget, args.seq_lens, args.batch_sizes)
         results = verify(cells, _runner(args), args.seq_lens, args.batch_sizes)
@@ -141,11 +136,14 @@ def cmd_capacity(args: argparse.Namespace) -> int:
 
 
 def _runner(args: argparse.Namespace):
-    """bench.runner.run_cell, appending each row to --out as it comes."""
+    """bench.runner.run_cell, appending each row to --out as it comes; a cell this machine cannot
+    run (no CUDA) is refused before it starts, so the first refusal comes before any row."""
+    from bench.devices import require_cuda
     from bench.runner import run_cell
     from bench.store import append_row
 
     def run(spec):
+        require_cuda([spec], "--verify measures the frontier on a GPU: run it on a machine with one")
         row = run_cell(spec, timeout_s=args.timeout)
         append_row(args.out, row)
         return row

@@ -21,6 +21,17 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def positive_int(text: str) -> int:
+    """An integer >= 1 (--max-cells)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; an integer >= 1")
+    return value
+
+
 def positive_int_list(text: str) -> tuple[int, ...]:
     """Comma-separated integers >= 1, at least one (--seq-lens 512,1024)."""
     items = [item.strip() for item in text.split(",") if item.strip()]

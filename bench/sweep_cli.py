@@ -24,7 +24,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from bench.argtypes import positive_seconds
+from bench.argtypes import positive_int, positive_seconds
 from bench.cards import gib
 from bench.devices import NoCuda, require_cuda
 from bench.procs import terminate_as_interrupt
@@ -53,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--max-cells",
-        type=int,
+        type=positive_int,
         default=MAX_CELLS,
         help=f"refuse a sweep of more cells than this, counted before expanding them (default {MAX_CELLS:,})",
     )
@@ -128,8 +128,11 @@ PLAN_COLUMNS: tuple[tuple[str, Callable[[CellSpec], str]], ...] = (
     ("gpus", lambda s: "1" if s.dist == "none" else f"{s.gpus} {s.dist}"),
     ("budget", lambda s: str(s.budget_gb or "-")),
 )
-_IN_PLAN_COLUMNS = {"model", "method", "precision", "seq_len", "batch_size", "gradient_checkpointing"}
-_IN_PLAN_COLUMNS |= {"attn_impl", "gpus", "dist", "budget_gb"}
+#: The spec fields PLAN_COLUMNS show.
+_IN_PLAN_COLUMNS = frozenset(
+    ("model", "method", "precision", "seq_len", "batch_size", "gradient_checkpointing")
+    + ("attn_impl", "gpus", "dist", "budget_gb")
+)
 
 
 def varying_fields(specs: list[CellSpec]) -> list[str]:

@@ -53,6 +53,11 @@ def test_sweep_time_flags_must_be_finite_and_positive(capsys, sweep_file, flag):
     assert f"argument {flag}: '-5' is not allowed" in err
 
 
+def test_max_cells_must_be_a_positive_integer(capsys, sweep_file):
+    err = _refused(["sweep", sweep_file({"base": BASE}), "--dry-run", "--max-cells", "0"], capsys)
+    assert "argument --max-cells: '0' is not allowed; an integer >= 1" in err
+
+
 @pytest.mark.parametrize(
     "flag, value",
     [("--seq-lens", ","), ("--seq-lens", "0,-5"), ("--batch-sizes", "1,two"), ("--batch-sizes", "")],
@@ -105,6 +110,15 @@ def test_a_sweep_without_cuda_stops_before_any_row(tmp_path, capsys, sweep_file,
     assert "sweeps/smoke-cpu.yaml" in err and not out.exists()  # not even the invalid cell's row
     assert main(["sweep", path, "--out", str(out), "--dry-run"]) == 0  # a dry run only warns
     assert "a run here would stop" in capsys.readouterr().err
+
+
+def test_capacity_verify_without_cuda_stops_before_any_row(tmp_path, capsys, no_gpu, no_cells):
+    out = tmp_path / "v.jsonl"
+    argv = [*CAPACITY, "--seq-lens", "64,128", "--batch-sizes", "1", "--verify", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("no CUDA GPU here") == 1 and "--verify measures the frontier on a GPU" in err
+    assert not out.exists()
 
 
 def test_a_cpu_cell_runs_without_cuda(tmp_path, capsys, monkeypatch, no_gpu):
