@@ -10,21 +10,19 @@ import sys
 
 from bench.argtypes import positive_seconds
 from bench.cards import gib
+from bench.devices import NoCuda, require_cuda
 from bench.models import ARCHITECTURES, parameter_counts
 from bench.spec import CellSpec, SpecError
+from bench.store import ResultsError, append_row, held
 
 
 class CliError(Exception):
     """A bad command line: printed without a traceback, exit code 2."""
 
 
-def refusals() -> tuple[type[Exception], ...]:
-    """What a command refuses with a message and exit code 2, never a traceback: bad input, a results
-    file that cannot be used, CUDA cells on a machine without CUDA."""
-    from bench.devices import NoCuda
-    from bench.store import ResultsError
-
-    return (SpecError, CliError, ResultsError, NoCuda)
+#: What a command refuses with a message and exit code 2, never a traceback: bad input, a results
+#: file that cannot be used, CUDA cells on a machine without CUDA.
+REFUSALS: tuple[type[Exception], ...] = (SpecError, CliError, ResultsError, NoCuda)
 
 
 def _budget(value: str) -> float | str:
@@ -99,10 +97,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from bench.artifacts import beside
-    from bench.devices import require_cuda
     from bench.report_cell import print_summary
     from bench.runner import run_cell
-    from bench.store import append_row, held
 
     spec = spec_from_args(args)
     require_cuda([spec])
@@ -157,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except refusals() as exc:
+    except REFUSALS as exc:
         print(f"ftmem {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
