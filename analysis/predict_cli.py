@@ -127,21 +127,11 @@ def cmd_capacity(args: argparse.Namespace) -> int:
         console.print(table)
     if not args.verify:
         return 0
-    from pathlib import Path
+    from bench.store import held
 
-    from bench.store import acquire
-
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    lock = acquire(args.out)  # one runner per results file
-    try:
-        results = verify(
-            frontier_cells(base, budget, args.seq_lens, args.batch_sizes),
-            _runner(args),
-            args.seq_lens,
-            args.batch_sizes,
-        )
-    finally:
-        lock.release()
+    with held(args.out):  # checked and locked before the first cell: one runner per results file
+        cells = frontier_cells(base, budget, args.seq_lens, args.batch_sizes)
+        results = verify(cells, _runner(args), args.seq_lens, args.batch_sizes)
     for result in results:
         point = result.point
         console.print(
@@ -151,11 +141,14 @@ def cmd_capacity(args: argparse.Namespace) -> int:
 
 
 def _runner(args: argparse.Namespace):
-    """bench.runner.run_cell, appending each row to --out as it comes."""
+    """bench.runner.run_cell, appending each row to --out as it comes; a cell this machine cannot
+    run (no CUDA) is refused before it starts, so the first refusal comes before any row."""
+    from bench.devices import require_cuda
     from bench.runner import run_cell
     from bench.store import append_row
 
     def run(spec):
+        require_cuda([spec], "--verify measures the frontier on a GPU: run it on a machine with one")
         row = run_cell(spec, timeout_s=args.timeout)
         append_row(args.out, row)
         return row
@@ -175,13 +168,10 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int_list(value: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in value.split(",") if v.strip())
-
-
 def register(subparsers) -> None:
     """Add the predict, capacity and accuracy subcommands to bench.cli's parser."""
     from analysis.capacity import BATCH_SIZES, SEQ_LENS
+    from bench.argtypes import positive_int_list, positive_seconds
     from bench.cli import add_spec_arguments
 
     p = subparsers.add_parser("predict", help="predict the GPU memory of one cell (no GPU needed)")
@@ -190,16 +180,24 @@ def register(subparsers) -> None:
 
     c = subparsers.add_parser("capacity", help="largest seq_len / batch_size predicted to fit a budget")
     add_spec_arguments(c, required=("model", "method", "budget_gb"))
-    c.add_argument("--seq-lens", type=_int_list, default=SEQ_LENS, help="comma-separated grid of seq_len")
     c.add_argument(
-        "--batch-sizes", type=_int_list, default=BATCH_SIZES, help="comma-separated grid of batch_size"
+        "--seq-lens", type=positive_int_list, default=SEQ_LENS, help="comma-separated grid of seq_len"
+    )
+    c.add_argument(
+        "--batch-sizes",
+        type=positive_int_list,
+        default=BATCH_SIZES,
+        help="comma-separated grid of batch_size",
     )
     c.add_argument("--verify", action="store_true", help="run the frontier cells on the GPU (<= 3 per point)")
     c.add_argument(
         "--out", default=DEFAULT_VERIFY_OUT, help="JSONL file the verification rows are appended to"
     )
     c.add_argument(
-        "--timeout", type=float, default=900.0, help="wall-clock limit of each verification cell, s"
+        "--timeout",
+        type=positive_seconds,
+        default=900.0,
+        help="wall-clock limit of each verification cell, s",
     )
     c.set_defaults(func=cmd_capacity)
 

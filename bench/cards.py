@@ -27,19 +27,23 @@ CARD_MIB: dict[str, int] = {
 }
 
 
+#: Largest budget taken as a number, per GPU: past any card made, and inf or 1e400 are refused.
+MAX_BUDGET_GB = 1000
+#: What a budget may be, for error messages.
+BUDGET_ALLOWED = f"a number of GB (10^9 bytes) > 0 and <= {MAX_BUDGET_GB}, or a card: {', '.join(CARD_MIB)}"
+
+
 def budget_bytes(budget: float | int | str | None) -> int | None:
     """Bytes of a budget: a card name (nvidia-smi total) or a number of decimal GB (10^9 bytes)."""
     if budget is None:
         return None
     if isinstance(budget, str):
         if budget not in CARD_MIB:
-            raise ValueError(
-                f"budget_gb: {budget!r} is not a known card; allowed: a number of GB (10^9 bytes) "
-                f"or one of {', '.join(CARD_MIB)}"
-            )
+            raise ValueError(f"budget_gb: {budget!r} is not a known card; allowed: {BUDGET_ALLOWED}")
         return CARD_MIB[budget] * MIB
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0:
-        raise ValueError(f"budget_gb: {budget!r} must be a positive number of GB or a card name")
+    # `not 0 < budget <= MAX` also refuses NaN; inf would overflow int() below.
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= MAX_BUDGET_GB:
+        raise ValueError(f"budget_gb: {budget!r} is not allowed; {BUDGET_ALLOWED}")
     return int(budget * GB)
 
 

@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
 
+from bench.argtypes import positive_seconds
 from bench.cards import gib
+from bench.devices import NoCuda, require_cuda
 from bench.models import ARCHITECTURES, parameter_counts
 from bench.spec import CellSpec, SpecError
+from bench.store import ResultsError, append_row, held
 
 
 class CliError(Exception):
     """A bad command line: printed without a traceback, exit code 2."""
+
+
+#: What a command refuses with a message and exit code 2, never a traceback: bad input, a results
+#: file that cannot be used, CUDA cells on a machine without CUDA.
+REFUSALS: tuple[type[Exception], ...] = (SpecError, CliError, ResultsError, NoCuda)
 
 
 def _budget(value: str) -> float | str:
@@ -87,17 +96,17 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from bench.artifacts import beside
     from bench.report_cell import print_summary
     from bench.runner import run_cell
 
     spec = spec_from_args(args)
-    from bench.artifacts import beside
-
-    row = run_cell(spec, timeout_s=args.timeout, artifacts_dir=beside(args.out) if args.out else None)
-    if args.out:
-        from bench.store import append_row
-
-        append_row(args.out, row)
+    require_cuda([spec])
+    # --out is checked and locked before the cell runs, so a measurement is never made in vain.
+    with held(args.out) if args.out else contextlib.nullcontext():
+        row = run_cell(spec, timeout_s=args.timeout, artifacts_dir=beside(args.out) if args.out else None)
+        if args.out:
+            append_row(args.out, row)
     if args.json:
         print(json.dumps(row))
     else:
@@ -113,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="measure one cell in a fresh process")
     add_spec_arguments(run, required=("model", "method", "seq_len", "batch_size"))
-    run.add_argument("--timeout", type=float, default=900.0, help="wall-clock limit of the cell, seconds")
+    run.add_argument(
+        "--timeout", type=positive_seconds, default=900.0, help="wall-clock limit of the cell, seconds"
+    )
     run.add_argument("--out", help="also append the row to this JSONL results file")
     run.add_argument("--json", action="store_true", help="print the row as JSON instead of a summary")
     run.set_defaults(func=cmd_run)
@@ -142,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (SpecError, CliError) as exc:
+    except REFUSALS as exc:
         print(f"ftmem {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

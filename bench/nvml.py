@@ -31,6 +31,16 @@ def available() -> bool:
     return _initialised
 
 
+def device_count() -> int:
+    """GPUs the driver sees (0 without a driver), whatever CUDA_VISIBLE_DEVICES says."""
+    if not available():
+        return 0
+    try:
+        return int(pynvml.nvmlDeviceGetCount())
+    except Exception:
+        return 0
+
+
 def _handle(index: int = 0):
     return pynvml.nvmlDeviceGetHandleByIndex(index)
 

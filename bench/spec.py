@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from bench.arch import describe
-from bench.cards import CARD_MIB, budget_bytes
+from bench.cards import BUDGET_ALLOWED, budget_bytes
 from bench.models import (
     ALL_LINEAR,
     LINEAR_PROJECTIONS,
@@ -85,6 +85,26 @@ def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
     return field(default=default, metadata={"help": text}, **kw)
 
 
+def _choices(allowed: tuple[str, ...], prefix: str = "", **notes: str) -> str:
+    """Help text of a choice field, made from the tuple it is validated against (so `ftmem run --help`
+    cannot list a value validation refuses); `notes` explain some values."""
+    unknown = set(notes) - set(allowed)
+    if unknown:
+        raise ValueError(f"help notes for values that are not allowed: {sorted(unknown)}")
+    return prefix + " | ".join(f"{c} ({notes[c]})" if c in notes else c for c in allowed)
+
+
+#: Upper bounds of the counts: far past any real cell, low enough that a typo is refused at once.
+COUNT_LIMITS = {
+    "seq_len": 1 << 20,
+    "batch_size": 4096,
+    "grad_accum": 4096,
+    "steps": 1000,
+    "warmup_steps": 1000,
+    "gpus": 4096,
+}
+
+
 @dataclass(frozen=True)
 class CellSpec:
     """One cell of a grid. Every field is part of the cell's identity (`cell_id`)."""
@@ -93,11 +113,16 @@ class CellSpec:
         "shipped model (`ftmem models`: short name or hub id), a folder holding a config.json (weights "
         "optional), or a hub id in the local Hugging Face cache"
     )
-    method: str = _help("full | lora | qlora (4-bit base) | lora8bit (LLM.int8 base)")
+    method: str = _help(_choices(METHODS, qlora="4-bit base", lora8bit="LLM.int8 base"))
     seq_len: int = _help("tokens per sequence")
     batch_size: int = _help("sequences per micro-batch")
     precision: str = _help(
-        "fp32 | fp16_mixed / bf16_mixed (autocast, fp32 trainable/master weights) | bf16 (pure)",
+        _choices(
+            PRECISIONS,
+            fp16_mixed="autocast, fp32 trainable/master weights",
+            bf16_mixed="autocast, fp32 trainable/master weights",
+            bf16="pure",
+        ),
         "bf16_mixed",
     )
     grad_accum: int = _help("micro-batches per optimizer step", 1)
@@ -107,30 +132,43 @@ class CellSpec:
         "projections given adapters (module names of a decoder layer), or all-linear", LINEAR_PROJECTIONS
     )
     lora_dropout: float | None = _help("LoRA dropout (a dropout mask per target costs memory)", 0.0)
-    quant_type: str | None = _help("qlora: nf4 | fp4", "nf4")
+    quant_type: str | None = _help(_choices(QUANT_TYPES, "qlora: "), "nf4")
     double_quant: bool | None = _help("qlora: quantize the absmax constants too", False)
-    quant_compute_dtype: str | None = _help("qlora: bnb_4bit_compute_dtype, bf16 | fp16 | fp32", "bf16")
+    quant_compute_dtype: str | None = _help(
+        _choices(COMPUTE_DTYPES, "qlora: bnb_4bit_compute_dtype, "), "bf16"
+    )
     kbit_fp32_upcast: bool | None = _help(
         "qlora/lora8bit: cast the non-quantized modules to fp32 as prepare_model_for_kbit_training does",
         True,
     )
     optimizer: str = _help(
-        "adamw (torch default) | adamw_fused | adamw_foreach | bitsandbytes | sgd", "adamw"
+        _choices(
+            OPTIMIZERS,
+            adamw="torch default",
+            adamw_8bit="bitsandbytes",
+            paged_adamw_8bit="bitsandbytes",
+            paged_adamw_32bit="bitsandbytes",
+        ),
+        "adamw",
     )
     gradient_checkpointing: bool = _help("recompute activations in backward", False)
     gc_reentrant: bool | None = _help("reentrant checkpointing (torch.utils.checkpoint)", False)
     attn_impl: str = _help(
-        "eager | sdpa (PyTorch picks the kernel) | sdpa_flash (SDPA held to its FlashAttention-2 backend) "
-        "| flash_attention_2 (the flash-attn package)",
+        _choices(
+            ATTN_IMPLS,
+            sdpa="PyTorch picks the kernel",
+            sdpa_flash="SDPA held to its FlashAttention-2 backend",
+            flash_attention_2="the flash-attn package",
+        ),
         "sdpa",
     )
     compile: bool = _help("torch.compile each decoder layer", False)
     fused_ce: bool = _help("liger-kernel fused linear cross-entropy", False)
-    budget_gb: float | str | None = _help("memory cap: decimal GB (10^9) or a card name", None)
+    budget_gb: float | str | None = _help(f"memory cap per GPU: {BUDGET_ALLOWED}", None)
     warmup_steps: int = _help("optimizer steps before measuring (>= 1: the first step has its own peak)", 1)
     steps: int = _help("measured optimizer steps", 3)
     seed: int = _help("seed of the random weights and tokens", 0)
-    device: str = _help("cuda | cpu", "cuda")
+    device: str = _help(_choices(DEVICES), "cuda")
     profile_memory: bool = _help(
         "profile warm-up + first measured step with torch's memory profiler (by category; costs memory)",
         False,
@@ -140,11 +178,17 @@ class CellSpec:
     )
     gpus: int = _help("processes (one GPU each) over all nodes; budget_gb and the peaks are per GPU", 1)
     dist: str = _help(
-        "none | ddp | deepspeed_zero2 | deepspeed_zero3 | fsdp2 (torch fully_shard): how the ranks share the work",
+        _choices(DISTS, fsdp2="torch fully_shard") + ": how the ranks share the work",
         "none",
     )
     zero_offload: str = _help(
-        "DeepSpeed ZeRO-Offload to CPU: none | optimizer (ZeRO-2/3) | optimizer_and_params (ZeRO-3)", "none"
+        _choices(
+            ZERO_OFFLOADS,
+            "DeepSpeed ZeRO-Offload to CPU: ",
+            optimizer="ZeRO-2/3",
+            optimizer_and_params="ZeRO-3",
+        ),
+        "none",
     )
     expandable_segments: bool = _help(
         "cuda: the caching allocator grows expandable segments (PYTORCH_CUDA_ALLOC_CONF="
@@ -276,15 +320,13 @@ def check_field(key: str, value: Any) -> None:
         for target in value:
             if not isinstance(target, str) or not target:
                 raise SpecError(key, target, "module names of a decoder layer's projections, or all-linear")
-    if key in ("seq_len", "batch_size", "grad_accum", "steps", "warmup_steps", "gpus") and value < 1:
-        raise SpecError(key, value, "must be >= 1")
+    if key in COUNT_LIMITS and not 1 <= value <= COUNT_LIMITS[key]:
+        raise SpecError(key, value, f"must be >= 1 and <= {COUNT_LIMITS[key]}")
     if key == "budget_gb" and value is not None:
         try:
             budget_bytes(value)
         except ValueError:
-            raise SpecError(
-                key, value, f"a positive number of GB (10^9 bytes) or a card: {', '.join(CARD_MIB)}"
-            ) from None
+            raise SpecError(key, value, BUDGET_ALLOWED) from None
 
 
 def _normalised(spec: CellSpec) -> dict[str, Any]:
@@ -354,11 +396,7 @@ def validate(spec: CellSpec) -> None:
         try:
             budget_bytes(spec.budget_gb)
         except ValueError:
-            raise SpecError(
-                "budget_gb",
-                spec.budget_gb,
-                f"a positive number of GB (10^9 bytes) or a card: {', '.join(CARD_MIB)}",
-            ) from None
+            raise SpecError("budget_gb", spec.budget_gb, BUDGET_ALLOWED) from None
     if spec.method in LORA_METHODS:
         _validate_lora(spec, arch)
     if spec.router_aux_loss and not _is_moe(arch):

@@ -21,12 +21,14 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from bench import yaml_strict
 from bench.spec import CellSpec, SpecError, check_field
 
 SWEEP_KEYS = (
@@ -89,9 +91,15 @@ def load_sweep(path: str | Path) -> Sweep:
     """Read and validate a sweep file (structure and every value); raises SweepError."""
     path = str(path)
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = yaml_strict.load(Path(path).read_text(encoding="utf-8"))
+    except yaml_strict.DuplicateKey as exc:
+        raise SweepError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise SweepError(f"{path}: not valid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise SweepError(
+            f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8"
+        ) from None
     except OSError as exc:
         raise SweepError(f"{path}: cannot read: {exc.strerror}") from None
     return parse_sweep(data, path)
@@ -108,9 +116,11 @@ def parse_sweep(data: Any, path: str = "<sweep>") -> Sweep:
         raise _fail(path, "repeats", f"{repeats!r} is not allowed; an integer >= 1")
     timeout = data.get("timeout_s")
     if timeout is not None and (
-        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf
     ):
-        raise _fail(path, "timeout_s", f"{timeout!r} is not allowed; seconds per cell, a number > 0")
+        raise _fail(
+            path, "timeout_s", f"{timeout!r} is not allowed; seconds per cell, a number > 0 and not inf"
+        )
     top = {k: v for k, v in data.items() if k in GRID_KEYS}
     subgrids = data.get("grids")
     if subgrids is None:
@@ -187,19 +197,57 @@ def _check_grid(grid: dict, path: str, prefix: str) -> None:
         raise _fail(path, f"{prefix}claims", "must be a list of claim ids such as C1")
 
 
+def _grid_factors(grid: dict) -> list[tuple[str, list[dict[str, Any]]]]:
+    """The grid's crossed factors, named: each axis, each zip group and the budgets."""
+    factors: list[tuple[str, list[dict[str, Any]]]] = []
+    for key, values in (grid.get("axes") or {}).items():
+        factors.append((key, [{key: v} for v in values]))
+    for i, group in enumerate(grid.get("zip") or []):
+        keys = list(group)
+        combos = [dict(zip(keys, combo, strict=True)) for combo in zip(*group.values(), strict=True)]
+        factors.append((f"zip[{i}]", combos))
+    if grid.get("budgets"):
+        factors.append(("budgets", [{"budget_gb": b} for b in grid["budgets"]]))
+    return factors
+
+
 def _grid_assignments(grid: dict) -> list[dict[str, Any]]:
     """Every assignment of the grid: the product of its axes, its zip groups and its budgets."""
-    factors: list[list[dict[str, Any]]] = []
-    for key, values in (grid.get("axes") or {}).items():
-        factors.append([{key: v} for v in values])
-    for group in grid.get("zip") or []:
-        keys = list(group)
-        factors.append([dict(zip(keys, combo, strict=True)) for combo in zip(*group.values(), strict=True)])
-    if grid.get("budgets"):
-        factors.append([{"budget_gb": b} for b in grid["budgets"]])
+    factors = [values for _, values in _grid_factors(grid)]
     if not factors and grid.get("include"):
         return []  # a grid of includes only: the bare base is not a cell of its own
     return [dict(kv for part in combo for kv in part.items()) for combo in itertools.product(*factors)]
+
+
+#: Most cells a sweep may expand to unless raised (--max-cells): expanding takes about 0.3 ms a cell,
+#: and 10,000 cells at a GPU's ~12 s each are already 33 hours.
+MAX_CELLS = 10_000
+
+
+def _grid_size(grid: dict) -> tuple[int, str]:
+    """Cells a grid expands to at most (before exclusions and merging), and how they multiply."""
+    factors = _grid_factors(grid)
+    includes = len(grid.get("include") or [])
+    crossed = math.prod(len(values) for _, values in factors) if factors or not includes else 0
+    terms = " x ".join(f"{name} {len(values)}" for name, values in factors) or "base"
+    return crossed + includes, terms + (f" + {includes} include" if includes else "")
+
+
+def check_size(sweep: Sweep, max_cells: int = MAX_CELLS) -> int:
+    """Count the cells before expanding them; refuse more than `max_cells`, naming what multiplies."""
+    sizes = [_grid_size(grid) for grid in sweep.grids]
+    total = sum(n for n, _ in sizes) * sweep.repeats
+    if total <= max_cells:
+        return total
+    named = "; ".join(
+        f"{'grids[' + str(i) + ']: ' if len(sizes) > 1 else ''}{terms} = {n:,}"
+        for i, (n, terms) in enumerate(sizes)
+    )
+    repeats = f", x {sweep.repeats} repeats" if sweep.repeats > 1 else ""
+    raise SweepError(
+        f"{sweep.path}: up to {total:,} cells ({named}{repeats}), more than the limit of {max_cells:,}; "
+        "take values off the largest axes or split the sweep, or raise the limit with --max-cells"
+    )
 
 
 def _matches(values: dict[str, Any], partial: dict[str, Any]) -> bool:

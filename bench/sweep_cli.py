@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psutil
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -21,11 +24,14 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from bench.argtypes import positive_int, positive_seconds
 from bench.cards import gib
+from bench.devices import NoCuda, require_cuda
 from bench.procs import terminate_as_interrupt
 from bench.runner import DEFAULT_TIMEOUT_S
-from bench.store import ResultsLocked, read_rows
-from bench.sweep import SweepError, load_sweep
+from bench.spec import FIELD_NAMES, CellSpec
+from bench.store import RESUME_KEYS, ResultsError, read_rows
+from bench.sweep import MAX_CELLS, Sweep, SweepError, check_size, load_sweep
 from bench.sweep_run import Only, Plan, Shard, make_plan, run_sweep
 
 
@@ -46,13 +52,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         "e.g. --only zero_offload=none --only method=lora",
     )
     parser.add_argument(
+        "--max-cells",
+        type=positive_int,
+        default=MAX_CELLS,
+        help=f"refuse a sweep of more cells than this, counted before expanding them (default {MAX_CELLS:,})",
+    )
+    parser.add_argument(
         "--timeout",
-        type=float,
+        type=positive_seconds,
         help=f"wall-clock limit per cell, s (default: the sweep's timeout_s, else {DEFAULT_TIMEOUT_S:g})",
     )
     parser.add_argument(
         "--stop-after",
-        type=float,
+        type=positive_seconds,
         metavar="SECONDS",
         help="start no cell after this many seconds (a rented machine's time limit); run again to resume",
     )
@@ -103,27 +115,53 @@ def plan_console() -> Console:
     return console if console.is_terminal else Console(width=200)
 
 
+#: Columns of every plan (header, value of a spec); every other spec field that varies across the
+#: cells gets a column of its own, so no two rows of the table look alike.
+PLAN_COLUMNS: tuple[tuple[str, Callable[[CellSpec], str]], ...] = (
+    ("model", lambda s: s.model),
+    ("method", lambda s: s.method),
+    ("precision", lambda s: s.precision),
+    ("seq", lambda s: str(s.seq_len)),
+    ("batch", lambda s: str(s.batch_size)),
+    ("GC", lambda s: "on" if s.gradient_checkpointing else "off"),
+    ("attn", lambda s: s.attn_impl),
+    ("gpus", lambda s: "1" if s.dist == "none" else f"{s.gpus} {s.dist}"),
+    ("budget", lambda s: str(s.budget_gb or "-")),
+)
+#: The spec fields PLAN_COLUMNS show.
+_IN_PLAN_COLUMNS = frozenset(
+    ("model", "method", "precision", "seq_len", "batch_size", "gradient_checkpointing")
+    + ("attn_impl", "gpus", "dist", "budget_gb")
+)
+
+
+def varying_fields(specs: list[CellSpec]) -> list[str]:
+    """Spec fields outside PLAN_COLUMNS that take two values or more among the cells, in spec order.
+    None (a field that does not apply to the cell's method, bench.spec) is no value of its own: the
+    method column already sets those cells apart."""
+    return [
+        name
+        for name in FIELD_NAMES
+        if name not in _IN_PLAN_COLUMNS
+        and len({repr(getattr(s, name)) for s in specs if getattr(s, name) is not None}) > 1
+    ]
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "-"
+    return ",".join(value) if isinstance(value, tuple) else str(value)
+
+
 def print_plan(plan: Plan, console: Console) -> None:
     table = Table(
         title=f"sweep {plan.sweep.name}: {len(plan.todo)} to run, {len(plan.done)} done, "
         f"{len(plan.invalid)} invalid"
     )
-    for col in (
-        "cell_id",
-        "rep",
-        "method",
-        "precision",
-        "seq",
-        "batch",
-        "GC",
-        "attn",
-        "gpus",
-        "budget",
-        "claims",
-        "pred. GiB",
-        "fits?",
-    ):
-        table.add_column(col)
+    extra = varying_fields([cell.spec for cell, _ in plan.todo])
+    headers = ["cell_id", "rep", *(h for h, _ in PLAN_COLUMNS), *extra, "claims", "pred. GiB", "fits?"]
+    for col in headers:
+        table.add_column(col, no_wrap=col in ("cell_id", "model"))
     warnings = []
     host_total = psutil.virtual_memory().total
     for cell, repeat in plan.todo:
@@ -138,14 +176,8 @@ def print_plan(plan: Plan, console: Console) -> None:
         table.add_row(
             cell.cell_id,
             str(repeat),
-            s.method,
-            s.precision,
-            str(s.seq_len),
-            str(s.batch_size),
-            "on" if s.gradient_checkpointing else "off",
-            s.attn_impl,
-            "1" if s.dist == "none" else f"{s.gpus} {s.dist}",
-            str(s.budget_gb or "-"),
+            *(value(s) for _, value in PLAN_COLUMNS),
+            *(_shown(getattr(s, name)) for name in extra),
             ",".join(cell.claims),
             predicted,
             fits,
@@ -170,90 +202,137 @@ def time_estimate(plan: Plan) -> float | None:
     return len(plan.todo) * statistics.median(walls)
 
 
+def _refuse(console: Console, exc: Exception) -> int:
+    console.print(f"[red]ftmem sweep: error:[/red] {escape(str(exc))}", highlight=False)
+    return 2
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # an error is one line in a log, not cut at 80 columns
     try:
         sweep = load_sweep(args.file)
+        check_size(sweep, args.max_cells)
         shard = Shard.parse(args.shard) if args.shard else None
         only = Only.parse(args.only) if args.only else None
     except (SweepError, ValueError) as exc:
-        console.print(f"[red]ftmem sweep: error:[/red] {exc}")
-        return 2
+        return _refuse(console, exc)
     out = args.out or str(Path("results") / f"{sweep.name}.jsonl")
-    if args.dry_run:
-        plan = make_plan(sweep, read_rows(out), shard, args.retry_failed, only)
-        print_plan(plan, plan_console())
-        summary = {
-            "sweep": sweep.name,
-            "to_run": len(plan.todo),
-            "done": len(plan.done),
-            "invalid": len(plan.invalid),
-        }
-        estimate = time_estimate(plan)
-        if estimate is not None:
-            console.print(
-                f"about {estimate / 60:.0f} min for the {len(plan.todo)} cells to run, at the median wall time "
-                "of the cells already in the results file (OOM pruning may skip some)"
-            )
-            summary["estimated_s"] = round(estimate)
-        print(json.dumps(summary))
-        return 0
-    if args.timeout is not None and args.timeout <= 0:
-        console.print(f"[red]ftmem sweep: error:[/red] --timeout must be > 0 seconds, got {args.timeout:g}")
-        return 2
-    if args.stop_after is not None and args.stop_after <= 0:
+    try:
+        if args.dry_run:
+            return dry_run(sweep, out, shard, only, args, console)
+        return run(sweep, out, shard, only, args, console)
+    except (ResultsError, NoCuda) as exc:
+        return _refuse(console, exc)
+
+
+def dry_run(
+    sweep: Sweep, out: str, shard: Shard | None, only: Only | None, args: argparse.Namespace, console: Console
+) -> int:
+    plan = make_plan(sweep, read_rows(out, RESUME_KEYS), shard, args.retry_failed, only)
+    print_plan(plan, plan_console())
+    summary = {
+        "sweep": sweep.name,
+        "to_run": len(plan.todo),
+        "done": len(plan.done),
+        "invalid": len(plan.invalid),
+    }
+    estimate = time_estimate(plan)
+    if estimate is not None:
         console.print(
-            f"[red]ftmem sweep: error:[/red] --stop-after must be > 0 seconds, got {args.stop_after:g}"
+            f"about {estimate / 60:.0f} min for the {len(plan.todo)} cells to run, at the median wall time "
+            "of the cells already in the results file (OOM pruning may skip some)"
         )
-        return 2
-    terminate_as_interrupt()  # SIGTERM kills the running cell's processes, as Ctrl-C does
-    counts: Counter[str] = Counter()
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[last]}"),
-        console=console,
-    ) as progress:
-        task = progress.add_task(sweep.name, total=None, last="")
-
-        def on_plan(plan: Plan) -> None:
-            progress.update(task, total=len(plan.todo) + len(plan.invalid))
-
-        def on_row(row: dict, done: int, total: int) -> None:
-            counts[row["status"]] += 1
-            peak = row.get("peak_allocated_bytes") or row.get("peak_rss_bytes")
-            shown = f"{gib(peak):.2f} GiB" if peak else "-"
-            progress.update(task, completed=done, last=f"last: {row['cell_id']} {row['status']} peak {shown}")
-
-        try:
-            run_sweep(
-                sweep,
-                out,
-                shard,
-                args.retry_failed,
-                not args.no_prune,
-                args.timeout or sweep.timeout_s or DEFAULT_TIMEOUT_S,
-                on_plan=on_plan,
-                on_row=on_row,
-                stop_after_s=args.stop_after,
-                preload=args.preload,
-                only=only,
-            )
-        except ResultsLocked as exc:
-            console.print(f"[red]ftmem sweep: error:[/red] {exc}")
-            return 2
-        except KeyboardInterrupt as exc:
-            console.print(
-                f"[yellow]ftmem sweep: interrupted ({exc or 'Ctrl-C'}); run again to resume[/yellow]"
-            )
-            print(json.dumps({"sweep": sweep.name, "out": out, **counts, "interrupted": True}))
-            return 130
-    left = progress.tasks[0].total - progress.tasks[0].completed if progress.tasks[0].total else 0
-    summary = {"sweep": sweep.name, "out": out, **counts}
-    if left:
-        summary["not_started"] = left
+        summary["estimated_s"] = round(estimate)
+    try:
+        require_cuda(cell.spec for cell, _ in plan.todo)
+    except NoCuda as exc:
+        console.print(f"[yellow]a run here would stop:[/yellow] {escape(str(exc))}", highlight=False)
     print(json.dumps(summary))
+    return 0
+
+
+class SweepLog:
+    """What a running sweep shows: a progress bar on a terminal, and where stdout is not one (a log
+    file, a pipe) a line per cell there, since rich draws no bar off a terminal."""
+
+    def __init__(self, progress: Progress, sweep: Sweep, out: str):
+        self.progress, self.sweep, self.out = progress, sweep, out
+        self.task = progress.add_task(sweep.name, total=None, last="")
+        self.to_log = not sys.stdout.isatty()
+        self.counts: Counter[str] = Counter()
+        self.already_done = 0
+
+    def say(self, text: str) -> None:
+        if self.to_log:
+            print(text, flush=True)
+        else:
+            self.progress.console.print(text, highlight=False, markup=False)
+
+    def on_plan(self, plan: Plan) -> None:
+        """Called once the sweep is past its checks: no bar is drawn for a sweep refused before."""
+        to_run = len(plan.todo) + len(plan.invalid)
+        self.progress.update(self.task, total=to_run)
+        self.progress.start()
+        self.already_done = len(plan.done)
+        if plan.done:
+            self.say(f"resuming {self.out}: {len(plan.done)} cells already done, {to_run} to run")
+
+    def on_row(self, row: dict, done: int, total: int) -> None:
+        self.counts[row["status"]] += 1
+        peak = row.get("peak_allocated_bytes") or row.get("peak_rss_bytes")
+        shown = f"{gib(peak):.2f} GiB" if peak else "-"
+        self.progress.update(
+            self.task, completed=done, last=f"last: {row['cell_id']} {row['status']} peak {shown}"
+        )
+        if self.to_log:
+            self.say(cell_line(row, done, total, shown))
+
+    def summary(self, **extra: Any) -> str:
+        """The last line printed: one JSON document for scripts."""
+        done = {"already_done": self.already_done} if self.already_done else {}
+        return json.dumps({"sweep": self.sweep.name, "out": self.out, **done, **self.counts, **extra})
+
+
+def cell_line(row: dict, done: int, total: int, peak: str) -> str:
+    """One cell's line in a log: where the sweep is, what ran, how it went."""
+    spec = row.get("spec") or {}
+    wall = row.get("cell_wall_time_s")
+    took = f", {wall:.0f} s" if isinstance(wall, (int, float)) else ""
+    return (
+        f"[{done}/{total}] {row['cell_id']} {spec.get('method')} seq {spec.get('seq_len')} x batch "
+        f"{spec.get('batch_size')}: {row['status']}, peak {peak}{took}"
+    )
+
+
+def run(
+    sweep: Sweep, out: str, shard: Shard | None, only: Only | None, args: argparse.Namespace, console: Console
+) -> int:
+    terminate_as_interrupt()  # SIGTERM kills the running cell's processes, as Ctrl-C does
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    progress = Progress(*columns, TimeRemainingColumn(), TextColumn("{task.fields[last]}"), console=console)
+    log = SweepLog(progress, sweep, out)
+    try:
+        run_sweep(
+            sweep,
+            out,
+            shard,
+            args.retry_failed,
+            not args.no_prune,
+            args.timeout or sweep.timeout_s or DEFAULT_TIMEOUT_S,
+            on_plan=log.on_plan,
+            on_row=log.on_row,
+            stop_after_s=args.stop_after,
+            preload=args.preload,
+            only=only,
+        )
+    except KeyboardInterrupt as exc:
+        progress.stop()
+        console.print(f"[yellow]ftmem sweep: interrupted ({exc or 'Ctrl-C'}); run again to resume[/yellow]")
+        print(log.summary(interrupted=True))
+        return 130
+    finally:
+        progress.stop()
+    task = progress.tasks[0]
+    left = task.total - task.completed if task.total else 0
+    print(log.summary(**({"not_started": left} if left else {})))
     return 0

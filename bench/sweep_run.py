@@ -22,10 +22,11 @@ from typing import Any
 import yaml
 
 from bench import artifacts, schema
+from bench.devices import require_cuda
 from bench.procs import warm_bytecode_cache
 from bench.runner import DEFAULT_TIMEOUT_S, cell_env, failure_row, run_cell
 from bench.spec import CellSpec, at_later_default
-from bench.store import acquire, append_row, read_rows
+from bench.store import RESUME_KEYS, append_row, held, read_rows
 from bench.sweep import Cell, Sweep, expand
 
 RETRYABLE = ("error", "timeout")
@@ -233,12 +234,13 @@ def run_sweep(
     preload: bool = False,
     only: Only | None = None,
 ) -> list[dict[str, Any]]:
-    """Lock the results file, plan against what it holds, run the rest."""
-    file_lock = acquire(out_path)
-    try:
-        plan = make_plan(sweep, read_rows(out_path), shard, retry_failed, only)
+    """Check the results file can take rows and lock it, plan against what it holds, run the rest.
+    Everything that would stop the sweep (an unwritable file, a bad row, no CUDA for real cells) is
+    raised before the first row is written."""
+    with held(out_path):
+        plan = make_plan(sweep, read_rows(out_path, RESUME_KEYS), shard, retry_failed, only)
+        if runner is run_cell:
+            require_cuda(cell.spec for cell, _ in plan.todo)
         if on_plan is not None:
             on_plan(plan)
         return run_plan(plan, out_path, timeout_s, prune, runner, on_row, stop_after_s, preload)
-    finally:
-        file_lock.release()

@@ -127,3 +127,43 @@ def test_expandable_segments_defaults_off_keeps_cell_ids_and_needs_cuda():
     with pytest.raises(SpecError) as err:
         CellSpec.create(**base, expandable_segments="yes")
     assert err.value.key == "expandable_segments"
+
+
+# -- issue 14 item 7: budgets past any number refused with the allowed range -----------------------
+@pytest.mark.parametrize("budget", [float("inf"), float("1e400"), float("nan"), 1e6, 0])
+def test_budgets_out_of_range_are_refused_with_the_range(budget):
+    with pytest.raises(SpecError) as err:
+        CellSpec.create(**{**BASE, "budget_gb": budget})
+    assert err.value.key == "budget_gb" and "> 0 and <= 1000" in str(err.value)
+    with pytest.raises(ValueError, match="<= 1000"):
+        budget_bytes(budget)
+
+
+# -- issue 14 item 10: counts have a sane upper bound ---------------------------------------------
+@pytest.mark.parametrize(
+    "key, value", [("batch_size", 1_000_000_000), ("seq_len", 2**21), ("grad_accum", 10**6), ("steps", 10**5)]
+)
+def test_counts_past_any_real_cell_are_refused(key, value):
+    from bench.spec import COUNT_LIMITS
+
+    with pytest.raises(SpecError) as err:
+        CellSpec.create(**{**BASE, "model": "qwen3-tiny", key: value})
+    assert err.value.key == key and f"<= {COUNT_LIMITS[key]}" in str(err.value)
+    assert CellSpec.create(**{**BASE, "model": "qwen3-tiny", "batch_size": COUNT_LIMITS["batch_size"]})
+
+
+# -- issue 15: `ftmem run --help` lists the values validation accepts, from the same tuples --------
+def test_help_of_every_choice_flag_lists_exactly_the_allowed_values():
+    import re
+
+    from bench.cli import build_parser
+    from bench.spec import _CHOICES
+
+    run = build_parser()._subparsers._group_actions[0].choices["run"]
+    helps = {a.dest: a.help for a in run._actions}
+    for key, allowed in _CHOICES.items():
+        text = helps[key]
+        # every value is followed by " |" (after its note, if any), but the last, which follows the last "| "
+        listed = re.findall(r"(\w+)(?: \([^)]*\))? \|", text) + re.findall(r"\| (\w+)[^|]*$", text)
+        assert listed == list(allowed), (key, text)
+    assert "bitsandbytes |" not in helps["optimizer"]  # the old help offered a value never accepted

@@ -165,3 +165,107 @@ def test_a_sweep_sets_its_cells_timeout_and_the_command_line_overrides_it(tmp_pa
         args = parser.parse_args(["sweep", str(path), "--out", str(tmp_path / "r.jsonl"), *argv])
         assert args.func(args) == 0
         assert seen.pop() == expected
+
+
+# -- issue 14 item 8: a key given twice is refused with both lines ---------------------------------
+@pytest.mark.parametrize(
+    "text, key, lines",
+    [
+        (
+            "name: t\nbase: {model: qwen3-tiny}\naxes: {seq_len: [32]}\nbase: {device: cpu}\n",
+            "base",
+            "lines 2 and 4",
+        ),
+        ("name: t\nbase:\n  model: qwen3-tiny\n  seq_len: 32\n  seq_len: 64\n", "seq_len", "lines 4 and 5"),
+        ("name: t\ninclude: [{lora_r: 8, lora_r: 16}]\n", "lora_r", "line 2"),
+    ],
+)
+def test_duplicate_keys_are_refused_naming_both_lines(tmp_path, text, key, lines):
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(SweepError) as err:
+        load_sweep(path)
+    assert str(err.value) == f"{path}: {key}: given twice, on {lines}; keep one"
+
+
+def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text(
+        "name: t\nbase: &b {model: qwen3-tiny, method: lora, seq_len: 32, batch_size: 1, device: cpu}\n"
+        "include:\n  - <<: *b\n    seq_len: 64\n"
+    )
+    assert [c.spec.seq_len for c in expand(load_sweep(path))] == [64]
+
+
+# -- issue 14 item 9: a huge grid is counted, not expanded, and refused naming what multiplies ---------
+def test_a_huge_grid_is_refused_before_expanding_naming_its_axes(monkeypatch):
+    import time
+
+    from bench import sweep as sweep_module
+    from bench.sweep import MAX_CELLS, check_size
+
+    values = list(range(1, 11))
+    data = {"name": "t", "base": BASE, "axes": {k: values for k in ("seq_len", "batch_size", "lora_r")}}
+    data["axes"].update(steps=values, seed=values, grad_accum=values)  # 10^6 cells
+    big = parse_sweep(data, "big.yaml")
+    monkeypatch.setattr(sweep_module, "_make_cell", None)  # expanding would call it: it must not
+    start = time.monotonic()
+    with pytest.raises(SweepError) as err:
+        check_size(big)
+    assert time.monotonic() - start < 1.0
+    message = str(err.value)
+    assert message.startswith("big.yaml: up to 1,000,000 cells") and f"limit of {MAX_CELLS:,}" in message
+    assert "seq_len 10 x batch_size 10 x lora_r 10 x steps 10 x seed 10 x grad_accum 10" in message
+    assert "--max-cells" in message
+    assert check_size(big, max_cells=10**6) == 10**6
+
+
+def test_the_count_is_what_expansion_gives_without_exclusions():
+    from bench.sweep import check_size
+
+    data = {
+        "base": BASE,
+        "axes": {"seq_len": [16, 32], "gradient_checkpointing": [False, True]},
+        "zip": [{"batch_size": [1, 2, 4], "lora_r": [8, 16, 32]}],
+        "budgets": [24, 40],
+        "include": [{"seq_len": 128}],
+        "repeats": 2,
+    }
+    sweep = parse_sweep({"name": "t", **data}, "t.yaml")
+    assert check_size(sweep) == 2 * (2 * 2 * 3 * 2 + 1) and len(expand(sweep)) == 2 * 2 * 3 * 2 + 1
+
+
+def test_the_cli_refuses_a_huge_sweep_and_max_cells_lets_it_through(tmp_path, capsys):
+    from bench.cli import main
+
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"name": "t", "base": BASE, "axes": {"seq_len": list(range(1, 21))}}))
+    out = str(tmp_path / "r.jsonl")
+    assert main(["sweep", str(path), "--dry-run", "--max-cells", "10", "--out", out]) == 2
+    assert "up to 20 cells (seq_len 20 = 20), more than the limit of 10" in capsys.readouterr().err
+    assert main(["sweep", str(path), "--dry-run", "--max-cells", "20", "--out", out]) == 0
+
+
+# -- issue 14 items 7 and 10: YAML .inf, and a file that is not UTF-8 -------------------------------
+@pytest.mark.parametrize(
+    "text, where",
+    [
+        ("name: t\nbase: {budget_gb: .inf}\n", "base.budget_gb: inf is not allowed; a number of GB"),
+        ("name: t\nbudgets: [24, 1.0e+400]\n", "budgets[1]: inf is not allowed"),
+        ("name: t\ntimeout_s: .inf\n", "timeout_s: inf is not allowed"),
+    ],
+)
+def test_infinite_values_in_a_sweep_file_are_refused(tmp_path, text, where):
+    path = tmp_path / "inf.yaml"
+    path.write_text(text)
+    with pytest.raises(SweepError) as err:
+        load_sweep(path)
+    assert str(err.value).startswith(f"{path}: {where}")
+
+
+def test_a_sweep_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: t\ndescription: café\n".encode("latin-1"))
+    with pytest.raises(SweepError) as err:
+        load_sweep(path)
+    assert str(err.value).startswith(f"{path}: not UTF-8 text (byte 24")
