@@ -78,6 +78,7 @@ PHASE_COLOURS = {
 COMPONENT_CATEGORY: dict[str, str] = {
     "weights_": "parameters",
     "embed_head_norms_": "parameters",
+    "experts_": "parameters",
     "lora_adapters": "parameters",
     "optimizer_state": "optimizer_state",
     "grads": "gradients",
@@ -87,6 +88,9 @@ COMPONENT_CATEGORY: dict[str, str] = {
     "layer_inputs": "activations",
     "final_norm_saved": "activations",
     "attention_mask": "activations",
+    "rope_tables": "activations",
+    "kept_by_autograd_functions": "activations",
+    "router_aux_loss_saved": "activations",
     "recomputed_layer": "activations",
     "layer_running": "activations",
     "autocast_weight_copies": "activations",
