@@ -199,26 +199,57 @@ class ConfigFit:
     pressure: float  # footprint (an OOM: its cap, a lower bound) over the budget
 
 
-def config_fit(rows: pd.DataFrame, budget: int, label: str) -> ConfigFit | None:
-    """One configuration's verdict: an OOM under at least this much memory refutes; else its
-    largest measured footprint (NVML, else reserved, else allocated) against the budget. Where the
-    configuration also ran under a cap of at most this budget, those rows decide: under a cap the
-    caching allocator holds less, as it would on the smaller card."""
-    ok = rows[(rows["status"] == "ok") & rows["footprint_bytes"].notna()]
-    capped = ok[ok["cap_bytes"].le(budget).fillna(False).astype(bool)]
-    ok = capped if len(capped) else ok
-    largest = float(ok["footprint_bytes"].max()) if len(ok) else 0.0
-    oom = rows[(rows["status"] == "oom") & rows["cap_bytes"].ge(budget).fillna(False).astype(bool)]
-    if len(oom):
-        row = oom.sort_values("cap_bytes").iloc[-1].to_dict()
-        text = (
-            f"{describe_spec(row['spec'])}: OOM under {row['cap_bytes'] / GIB:.2f} GiB (>= {label} "
-            f"{budget / GIB:.2f} GiB){_where(row)}"
-        )
-        return ConfigFit("refuted", row, text, max(float(row["cap_bytes"]), largest) / budget)
-    if ok.empty:
-        return None
-    row = ok.sort_values("footprint_bytes").iloc[-1].to_dict()
+def config_keys(rows: pd.DataFrame) -> pd.Series:
+    """Each row's configuration: its spec without the budget (bench.load's `config_key` column)."""
+    if "config_key" in rows.columns:
+        return rows["config_key"]
+    return rows["spec"].map(lambda s: spec_key(s, drop=("budget_gb",)))
+
+
+def config_fits(rows: pd.DataFrame, budget: int, label: str) -> list[ConfigFit]:
+    """How each configuration among `rows` with an ok or OOM row stands against a budget, in
+    configuration order. An OOM under at least this much memory refutes; else the configuration's
+    largest measured footprint (NVML, else reserved, else allocated) against the budget. Where it also
+    ran under a cap of at most this budget, those rows decide: under a cap the caching allocator holds
+    less, as it would on the smaller card. One grouped pass over the rows, whatever their number."""
+    if rows.empty:
+        return []
+    rows = rows if rows.index.is_unique else rows.reset_index(drop=True)
+    key = config_keys(rows)
+    footprint, cap = rows["footprint_bytes"].astype("float64"), rows["cap_bytes"].astype("float64")
+    ok = (rows["status"] == "ok") & footprint.notna()
+    capped = ok & (cap <= budget)
+    judged = capped | (ok & ~capped.groupby(key).transform("any").astype(bool))
+    oom_cap = cap.where((rows["status"] == "oom") & (cap >= budget))
+    peak_rows, oom_rows = _row_of_max(footprint.where(judged), key), _row_of_max(oom_cap, key)
+    fits = []
+    for config in sorted(set(peak_rows.index) | set(oom_rows.index)):
+        largest = float(footprint[peak_rows[config]]) if config in peak_rows.index else 0.0
+        if config in oom_rows.index:
+            row = rows.loc[oom_rows[config]].to_dict()
+            fits.append(_oom_fit(row, budget, label, largest))
+        else:
+            row = rows.loc[peak_rows[config]].to_dict()
+            fits.append(_peak_fit(row, budget, label, largest))
+    return fits
+
+
+def _row_of_max(values: pd.Series, key: pd.Series) -> pd.Series:
+    """Per key, the index of the row with the largest value (the last such row on ties); keys
+    whose values are all missing are left out."""
+    present = values.dropna().sort_values(kind="stable")
+    return pd.Series(present.index, index=key[present.index].to_numpy()).groupby(level=0).last()
+
+
+def _oom_fit(row: dict[str, Any], budget: int, label: str, largest: float) -> ConfigFit:
+    text = (
+        f"{describe_spec(row['spec'])}: OOM under {row['cap_bytes'] / GIB:.2f} GiB (>= {label} "
+        f"{budget / GIB:.2f} GiB){_where(row)}"
+    )
+    return ConfigFit("refuted", row, text, max(float(row["cap_bytes"]), largest) / budget)
+
+
+def _peak_fit(row: dict[str, Any], budget: int, label: str, largest: float) -> ConfigFit:
     text = (
         f"{describe_spec(row['spec'])}: {row['footprint_basis']} peak {row['footprint_gib']:.2f} GiB vs {label} "
         f"{budget / GIB:.2f} GiB ({largest / budget - 1:+.0%}){_where(row)}"
@@ -234,13 +265,6 @@ def _where(row: dict[str, Any]) -> str:
     else:
         how = f"on {gpu}, capped at {budget}" if is_present(budget) else f"on {gpu}, no cap"
     return f" [{row_ref(row)}, {how}]"
-
-
-def config_fits(rows: pd.DataFrame, budget: int, label: str) -> list[ConfigFit]:
-    """config_fit of every configuration among `rows` that has an ok or OOM row."""
-    keys = rows["spec"].map(lambda s: spec_key(s, drop=("budget_gb",)))
-    fits = [config_fit(group, budget, label) for _, group in rows.groupby(keys, sort=True)]
-    return [f for f in fits if f is not None]
 
 
 def _invert(verdict: str) -> str:

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
-from analysis.claims import config_fit
+from analysis.claims import config_fits
 from analysis.fits import STANDARD_CARDS, FamilyFit, with_family
 from analysis.load import describe_spec, predict_spec
 from bench.cards import CARD_MIB, GIB, MIB
@@ -258,16 +258,10 @@ def draw_heatmap(ax, rows: pd.DataFrame, card: str) -> None:
     seqs, batches = sorted(rows["seq_len"].unique()), sorted(rows["batch_size"].unique())
     ax.set(xlim=(-0.5, len(seqs) - 0.5), ylim=(-0.5, len(batches) - 0.5))
     ax.set_facecolor("0.92")  # cells without rows: not measured
-    for (seq, batch), cell in rows.groupby(["seq_len", "batch_size"]):
-        fit = config_fit(cell, budget, card)
-        x, y = seqs.index(seq), batches.index(batch)
-        colour = VERDICT_COLOURS[fit.verdict] if fit else "0.92"
-        ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, color=colour, ec="white"))
-        text = (
-            "-"
-            if fit is None
-            else ("OOM" if fit.row["status"] == "oom" else f"{fit.row['footprint_gib']:.1f}")
-        )
+    for fit in config_fits(rows, budget, card):  # a family's configurations differ in seq and batch only
+        x, y = seqs.index(fit.row["seq_len"]), batches.index(fit.row["batch_size"])
+        ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, color=VERDICT_COLOURS[fit.verdict], ec="white"))
+        text = "OOM" if fit.row["status"] == "oom" else f"{fit.row['footprint_gib']:.1f}"
         ax.text(x, y, text, ha="center", va="center", fontsize=8)
     ax.set_xticks(range(len(seqs)), [str(s) for s in seqs])
     ax.set_yticks(range(len(batches)), [str(b) for b in batches])

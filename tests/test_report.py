@@ -105,20 +105,23 @@ def test_malformed_line_names_file_and_line(tmp_path):
         load_results([path])
 
 
-@pytest.mark.parametrize(
-    "line, why",
-    [("[1, 2]", "JSON object"), ('{"status": "ok"}', "no 'spec'"), ('{"spec": {}}', "no 'status'")],
-)
-def test_rows_that_are_not_rows_are_errors(tmp_path, line, why):
-    path = _write(tmp_path / "odd.jsonl", [json.dumps(make_row(alloc=1)), line], trailing_newline=True)
-    with pytest.raises(MalformedResults, match=rf"odd\.jsonl:2: .*{why}"):
+def test_a_line_that_is_not_an_object_is_an_error(tmp_path):
+    path = _write(tmp_path / "odd.jsonl", [json.dumps(make_row(alloc=1)), "[1, 2]"], trailing_newline=True)
+    with pytest.raises(MalformedResults, match=r"odd\.jsonl:2: .*JSON object.*fix or delete that line"):
         load_results([path])
+
+
+@pytest.mark.parametrize("line, why", [('{"status": "ok"}', "no 'spec'"), ('{"spec": {}}', "no 'status'")])
+def test_rows_that_are_not_rows_are_skipped_and_named(tmp_path, line, why):
+    path = _write(tmp_path / "odd.jsonl", [json.dumps(make_row(alloc=1)), line], trailing_newline=True)
+    with pytest.warns(UserWarning, match=rf"odd\.jsonl:2: skipped: .*{why}"):
+        assert len(load_results([path])) == 1
 
 
 def test_truncated_last_line_is_skipped_with_warning(tmp_path):
     good = json.dumps(make_row(alloc=1))
     path = _write(tmp_path / "cut.jsonl", [good, good[:40]], trailing_newline=False)
-    with pytest.warns(UserWarning, match=r"cut\.jsonl:2: skipped a truncated last line"):
+    with pytest.warns(UserWarning, match=r"cut\.jsonl:2: skipped: a truncated last line"):
         df = load_results([path])
     assert len(df) == 1
 
