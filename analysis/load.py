@@ -63,6 +63,39 @@ _NESTED = ("spec", "env", "sweep")
 OBJECT_BYTES = ("profile_categories_bytes",)
 #: Spec columns every frame has, so an empty frame still answers the analysis' filters.
 SPEC_COLUMNS = tuple(f.name for f in dataclasses.fields(CellSpec))
+#: The columns verdicts, fits, savings, peaks and most plots read. The whole frame has a column per
+#: schema, spec and env field (some 160); filtering and grouping these alone copies a fraction of it.
+ANALYSIS_COLUMNS = (
+    *SPEC_COLUMNS,
+    "spec",
+    "config_key",
+    "cell_id",
+    "repeat",
+    "status",
+    "env_stack",
+    "env_gpu_name",
+    "env_gpu_total_bytes",
+    "env_git_commit",
+    "source_file",
+    "source_line",
+    "footprint_bytes",
+    "footprint_gib",
+    "footprint_basis",
+    "cap_bytes",
+    "budget_bytes",
+    "budget_emulated",
+    "multi_gpu",
+    "host_oom",
+    "host_total_bytes",
+    "peak_allocated_bytes",
+    "peak_reserved_bytes",
+    "nvml_peak_process_bytes",
+    "peak_allocated_gib",
+    "peak_reserved_gib",
+    "nvml_peak_process_gib",
+    "tokens",
+    "sweep_claims",
+)
 #: Multi-GPU spec fields and the values of rows written before they existed (one process, one GPU).
 MULTI_GPU_DEFAULTS: dict[str, Any] = {"gpus": 1, "dist": "none", "zero_offload": "none"}
 
@@ -186,6 +219,11 @@ def load_results(paths: Sequence[str | Path] | None = None) -> pd.DataFrame:
     for skip in loaded.skipped:
         warnings.warn(f"{skip.where}: skipped: {skip.reason}", stacklevel=2)
     return loaded.frame
+
+
+def analysis_view(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame's ANALYSIS_COLUMNS (those it has), for the analyses that read nothing else."""
+    return frame[[c for c in dict.fromkeys(ANALYSIS_COLUMNS) if c in frame.columns]]
 
 
 def rows_to_frame(rows: Iterable[dict[str, Any]], source: str = "<memory>") -> pd.DataFrame:
@@ -317,6 +355,13 @@ def _stack(row: dict[str, Any]) -> str:
     ]
     gpu = row.get("env_gpu_name")
     return " | ".join([str(gpu) if is_present(gpu) else "no GPU", *parts])
+
+
+def measured_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows that say something about memory: ok with a peak, or OOM under a known cap."""
+    ok = (frame["status"] == "ok") & frame["footprint_bytes"].notna()
+    oom = (frame["status"] == "oom") & frame["cap_bytes"].notna()
+    return frame[(ok | oom) & frame["seq_len"].notna()]
 
 
 def is_present(value: Any) -> bool:

@@ -443,18 +443,22 @@ def test_capacity_frontier_beside_measured_boundary():
 
 
 # -- report, CLI, notebooks ----------------------------------------------------------------------
-def _links(index: Path) -> list[Path]:
+def _links(page: Path) -> list[Path]:
     import re
 
-    return [index.parent / target for target in re.findall(r"\]\(([^)]+)\)", index.read_text())]
+    targets = re.findall(r"\]\(([^)]+)\)", page.read_text())
+    return [page.parent / target for target in targets if not target.startswith("http")]
 
 
 def test_report_end_to_end_on_fixture(tmp_path):
     index = write_report([FIXTURE], tmp_path / "report")
     text = index.read_text()
-    assert "synthetic-fixture" in text and "## Claims C1-C20" in text and "| C1 |" in text
-    links = _links(index)
-    assert links and all(p.exists() for p in links)
+    assert "## The guide's claims" in text and "| C1 |" in text and "## Measured peaks" in text
+    pages = [p for p in _links(index) if p.suffix == ".md" and p.parent == index.parent]
+    assert {p.name for p in pages} >= {"claims.md", "guide.md", "cells.md", "sources.md", "plots.md"}
+    for page in [index, *pages]:
+        assert all(p.exists() for p in _links(page)), page
+    assert "synthetic-fixture" in (tmp_path / "report" / "sources.md").read_text()
     for name in (
         "claims",
         "guide_method",
@@ -463,9 +467,10 @@ def test_report_end_to_end_on_fixture(tmp_path):
         "savings",
         "fits",
         "capacity_frontier",
+        "peaks",
     ):
         assert (tmp_path / "report" / "tables" / f"{name}.csv").exists()
-    for name in ("peak_vs_seq_lora", "savings", "oom_frontier_rtx4090-24gb"):
+    for name in ("peak_vs_seq_lora", "savings", "card_map"):
         assert (tmp_path / "report" / "plots" / f"{name}.png").stat().st_size > 1000
 
 
@@ -500,7 +505,8 @@ def test_report_on_no_rows(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     report = build_report([empty], tmp_path / "out")
-    assert "0 result rows" in report.index.read_text()
+    text = report.index.read_text()
+    assert "0 result rows" in text and "no row measured anything" in text and "empty.jsonl: no rows" in text
     assert {r.verdict for r in report.results} <= {"not measured", "not measurable"}
 
 
