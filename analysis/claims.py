@@ -614,7 +614,9 @@ def one_gpu_verdict(multi: dict[str, Any], base: dict[str, Any]) -> tuple[str, s
     if ok_m and ok_b:
         before, after = float(base["footprint_bytes"]), float(multi["footprint_bytes"])
         saved = 100 * (before - after) / before
-        return saving_verdict(saved, 0, None), f"{before / GIB:.2f} -> {after / GIB:.2f} per card ({saved:+.1f}% saved)"
+        return saving_verdict(
+            saved, 0, None
+        ), f"{before / GIB:.2f} -> {after / GIB:.2f} per card ({saved:+.1f}% saved)"
     if ok_m and base["status"] == "oom" and is_present(base["cap_bytes"]):
         if float(base["cap_bytes"]) >= float(multi["footprint_bytes"]):
             return "supported", (

@@ -119,7 +119,10 @@ class OutputDir:
             if path.is_file():
                 path.unlink()
                 removed.append(path)
-        body = {"note": "files made by `ftmem report`; a re-run removes those it no longer makes", "files": self.made}
+        body = {
+            "note": "files made by `ftmem report`; a re-run removes those it no longer makes",
+            "files": self.made,
+        }
         (self.root / MANIFEST).write_text(json.dumps(body, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         return removed
 

@@ -6,13 +6,14 @@ it links to. Builds text only; analysis.report writes it. Never imports torch.
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from analysis import tables, timeline
 from analysis.claims import VERDICT_MEANINGS, VERDICTS
 
 if TYPE_CHECKING:
-    from analysis.report import Report
+    from analysis.contents import Report
 
 UNITS = (
     "Memory in GiB (2^30 bytes); where the guide states GB (10^9 bytes), its figure is converted to GiB "
@@ -28,18 +29,21 @@ FRONT_FAMILIES = 4
 #: Rows left out named on the front page (all of them are on left-out.md).
 FRONT_LEFT_OUT = 5
 
-#: The linked pages, in the order the front page lists them, with what each holds.
+#: The linked pages, in the order the front page lists them: title, and what each holds.
 PAGES = {
-    "claims.md": "every claim's checks, the figures and rows behind each verdict, what was assumed",
-    "guide.md": "the guide's three tables with measured columns, and other published predictions",
-    "peaks.md": "measured peaks of every family of configurations",
-    "savings.md": "what each optimisation saves, pair by pair",
-    "fits.md": "least-squares fits of memory against the shape of a batch, and the capacity they imply",
-    "profile.md": "where the memory goes in the profiled cells",
-    "plots.md": "every figure",
-    "cells.md": "every loaded row, one line each",
-    "sources.md": "the results files, software stacks and conventions the report rests on",
-    "left-out.md": "rows left out as invalid, and why",
+    "claims.md": (
+        "The guide's claims, check by check",
+        "the figures and rows behind each verdict, what was assumed",
+    ),
+    "guide.md": ("The guide's tables with measured columns", "and other published predictions"),
+    "peaks.md": ("Measured peaks, every family", "process peaks by length and batch size"),
+    "savings.md": ("Savings of each optimisation", "pair by pair"),
+    "fits.md": ("Fits and capacity", "memory against the shape of a batch, and the capacity it implies"),
+    "profile.md": ("Where the memory goes", "the profiled cells by category, against the predictor"),
+    "plots.md": ("Plots", "every figure"),
+    "cells.md": ("Every loaded row", "one line each"),
+    "sources.md": ("What the report rests on", "results files, software stacks, conventions"),
+    "left-out.md": ("Rows left out", "rows that fail validation, and why"),
 }
 
 
@@ -48,16 +52,15 @@ def all_pages(report: Report) -> dict[str, str]:
     builders = {
         "claims.md": claims_page,
         "guide.md": guide_page,
-        "peaks.md": peaks_page,
-        "savings.md": savings_page,
         "fits.md": fits_page,
         "profile.md": profile_page,
         "plots.md": plots_page,
-        "cells.md": cells_page,
         "sources.md": sources_page,
-        "left-out.md": left_out_page,
     }
-    built = {name: builders[name](report) for name in linked_pages(report)}
+    built = {
+        name: table_page(report, name) if name in TABLE_PAGES else builders[name](report)
+        for name in linked_pages(report)
+    }
     return {"index.md": index_page(report), **built}
 
 
@@ -71,7 +74,9 @@ def _links(name: str) -> str:
     return f"[{name}.md](tables/{name}.md) · [{name}.csv](tables/{name}.csv)"
 
 
-def _page(title: str, *parts: str) -> str:
+def _page(name: str, *parts: str) -> str:
+    """A linked page: its title (PAGES), a way back, its parts."""
+    title = PAGES[name][0]
     return "\n".join([f"# {title}", "", "[Back to the report](index.md)", "", *parts]).rstrip() + "\n"
 
 
@@ -90,7 +95,7 @@ def index_page(report: Report) -> str:
         _headline_plots(report),
         "## More",
         "",
-        *[f"- [{name}]({name}): {PAGES[name]}" for name in linked_pages(report)],
+        *[f"- [{PAGES[name][0]}]({name}): {PAGES[name][1]}" for name in linked_pages(report)],
         "",
     ]
     return "\n".join(parts)
@@ -164,9 +169,22 @@ def _peaks_section(report: Report) -> str:
     )
 
 
+def headline_plots(report: Report) -> list[Path]:
+    """The two figures a reader sees first: peak against length for the method with the most ok rows,
+    and the savings (without pairs, the card map)."""
+    chosen = []
+    peak = [p for p in report.plots.get("peak_vs_seq", []) if p.suffix == ".png"]
+    if peak:
+        counts = report.frame[report.frame["status"] == "ok"]["method"].value_counts()
+        chosen.append(max(peak, key=lambda p: counts.get(p.stem.removeprefix("peak_vs_seq_"), 0)))
+    second = [
+        p for p in report.plots.get("savings", []) + report.plots.get("card_map", []) if p.suffix == ".png"
+    ]
+    return chosen + second[:1]
+
+
 def _headline_plots(report: Report) -> str:
-    pngs = [p for group in ("peak_vs_seq", "card_map") for p in report.plots.get(group, []) if p.suffix == ".png"]
-    return "\n".join([f"![{p.stem}](plots/{p.name})\n" for p in pngs[:2]] + [""])
+    return "\n".join([f"![{p.stem}](plots/{p.name})\n" for p in headline_plots(report)] + [""])
 
 
 # -- linked pages ---------------------------------------------------------------------------------
@@ -174,7 +192,7 @@ def claims_page(report: Report) -> str:
     view = report.tables["claims"][["id", "guide", "verdict", "measured", "decided by", "figures", "assumed"]]
     legend = [f"- {v}: {VERDICT_MEANINGS[v]}" for v in VERDICTS]
     return _page(
-        "The guide's claims, check by check",
+        "claims.md",
         f"{UNITS} Verdicts:",
         "",
         *legend,
@@ -203,32 +221,12 @@ def guide_page(report: Report) -> str:
         "of `bench.models`; the others are as published.",
         _links("other_predictions"),
     ]
-    return _page("The guide's tables with measured columns", *parts)
-
-
-def peaks_page(report: Report) -> str:
-    return _page(
-        "Measured peaks, every family",
-        "Process peak in GiB (NVML; a CPU cell's peak RSS); `OOM > X`: ran out of memory under a cap of X GiB.",
-        "",
-        tables.to_markdown(report.tables["peaks"], "No row measured memory yet (no ok or oom row)."),
-        _links("peaks"),
-    )
-
-
-def savings_page(report: Report) -> str:
-    return _page(
-        "Savings of each optimisation",
-        "From pairs of ok rows equal in every other spec field, on one software stack.",
-        "",
-        tables.to_markdown(report.tables["savings_compact"], "No pair of rows differing in one setting yet."),
-        _links("savings"),
-    )
+    return _page("guide.md", *parts)
 
 
 def fits_page(report: Report) -> str:
     return _page(
-        "Fits and capacity",
+        "fits.md",
         "Per family: peak = a + b x tokens (+ c x batch x seq^2 for eager attention), least squares over its "
         "ok rows. A fit through as many rows as coefficients is exact (R^2 = 1) and says little.",
         "",
@@ -243,8 +241,44 @@ def fits_page(report: Report) -> str:
     )
 
 
+#: Pages that are one table: (the table shown, the table linked, what it holds, what an empty one means).
+TABLE_PAGES = {
+    "peaks.md": (
+        "peaks",
+        "peaks",
+        "Process peak in GiB (NVML; a CPU cell's peak RSS); `OOM > X`: ran out of memory under a cap of X GiB.",
+        "No row measured memory yet (no ok or oom row).",
+    ),
+    "savings.md": (
+        "savings_compact",
+        "savings",
+        "From pairs of ok rows equal in every other spec field, on one software stack.",
+        "No pair of rows differing in one setting yet.",
+    ),
+    "cells.md": (
+        "cells",
+        "cells",
+        "Peaks and budgets of a multi-GPU row are per GPU (the max over its ranks).",
+        "No rows.",
+    ),
+    "left-out.md": (
+        "left_out",
+        "left_out",
+        "Rows that fail validation against the result schema (`bench/schema.py`) are left out of every table, "
+        "plot and verdict. The results files are left as they are: fix or remove those lines to include them.",
+        "No row left out.",
+    ),
+}
+
+
+def table_page(report: Report, name: str) -> str:
+    """A page of TABLE_PAGES."""
+    shown, linked, intro, empty = TABLE_PAGES[name]
+    return _page(name, intro, "", tables.to_markdown(report.tables[shown], empty), _links(linked))
+
+
 def profile_page(report: Report) -> str:
-    return _page("Where the memory goes", timeline.index_section(report.tables).split("\n", 1)[1])
+    return _page("profile.md", timeline.index_section(report.tables).split("\n", 1)[1])
 
 
 def plots_page(report: Report) -> str:
@@ -254,17 +288,7 @@ def plots_page(report: Report) -> str:
         lines += [f"## {group.replace('_', ' ')}", ""]
         lines += [f"![{p.stem}](plots/{p.name}) ([SVG](plots/{p.stem}.svg))\n" for p in pngs]
         lines += [] if pngs else ["Not drawn: no rows for it yet.", ""]
-    return _page("Plots", *lines)
-
-
-def cells_page(report: Report) -> str:
-    return _page(
-        "Every loaded row",
-        "Peaks and budgets of a multi-GPU row are per GPU (the max over its ranks).",
-        "",
-        tables.to_markdown(report.tables["cells"], "No rows."),
-        _links("cells"),
-    )
+    return _page("plots.md", *lines)
 
 
 def sources_page(report: Report) -> str:
@@ -272,8 +296,16 @@ def sources_page(report: Report) -> str:
     lines = ["## Results files", ""]
     if len(frame):
         files = frame.groupby("source_file")["status"].value_counts().unstack(fill_value=0)
-        lines += [f"- `{name}`: " + ", ".join(f"{n} {s}" for s, n in c.items() if n) for name, c in files.iterrows()]
-        lines += ["", "## Software stacks", "", "Rows of different stacks are never paired or fitted together.", ""]
+        lines += [
+            f"- `{name}`: " + ", ".join(f"{n} {s}" for s, n in c.items() if n) for name, c in files.iterrows()
+        ]
+        lines += [
+            "",
+            "## Software stacks",
+            "",
+            "Rows of different stacks are never paired or fitted together.",
+            "",
+        ]
         lines += [f"- {stack}: {n} rows" for stack, n in frame["env_stack"].value_counts().items()]
     lines += [f"- `{name}`: no rows" for name in report.empty_files]
     emulated = int(frame["budget_emulated"].sum()) if len(frame) else 0
@@ -286,18 +318,10 @@ def sources_page(report: Report) -> str:
         "else the allocated peak.",
         f"Budget-emulated rows (a cap on a larger GPU standing in for a card we lack): {emulated}.",
         "ftmem's predictor: "
-        + ("included." if report.predict else "not available (analysis.predict missing): no prediction columns."),
+        + (
+            "included."
+            if report.predict
+            else "not available (analysis.predict missing): no prediction columns."
+        ),
     ]
-    return _page("What the report rests on", *lines)
-
-
-def left_out_page(report: Report) -> str:
-    return _page(
-        "Rows left out",
-        "Rows that fail validation against the result schema (`bench/schema.py`) are left out of every table, "
-        "plot and verdict. The results files are left as they are: fix or remove those lines to include them.",
-        "",
-        tables.to_markdown(report.tables["left_out"]),
-        _links("left_out"),
-    )
-
+    return _page("sources.md", *lines)

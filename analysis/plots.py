@@ -27,6 +27,7 @@ from matplotlib.patches import Patch, Rectangle
 from analysis.claims import config_fits, config_keys
 from analysis.fits import STANDARD_CARDS, FamilyFit, with_family
 from analysis.load import describe_spec, measured_rows, predict_spec
+from analysis.tables import gib_text
 from bench.cards import CARD_MIB, GIB, MIB
 
 GIB_LABEL = "GiB (2^30 bytes)"
@@ -46,12 +47,14 @@ class PlotJob:
 
 
 def save(figure: Figure, out_dir: Path, name: str) -> list[Path]:
-    """NAME.png and NAME.svg in out_dir."""
+    """NAME.png and NAME.svg in out_dir. The layout computed for the PNG is kept for the SVG (the
+    constrained layout would otherwise be solved again, a third of the SVG's cost)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{name}.png", out_dir / f"{name}.svg"]
-    for path in paths:
-        figure.savefig(path, dpi=110)
-    return paths
+    png, svg = out_dir / f"{name}.png", out_dir / f"{name}.svg"
+    figure.savefig(png, dpi=110)
+    figure.set_layout_engine("none")
+    figure.savefig(svg, dpi=110)
+    return [png, svg]
 
 
 def run_jobs(jobs: list[PlotJob], out_dir: Path) -> list[Path]:
@@ -90,8 +93,16 @@ def draw_cards(ax, top_gib: float) -> None:
     cards = card_lines(top_gib)
     for card, total in cards.items():
         ax.axhline(total, color="0.55", lw=0.8, ls="-.", zorder=0)
-        ax.text(0.995, total, f"{card} ({total:.1f})", transform=ax.get_yaxis_transform(), ha="right",
-                va="bottom", fontsize=7, color="0.35")
+        ax.text(
+            0.995,
+            total,
+            f"{card} ({total:.1f})",
+            transform=ax.get_yaxis_transform(),
+            ha="right",
+            va="bottom",
+            fontsize=7,
+            color="0.35",
+        )
     ax.set_ylim(0, max([top_gib, *cards.values()]) * 1.08)
 
 
@@ -139,7 +150,9 @@ def peak_vs_seq_jobs(frame: pd.DataFrame, fits: list[FamilyFit]) -> list[PlotJob
             ]
             jobs.append(PlotJob(f"peak_vs_seq_{method}", draw_peak_vs_seq, (method, panels)))
         else:
-            jobs.append(PlotJob(f"peak_vs_seq_{method}", draw_config_bars, (method, config_bars(method_rows))))
+            jobs.append(
+                PlotJob(f"peak_vs_seq_{method}", draw_config_bars, (method, config_bars(method_rows)))
+            )
     return jobs
 
 
@@ -246,14 +259,14 @@ def config_bars(rows: pd.DataFrame) -> pd.DataFrame:
 def draw_config_bars(method: str, bars: pd.DataFrame) -> Figure:
     """A bar per configuration: its peak per GPU (solid), or the cap it ran out of memory under
     (hatched: it needs more); the standard cards and the GPU it ran on as vertical lines."""
-    figure = Figure(figsize=(11, 1.6 + 0.38 * len(bars)), layout="constrained")
+    figure = Figure(figsize=(11, 2.0 + 0.38 * len(bars)), layout="constrained")
     ax = figure.subplots()
     colours = dict(zip(sorted(bars["gpus"].unique()), _palette(), strict=False))
     for y, bar in bars.iterrows():
         colour = colours[bar["gpus"]]
         style = dict(fill=False, hatch="///", edgecolor=colour) if bar["oom"] else dict(color=colour)
         ax.barh(y, bar["gib"], height=0.65, **style)
-        text = f" OOM under {bar['gib']:.1f}: needs more" if bar["oom"] else f" {bar['gib']:.1f}"
+        text = f" OOM under {gib_text(bar['gib'])}: needs more" if bar["oom"] else f" {gib_text(bar['gib'])}"
         ax.text(bar["gib"], y, text, va="center", fontsize=7.5)
     ax.set_yticks(range(len(bars)), list(bars["label"]), fontsize=7.5)
     ax.invert_yaxis()
@@ -266,11 +279,15 @@ def draw_config_bars(method: str, bars: pd.DataFrame) -> Figure:
     ax.set_xlim(0, max([top, *marks.values()]) * 1.3)  # room for the text beside the longest bar
     cards_axis = ax.secondary_xaxis("top")  # the cards named above the plot, clear of the bars
     cards_axis.set_xticks(list(marks.values()), list(marks), fontsize=7, rotation=45, ha="left")
-    ax.set_xlabel(f"peak process memory per GPU, {GIB_LABEL}")
+    ax.set_xlabel(f"peak process memory per GPU (NVML; a CPU cell: its peak RSS), {GIB_LABEL}")
     handles = [Patch(color=c, label=f"{g} GPU{'s' if g > 1 else ''}") for g, c in colours.items()]
-    handles.append(Patch(fill=False, hatch="///", label="ran out of memory under this cap"))
-    ax.legend(handles=handles, fontsize=8, loc="lower right")
-    ax.set_title(f"{method}: every measured configuration, one bar each (memory per GPU)")
+    handles += (
+        [Patch(fill=False, hatch="///", label="ran out of memory under this cap")]
+        if bars["oom"].any()
+        else []
+    )
+    figure.legend(handles=handles, fontsize=8, loc="outside lower center", ncols=len(handles))
+    ax.set_title(f"{method}: every measured configuration, one bar each")
     return figure
 
 
@@ -312,7 +329,9 @@ def plot_measured_vs_predicted(table: pd.DataFrame, out_dir: Path) -> list[Path]
 def savings_jobs(savings: pd.DataFrame) -> list[PlotJob]:
     if savings.empty or "footprint_saved_pct" not in savings.columns:
         return []
-    view = savings[["optimisation", "change", "footprint_saved_pct", "footprint_saved_gib"]].reset_index(drop=True)
+    view = savings[["optimisation", "change", "footprint_saved_pct", "footprint_saved_gib"]].reset_index(
+        drop=True
+    )
     return [PlotJob("savings", draw_savings, (view,))]
 
 

@@ -13,16 +13,16 @@ changed, and removes what the report made before but no longer makes (analysis.o
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 
 from analysis import pages, plots, tables, timeline
-from analysis.claims import ClaimResult, Guide, evaluate_claims, load_guide
-from analysis.fits import FamilyFit, capacity_frontier, fit_families, fits_table, residuals_table
-from analysis.load import REPO_ROOT, Skipped, analysis_view, predictor, read_results
+from analysis.claims import evaluate_claims, load_guide
+from analysis.contents import Report
+from analysis.fits import capacity_frontier, fit_families, fits_table, residuals_table
+from analysis.load import REPO_ROOT, analysis_view, predictor, read_results
 from analysis.outputs import OutputDir
 from analysis.plots import PlotJob
 
@@ -46,42 +46,6 @@ _FIT_COLUMNS = [
 
 class ReadmeError(ValueError):
     """The README lacks a marker pair the report fills in."""
-
-
-@dataclass
-class Report:
-    """What a report was built from and what it wrote."""
-
-    frame: pd.DataFrame
-    view: pd.DataFrame  # frame's analysis columns (analysis.load.analysis_view), what most tables read
-    guide: Guide
-    results: list[ClaimResult]
-    predict: Callable | None
-    out_dir: Path
-    fits: list[FamilyFit] = field(default_factory=list)
-    skipped: list[Skipped] = field(default_factory=list)
-    empty_files: list[str] = field(default_factory=list)
-    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
-    plots: dict[str, list[Path]] = field(default_factory=dict)
-    drawn: list[str] = field(default_factory=list)
-    removed: list[Path] = field(default_factory=list)
-
-    @property
-    def index(self) -> Path:
-        return self.out_dir / "index.md"
-
-    @property
-    def warnings(self) -> list[str]:
-        """What a reader must know before trusting the report: rows left out, files without rows,
-        nothing measured."""
-        notes = [f"{len(self.skipped)} row(s) left out as invalid (see left-out.md)"] if self.skipped else []
-        notes += [f"{name}: no rows" for name in self.empty_files]
-        measured = self.frame["status"].isin(["ok", "oom"]).sum() if len(self.frame) else 0
-        if not measured:
-            statuses = self.frame["status"].value_counts().to_dict() if len(self.frame) else {}
-            counts = ", ".join(f"{n} {s}" for s, n in statuses.items()) or "no rows at all"
-            notes.append(f"no row measured anything (ok or oom): {counts}")
-        return notes
 
 
 def write_report(paths: Sequence[str | Path] | None, out_dir: str | Path) -> Path:
@@ -151,7 +115,9 @@ def plot_jobs(report: Report) -> dict[str, list[PlotJob]]:
         "card_map": plots.card_map_jobs(report.view),
     }
     if report.predict is not None:
-        jobs["measured_vs_predicted"] = plots.measured_vs_predicted_jobs(report.tables["measured_vs_predicted"])
+        jobs["measured_vs_predicted"] = plots.measured_vs_predicted_jobs(
+            report.tables["measured_vs_predicted"]
+        )
         jobs["components"] = plots.components_jobs(report.view, report.predict)
     jobs.update(timeline.timeline_jobs(report.frame, report.tables))  # profiled rows only
     return jobs
@@ -175,22 +141,15 @@ def readme_claims(report: Report) -> str:
 
 
 def readme_plots(report: Report, docs_dir: Path) -> list[Path]:
-    """Copy the two headline plots into docs/: peak against length (the method with most rows)
-    and the savings (or, without pairs, the card map)."""
+    """Copy the report's two headline plots (pages.headline_plots) into docs/: peak against length as
+    peak_vs_seq.png, the other under its own name."""
     docs_dir.mkdir(parents=True, exist_ok=True)
-    chosen = []
-    peak = [p for p in report.plots.get("peak_vs_seq", []) if p.suffix == ".png"]
-    if peak:
-        counts = report.frame[report.frame["status"] == "ok"]["method"].value_counts()
-        best = max(peak, key=lambda p: counts.get(p.stem.removeprefix("peak_vs_seq_"), 0))
-        chosen.append((best, "peak_vs_seq.png"))
-    second = [
-        p for p in report.plots.get("savings", []) + report.plots.get("card_map", []) if p.suffix == ".png"
-    ]
-    chosen += [(second[0], second[0].name)] if second else []
-    for source, name in chosen:
+    targets = []
+    for source in pages.headline_plots(report):
+        name = "peak_vs_seq.png" if source.stem.startswith("peak_vs_seq") else source.name
         shutil.copyfile(source, docs_dir / name)
-    return [docs_dir / name for _, name in chosen]
+        targets.append(docs_dir / name)
+    return targets
 
 
 def replace_between(text: str, section: str, body: str, path: Path) -> str:

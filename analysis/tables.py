@@ -80,10 +80,14 @@ def to_markdown(table: pd.DataFrame, empty: str = "No rows for this table.") -> 
         return f"_{empty}_\n"
     byte_columns = [str(c).endswith("_bytes") for c in table.columns]
     cells = [
-        [_cell(v, is_bytes).replace("|", "\\|").replace("\n", " ") for v, is_bytes in zip(row, byte_columns)]
+        [
+            _cell(v, is_bytes).replace("|", "\\|").replace("\n", " ")
+            for v, is_bytes in zip(row, byte_columns, strict=True)
+        ]
         for row in table.itertuples(index=False)
     ]
-    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
+    header = [str(c).replace("|", "\\|") for c in table.columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(table.columns)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells]) + "\n"
 
 
@@ -295,6 +299,11 @@ def claim_spec_text(guide: Guide, claim: Claim) -> str:
     return describe_spec(spec) if spec else "-"
 
 
+def gib_text(gib: float) -> str:
+    """GiB to a tenth, or to a hundredth under 10 GiB (tiny models on CPU differ there)."""
+    return f"{gib:.1f}" if gib >= 10 else f"{gib:.2f}"
+
+
 def peaks_table(frame: pd.DataFrame, families: int | None = None) -> pd.DataFrame:
     """The measured peaks: per family (a model and a configuration but for seq_len, batch and budget;
     the largest `families` by rows, or all) and sequence length, a column per batch size holding the
@@ -307,7 +316,7 @@ def peaks_table(frame: pd.DataFrame, families: int | None = None) -> pd.DataFram
     keys = ["family", "seq_len", "batch_size"]
     ok = rows[rows["status"] == "ok"].groupby(keys)["footprint_gib"].max()
     oom = rows[rows["status"] == "oom"].groupby(keys)["cap_bytes"].max().astype("float64") / GIB
-    cells = ok.map("{:.1f}".format).combine_first(oom.map("OOM > {:.1f}".format))
+    cells = ok.map(gib_text).combine_first(oom.map(lambda gib: f"OOM > {gib_text(gib)}"))
     table = cells.unstack("batch_size").fillna("-")
     table.columns = [f"batch {b}" for b in table.columns]
     table = table.reset_index()
@@ -318,7 +327,15 @@ def peaks_table(frame: pd.DataFrame, families: int | None = None) -> pd.DataFram
 def accuracy_summary(compared: pd.DataFrame) -> pd.DataFrame:
     """How far ftmem's predictor is from the measurement, per measure: rows, the median error (its
     bias), the median, 95th percentile and largest absolute error, and the share within 3%."""
-    columns = ["measure", "rows", "median error %", "median |error| %", "p95 |error| %", "max |error| %", "within 3%"]
+    columns = [
+        "measure",
+        "rows",
+        "median error %",
+        "median abs error %",
+        "p95 abs error %",
+        "max abs error %",
+        "within 3%",
+    ]
     if compared.empty:
         return pd.DataFrame(columns=columns)
     grouped = compared.assign(abs_error=compared["error_pct"].abs()).groupby("measure", sort=False)
@@ -326,9 +343,9 @@ def accuracy_summary(compared: pd.DataFrame) -> pd.DataFrame:
         {
             "rows": grouped.size(),
             "median error %": grouped["error_pct"].median(),
-            "median |error| %": grouped["abs_error"].median(),
-            "p95 |error| %": grouped["abs_error"].quantile(0.95),
-            "max |error| %": grouped["abs_error"].max(),
+            "median abs error %": grouped["abs_error"].median(),
+            "p95 abs error %": grouped["abs_error"].quantile(0.95),
+            "max abs error %": grouped["abs_error"].max(),
             "within 3%": grouped["abs_error"].apply(lambda e: f"{(e <= 3).mean():.0%}"),
         }
     )

@@ -405,10 +405,14 @@ def timeline_jobs(frame: pd.DataFrame, built: dict[str, pd.DataFrame]) -> dict[s
         path = timeline_path(row)
         if path is not None:
             name = f"profile_timeline_{row['cell_id']}_r{row['repeat']}"
-            jobs["profile_timelines"].append(PlotJob(name, timeline_figure, (load_timeline(path), _cell_name(row))))
+            jobs["profile_timelines"].append(
+                PlotJob(name, timeline_figure, (load_timeline(path), _cell_name(row)))
+            )
     components = built.get("profile_components", pd.DataFrame(columns=["cell"]))
     has_cells = len(components) > 0
-    jobs["profile_components"] = [PlotJob("profile_components", component_figure, (components,))] if has_cells else []
+    jobs["profile_components"] = (
+        [PlotJob("profile_components", component_figure, (components,))] if has_cells else []
+    )
     return jobs
 
 

@@ -156,7 +156,12 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
 #: Fields every row must carry: without them a row cannot be told apart, judged or placed.
 REQUIRED = ("schema_version", "cell_id", "spec", "status")
 #: Spec fields the analysis cannot do without, and their types.
-REQUIRED_SPEC: dict[str, tuple[type, ...]] = {"model": (str,), "method": (str,), "seq_len": (int,), "batch_size": (int,)}
+REQUIRED_SPEC: dict[str, tuple[type, ...]] = {
+    "model": (str,),
+    "method": (str,),
+    "seq_len": (int,),
+    "batch_size": (int,),
+}
 
 
 def field_types(name: str) -> tuple[type, ...] | None:
@@ -211,7 +216,9 @@ def validate_row(row: Any) -> list[str]:
     if isinstance(row.get("status"), str) and row["status"] not in STATUSES:
         problems.append(f"status: {row['status']!r} is not one of {', '.join(STATUSES)}")
     if newer_schema(row):
-        problems.append(f"schema_version {row['schema_version']} is newer than this ftmem reads ({SCHEMA_VERSION})")
+        problems.append(
+            f"schema_version {row['schema_version']} is newer than this ftmem reads ({SCHEMA_VERSION})"
+        )
     spec = row.get("spec")
     if isinstance(spec, dict):
         for name, types in REQUIRED_SPEC.items():

@@ -30,7 +30,9 @@ def copy_id(cell_id: str | None, copy: int) -> str | None:
 
 def copy_row(row: dict, copy: int) -> dict:
     """One row as copy `copy`: its seed and ids changed, every measured number as it was."""
-    row = dict(row, cell_id=copy_id(row.get("cell_id"), copy), implied_by=copy_id(row.get("implied_by"), copy))
+    row = dict(
+        row, cell_id=copy_id(row.get("cell_id"), copy), implied_by=copy_id(row.get("implied_by"), copy)
+    )
     if copy and isinstance(row.get("spec"), dict):
         row["spec"] = dict(row["spec"], seed=(row["spec"].get("seed") or 0) + 1000 * copy)
     return row
@@ -46,7 +48,9 @@ def replicate(src: Path, out: Path, copies: int) -> int:
         for copy in range(copies):
             target = out / f"copy-{copy}" / relative
             target.parent.mkdir(parents=True, exist_ok=True)
-            lines = [json.dumps(copy_row(json.loads(line), copy)) for line in path.read_text().splitlines() if line]
+            lines = [
+                json.dumps(copy_row(json.loads(line), copy)) for line in path.read_text().splitlines() if line
+            ]
             target.write_text("\n".join(lines) + "\n", encoding="utf-8")
             written += len(lines)
             artifacts = path.with_name(path.stem + ".artifacts")
@@ -59,7 +63,9 @@ def replicate(src: Path, out: Path, copies: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="folder to write the copies into (not under results/)")
-    parser.add_argument("--copies", type=int, default=4, help="copies of every row, the measured one included")
+    parser.add_argument(
+        "--copies", type=int, default=4, help="copies of every row, the measured one included"
+    )
     parser.add_argument("--src", type=Path, default=REPO / "results", help="results folder to copy")
     args = parser.parse_args(argv)
     print(f"{replicate(args.src, args.out, args.copies)} rows under {args.out}")

@@ -77,7 +77,9 @@ def test_c13_judges_each_stage_and_reports_both():
     assert [c.label for c in result.checks] == ["ZeRO-2", "ZeRO-3"]
     assert [c.verdict for c in result.checks] == ["marginal", "supported"]  # -2.0% is within the margin
     assert result.verdict == "mixed"
-    assert "ZeRO-2: 34.26 -> 34.94 per card" in result.headline and "ZeRO-3: 34.26 -> 26.47" in result.headline
+    assert (
+        "ZeRO-2: 34.26 -> 34.94 per card" in result.headline and "ZeRO-3: 34.26 -> 26.47" in result.headline
+    )
     assert set(result.decided_by) == {base["cell_id"], zero2["cell_id"], zero3["cell_id"]}
     agreeing = make_row(alloc=22, nvml=26.0, gpus=2, dist="deepspeed_zero2", **lora)
     assert judge_claim("C13", base, agreeing, zero3).verdict == "supported"
@@ -95,6 +97,12 @@ def test_headlines_use_gib_only_and_convert_the_guides_gb():
 def test_saving_names_the_pair_nearest_the_median():
     base = make_row(alloc=60, nvml=60, gradient_checkpointing=False)
     on = make_row(alloc=39, nvml=39)  # 35%
-    check = {"kind": "saving_percent", "flag": "gradient_checkpointing", "from": False, "to": True, "min_pct": 30}
+    check = {
+        "kind": "saving_percent",
+        "flag": "gradient_checkpointing",
+        "from": False,
+        "to": True,
+        "min_pct": 30,
+    }
     result = C.check_saving(frame(base, on), check)
     assert result.decided_by == (base["cell_id"], on["cell_id"]) and "nearest the median" in result.summary
