@@ -33,6 +33,7 @@ class Report:
     plots: dict[str, list[Path]] = field(default_factory=dict)
     drawn: list[str] = field(default_factory=list)
     removed: list[Path] = field(default_factory=list)
+    unlisted: list[Path] = field(default_factory=list)  # in plots/ or tables/, not made by the report
 
     @property
     def index(self) -> Path:

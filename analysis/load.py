@@ -203,7 +203,10 @@ def read_results(paths: Sequence[str | Path] | None = None) -> Loaded:
     """Every valid row of the results files under `paths` (default: the repo's results/) as one
     DataFrame, with the lines left out and the files that held no row."""
     records, skipped, empty = [], [], []
-    for path in result_files(paths):
+    files = result_files(paths)
+    if not files:
+        empty += [f"{p} (no *.jsonl file in it)" for p in paths or [DEFAULT_RESULTS]]
+    for path in files:
         rows, left_out = read_jsonl(path)
         shown = _display_path(path)
         records += [flatten_row(row, shown, number) for number, row in rows]

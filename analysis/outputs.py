@@ -111,6 +111,15 @@ class OutputDir:
         self.drawn += [job.name for job in stale]
         return paths
 
+    def unlisted(self, folders: tuple[str, ...] = ("plots", "tables")) -> list[Path]:
+        """Files in the report's own folders that this run did not make and no manifest names: an
+        older report's (written before the manifest) or a user's. Never removed; worth a word."""
+        found = [
+            p for folder in folders if (self.root / folder).is_dir() for p in (self.root / folder).iterdir()
+        ]
+        made = set(self.made) | set(self.previous)
+        return sorted(p for p in found if p.is_file() and p.relative_to(self.root).as_posix() not in made)
+
     def finish(self) -> list[Path]:
         """Remove what the last run made and this one did not, write the manifest; the removed files."""
         removed = []

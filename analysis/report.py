@@ -69,6 +69,7 @@ def build_report(paths: Sequence[str | Path] | None, out_dir: str | Path) -> Rep
     report.plots = draw_plots(report, out)
     for name, text in pages.all_pages(report).items():
         out.write_text(name, text)
+    report.unlisted = out.unlisted()
     report.drawn, report.removed = out.drawn, out.finish()
     return report
 

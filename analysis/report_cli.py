@@ -49,7 +49,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"ftmem report: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # the output folder (or README) cannot be written
-        print(f"ftmem report: error: {exc.filename or args.out}: {exc.strerror or exc}", file=sys.stderr)
+        where = exc.filename or args.out
+        print(
+            f"ftmem report: error: cannot write the report: {where}: {exc.strerror or exc}", file=sys.stderr
+        )
         return 2
     for line in _warnings(report):
         print(f"ftmem report: warning: {line}", file=sys.stderr)
@@ -78,4 +81,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 def _warnings(report) -> list[str]:
     """Report.warnings, with every row left out named (file:line: why)."""
     lines = [w for w in report.warnings if "left out" not in w]
-    return lines + [f"{s.where}: left out: {s.reason}" for s in report.skipped]
+    lines += [f"{s.where}: left out: {s.reason}" for s in report.skipped]
+    if report.unlisted:
+        names = ", ".join(p.name for p in report.unlisted[:3]) + (", ..." if len(report.unlisted) > 3 else "")
+        lines.append(
+            f"{len(report.unlisted)} file(s) in {report.out_dir}/plots or /tables were not made by this report "
+            f"and no manifest names them ({names}): left as they are; delete them if an older report left them"
+        )
+    return lines

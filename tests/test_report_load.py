@@ -122,3 +122,13 @@ def test_a_bad_json_line_in_the_middle_names_file_and_line_and_what_to_do(tmp_pa
     err = capsys.readouterr().err
     assert "mid.jsonl:2" in err and "fix or delete that line" in err and "Traceback" not in err
     assert path.read_bytes() == before
+
+
+def test_a_folder_without_results_files_and_an_unwritable_out_are_said(tmp_path, capsys):
+    (tmp_path / "nothing").mkdir()
+    assert _cli("report", str(tmp_path / "nothing"), "--out", str(tmp_path / "r")) == 0
+    assert "no *.jsonl file in it" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    assert _cli("report", str(tmp_path / "nothing"), "--out", str(tmp_path / "afile")) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the report" in err and "afile" in err and "Traceback" not in err

@@ -19,7 +19,7 @@ from analysis.load import analysis_view, read_results, rows_to_frame
 from analysis.outputs import MANIFEST, OutputDir, fingerprint
 from analysis.report import build_report
 from bench.cards import GIB
-from tests.test_report import FIXTURE, frame, make_row
+from tests.test_report import FIXTURE, _cli, frame, make_row
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,12 +62,14 @@ def test_a_rerun_removes_what_it_no_longer_makes_and_keeps_the_users_files(tmp_p
     assert "plots/savings.png" not in listed and "notes.txt" not in listed and "index.md" in listed
 
 
-def test_a_folder_without_manifest_loses_nothing(tmp_path):
+def test_a_folder_without_manifest_loses_nothing_and_says_so(tmp_path, capsys):
     (tmp_path / "plots").mkdir()
     old = tmp_path / "plots" / "oom_frontier_t4-16gb.png"  # an older report's plot: not in any manifest
     old.write_text("old")
-    build_report([FIXTURE], tmp_path)
-    assert old.read_text() == "old"
+    report = build_report([FIXTURE], tmp_path)
+    assert old.read_text() == "old" and report.unlisted == [old]
+    assert _cli("report", str(FIXTURE), "--out", str(tmp_path)) == 0
+    assert "1 file(s) in" in capsys.readouterr().err and old.exists()
 
 
 @pytest.mark.parametrize(
