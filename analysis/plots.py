@@ -157,24 +157,27 @@ def peak_vs_seq_jobs(frame: pd.DataFrame, fits: list[FamilyFit]) -> list[PlotJob
 
 
 def draw_peak_vs_seq(method: str, panels: list[tuple[str, pd.DataFrame, tuple | None]]) -> Figure:
-    """Peak against seq_len, a panel per family and a line per batch size; OOM cells marked at the
-    cap they failed under, fits dashed, standard cards as horizontal lines; one legend for the styles."""
+    """Peak against seq_len, a panel per family and a line per batch size (one colour per batch size
+    in every panel); OOM cells marked at the cap they failed under, fits dashed, standard cards as
+    horizontal lines; one legend for the figure."""
     figure, axes = _panels(len(panels))
+    batches = sorted({int(b) for _, rows, _ in panels for b in rows["batch_size"].unique()})
+    colours = dict(zip(batches, _palette() * (1 + len(batches) // 8), strict=False))
     for ax, (family, rows, fit) in zip(axes, panels, strict=True):
-        draw_family(ax, family, rows, fit)
+        draw_family(ax, family, rows, fit, colours)
     figure.suptitle(f"{method}: peak process memory against sequence length")
-    figure.legend(handles=_style_handles(), loc="outside lower center", ncols=4, fontsize=8)
+    handles = [Line2D([], [], color=c, marker="o", label=f"batch {b}") for b, c in colours.items()]
+    figure.legend(handles=handles + _style_handles(), loc="outside lower center", ncols=8, fontsize=8)
     return figure
 
 
-def draw_family(ax, family: str, rows: pd.DataFrame, fit: tuple | None) -> None:
-    """One family's panel (see draw_peak_vs_seq); the legend names the batch sizes only."""
-    colours = dict(zip(sorted(rows["batch_size"].unique()), _palette(), strict=False))
+def draw_family(ax, family: str, rows: pd.DataFrame, fit: tuple | None, colours: dict[int, str]) -> None:
+    """One family's panel (see draw_peak_vs_seq)."""
     top = 0.0
-    for batch, colour in colours.items():
-        at_batch = rows[rows["batch_size"] == batch].sort_values("seq_len")
+    for batch, at_batch in rows.sort_values("seq_len").groupby("batch_size"):
+        colour = colours[int(batch)]
         ok = at_batch[(at_batch["status"] == "ok") & at_batch["footprint_gib"].notna()]
-        ax.plot(ok["seq_len"], ok["footprint_gib"], "o-", color=colour, label=f"batch {batch}")
+        ax.plot(ok["seq_len"], ok["footprint_gib"], "o-", color=colour)
         ax.plot(ok["seq_len"], ok["peak_allocated_gib"], ":", marker="o", mfc="none", color=colour, alpha=0.7)
         oom = at_batch[at_batch["status"] == "oom"]
         oom_gib = oom["cap_bytes"].astype("float64") / GIB
@@ -189,7 +192,6 @@ def draw_family(ax, family: str, rows: pd.DataFrame, fit: tuple | None) -> None:
     draw_cards(ax, top)
     ax.set_ylabel(f"peak memory, {GIB_LABEL}")
     ax.set_title(_wrap(family, 60) + "\n" + _provenance(rows), fontsize=8.5)
-    ax.legend(fontsize=7, loc="upper left")
 
 
 def _wrap(text: str, width: int) -> str:
