@@ -124,6 +124,13 @@ def _warnings(report: Report) -> list[str]:
 def _claims_section(report: Report) -> str:
     counts = Counter(r.verdict for r in report.results)
     summary = ", ".join(f"{counts[v]} {v}" for v in VERDICTS if counts[v])
+    judged = sum(counts[v] for v in VERDICTS if v not in ("not measured", "not measurable"))
+    if not judged and len(report.frame):
+        defaults = ", ".join(f"{k} {v}" for k, v in report.guide.defaults.items() if k in ("model", "device"))
+        summary += (
+            f". The guide's claims are judged on rows of its own setup ({defaults}; analysis/claims.yaml): "
+            "none of these rows is one; what they measured is under Measured peaks"
+        )
     view = report.tables["claims"][["id", "claim", "verdict", "measured", "decided by"]]
     return "\n".join(
         [

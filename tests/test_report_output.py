@@ -185,6 +185,7 @@ def test_cpu_rows_show_what_was_measured(tmp_path):
     report = build_report([write(tmp_path / "cpu.jsonl", rows)], tmp_path / "out")
     text = report.index.read_text()
     assert "No row measured" not in text and "qwen3-tiny lora r8 bf16_mixed GC | 64 | 0.37" in text
+    assert "none of these rows is one; what they measured is under Measured peaks" in text
     assert rows_to_frame(rows)["footprint_basis"].eq("rss").all()
     assert (tmp_path / "out" / "plots" / "peak_vs_seq_lora.png").exists()
     assert (tmp_path / "out" / "plots" / "peak_vs_seq_full.png").exists()
