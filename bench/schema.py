@@ -152,6 +152,20 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "ranks": (list,),
     "tokens_per_s": _NUMBER,
     "final_loss": _NUMBER,
+    **dict.fromkeys(
+        (
+            "error",
+            "implied_by",
+            "oom_phase",
+            "cell_process",
+            "attn_impl_used",
+            "profile_peak_phase",
+            "profile_peak_step",
+            "profile_timeline_file",
+            "snapshot_file",
+        ),
+        (str,),
+    ),
 }
 #: Fields every row must carry: without them a row cannot be told apart, judged or placed.
 REQUIRED = ("schema_version", "cell_id", "spec", "status")
@@ -165,13 +179,11 @@ REQUIRED_SPEC: dict[str, tuple[type, ...]] = {
 
 
 def field_types(name: str) -> tuple[type, ...] | None:
-    """The types a field may hold besides null: bytes and seconds are numbers, the rest as listed;
-    None for free text and fields this schema does not type."""
+    """The types a field may hold besides null: as listed, else a number for bytes and seconds; None
+    for a field not typed here (a field added later is read as it is until it is typed)."""
     if name in _FIELD_TYPES:
         return _FIELD_TYPES[name]
-    if name.endswith(("_bytes", "_s")):
-        return _NUMBER
-    return (str,) if name in FIELDS else None
+    return _NUMBER if name.endswith(("_bytes", "_s")) else None
 
 
 def _type_problem(where: str, value: Any, types: tuple[type, ...]) -> str | None:
