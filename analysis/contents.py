@@ -43,7 +43,7 @@ class Report:
     def warnings(self) -> list[str]:
         """What a reader must know before trusting the report: rows left out, files without rows,
         nothing measured."""
-        notes = [f"{len(self.skipped)} row(s) left out as invalid (see left-out.md)"] if self.skipped else []
+        notes = [f"{len(self.skipped)} line(s) or file(s) left out (see left-out.md)"] if self.skipped else []
         notes += [f"{name}: no rows" for name in self.empty_files]
         measured = self.frame["status"].isin(["ok", "oom"]).sum() if len(self.frame) else 0
         if not measured:

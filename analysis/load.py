@@ -37,7 +37,7 @@ from typing import Any
 import pandas as pd
 
 from bench.cards import GIB
-from bench.schema import FIELDS, SCHEMA_VERSION, newer_schema, validate_row
+from bench.schema import FIELDS, REQUIRED, SCHEMA_VERSION, newer_schema, validate_row
 from bench.spec import CellSpec, at_later_default
 from bench.store import MalformedRow, iter_numbered_rows, latest_rows
 
@@ -148,6 +148,10 @@ def read_jsonl(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], list[Skipp
     (MalformedResults) naming the file and the line: nothing of such a file can be trusted."""
     shown = _display_path(path)
     numbered, skipped = _numbered_rows(path, shown)
+    if numbered and not any(isinstance(row, dict) and set(row) & set(REQUIRED) for _, row in numbered):
+        # JSON lines of something else (facts, notes) kept beside the results: one word, not one per line
+        why = f"not a results file: none of its {len(numbered)} lines has {', '.join(REQUIRED)}"
+        return [], [*skipped, Skipped(shown, why)]
     rows = []
     for number, row in numbered:
         if newer_schema(row):

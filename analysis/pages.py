@@ -43,7 +43,7 @@ PAGES = {
     "plots.md": ("Plots", "every figure"),
     "cells.md": ("Every loaded row", "one line each"),
     "sources.md": ("What the report rests on", "results files, software stacks, conventions"),
-    "left-out.md": ("Rows left out", "rows that fail validation, and why"),
+    "left-out.md": ("Rows left out", "rows that fail validation or are not result rows, and why"),
 }
 
 
@@ -271,8 +271,9 @@ TABLE_PAGES = {
     "left-out.md": (
         "left_out",
         "left_out",
-        "Rows that fail validation against the result schema (`bench/schema.py`) are left out of every table, "
-        "plot and verdict. The results files are left as they are: fix or remove those lines to include them.",
+        "Rows that fail validation against the result schema (`bench/schema.py`), and files of JSON lines that "
+        "are not result rows, are left out of every table, plot and verdict. The files are left as they are: "
+        "fix or remove those lines to include them.",
         "No row left out.",
     ),
 }

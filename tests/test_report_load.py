@@ -70,7 +70,7 @@ def test_a_string_peak_is_left_out_and_named_not_counted(tmp_path, capsys):
     report = build_report([path], tmp_path / "r")
     assert len(report.frame) == 1 and [s.where.split("/")[-1] for s in report.skipped] == ["rows.jsonl:2"]
     assert "'n/a' is not a number" in (tmp_path / "r" / "left-out.md").read_text()
-    assert "left out as invalid" in report.index.read_text()
+    assert "1 line(s) or file(s) left out" in report.index.read_text()
     assert _cli("report", str(path), "--out", str(tmp_path / "r2")) == 0
     captured = capsys.readouterr()
     assert "rows.jsonl:2: left out: peak_allocated_bytes: 'n/a' is not a number" in captured.err
@@ -132,3 +132,13 @@ def test_a_folder_without_results_files_and_an_unwritable_out_are_said(tmp_path,
     assert _cli("report", str(tmp_path / "nothing"), "--out", str(tmp_path / "afile")) == 2
     err = capsys.readouterr().err
     assert "cannot write the report" in err and "afile" in err and "Traceback" not in err
+
+
+def test_a_file_of_other_json_lines_is_left_out_in_one_line(tmp_path):
+    facts = write(tmp_path / "facts.jsonl", {"fact": "a", "value": 1}, {"fact": "b", "value": 2})
+    rows = write(tmp_path / "rows.jsonl", make_row(alloc=10))
+    loaded = read_results([facts, rows])
+    assert len(loaded.frame) == 1 and len(loaded.skipped) == 1
+    assert (
+        loaded.skipped[0].where.endswith("facts.jsonl") and "not a results file" in loaded.skipped[0].reason
+    )
