@@ -269,7 +269,7 @@ def frame_from_records(records: list[dict[str, Any]]) -> pd.DataFrame:
     """Typed frame with the derived columns; every schema column exists even with no rows."""
     frame = pd.DataFrame.from_records(records)
     flat_fields = [f for f in FIELDS if f not in _NESTED]
-    for name in [
+    wanted = [
         *flat_fields,
         *SPEC_COLUMNS,
         "spec",
@@ -280,9 +280,11 @@ def frame_from_records(records: list[dict[str, Any]]) -> pd.DataFrame:
         "sweep_claims",
         "source_file",
         "source_line",
-    ]:
-        if name not in frame.columns:
-            frame[name] = pd.Series([None] * len(frame), dtype=object)
+    ]
+    missing = [name for name in dict.fromkeys(wanted) if name not in frame.columns]
+    if missing:  # added at once: one by one, pandas warns of a fragmented frame
+        empty = pd.DataFrame({name: [None] * len(frame) for name in missing}, index=frame.index, dtype=object)
+        frame = pd.concat([frame, empty], axis=1)
     for name, default in MULTI_GPU_DEFAULTS.items():
         frame[name] = frame[name].astype(object).where(frame[name].notna(), default)
     frame = _typed(frame)

@@ -26,7 +26,8 @@ def write(path: Path, *rows: dict | str, raw: bytes = b"") -> Path:
 
 def test_every_shipped_row_is_valid():
     loaded = read_results(None)
-    assert loaded.skipped == [] and len(loaded.frame) > 300
+    rows_left_out = [s for s in loaded.skipped if "not a results file" not in s.reason]
+    assert rows_left_out == [] and len(loaded.frame) > 300
 
 
 def test_validate_row_names_field_value_and_type():
