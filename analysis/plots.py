@@ -32,6 +32,8 @@ from bench.cards import CARD_MIB, GIB, MIB
 
 GIB_LABEL = "GiB (2^30 bytes)"
 MAX_PANELS = 6
+#: Bars of one configurations figure at most (0.38 inch each).
+MAX_BARS = 50
 #: Colours of the card map: the smallest standard card a cell fits, then "none of them".
 CARD_COLOURS = dict(zip(STANDARD_CARDS, ("#1b5e20", "#43a047", "#9ccc65", "#fdd835", "#fb8c00"), strict=True))
 LARGER, OOM_COLOUR, NOT_MEASURED = "#e53935", "#b71c1c", "0.92"
@@ -132,9 +134,10 @@ def _is_line(rows: pd.DataFrame) -> bool:
 
 # -- peak against sequence length ----------------------------------------------------------------
 def peak_vs_seq_jobs(frame: pd.DataFrame, fits: list[FamilyFit]) -> list[PlotJob]:
-    """Per method, `peak_vs_seq_METHOD`: one panel per family measured at several lengths (the
-    largest first). A method none of whose families was (full fine-tuning: one shape, many
-    strategies) gets a bar per configuration instead, so every measured configuration shows."""
+    """Per method: `peak_vs_seq_METHOD`, one panel per family measured at several lengths (the largest
+    first, at most MAX_PANELS), and `configs_METHOD`, a bar per configuration of every other family
+    (one shape, as full fine-tuning's strategies mostly are), so that every measured configuration
+    is in a figure."""
     rows = measured_rows(frame)
     if rows.empty:
         return []
@@ -149,10 +152,10 @@ def peak_vs_seq_jobs(frame: pd.DataFrame, fits: list[FamilyFit]) -> list[PlotJob
                 for k, r in families
             ]
             jobs.append(PlotJob(f"peak_vs_seq_{method}", draw_peak_vs_seq, (method, panels)))
-        else:
-            jobs.append(
-                PlotJob(f"peak_vs_seq_{method}", draw_config_bars, (method, config_bars(method_rows)))
-            )
+        rest = method_rows[~method_rows["family_key"].isin([k for k, _ in families])]
+        if len(rest):
+            title = f"{method}: every configuration" + (f" not in peak_vs_seq_{method}" if families else "")
+            jobs.append(PlotJob(f"configs_{method}", draw_config_bars, (title, config_bars(rest))))
     return jobs
 
 
@@ -242,7 +245,9 @@ def config_bars(rows: pd.DataFrame) -> pd.DataFrame:
     peaks = ok.sort_values("footprint_bytes", kind="stable").groupby(key[ok.index]).tail(1)
     oom = rows[(rows["status"] == "oom") & ~key.isin(set(key[ok.index]))]
     bounds = oom.sort_values("cap_bytes", kind="stable").groupby(key[oom.index]).tail(1)
-    chosen = with_family(pd.concat([peaks, bounds]))  # family names tell alike configurations apart
+    chosen = pd.concat([peaks, bounds])
+    # Family names tell alike configurations apart; named among all the method's rows where they were.
+    chosen = chosen if "family" in chosen.columns else with_family(chosen)
     oom = chosen["status"] == "oom"
     shape = " seq " + chosen["seq_len"].astype(str) + " x b" + chosen["batch_size"].astype(str)
     table = pd.DataFrame(
@@ -258,9 +263,14 @@ def config_bars(rows: pd.DataFrame) -> pd.DataFrame:
     return table.sort_values(["gpus", "gib"], kind="stable").reset_index(drop=True)
 
 
-def draw_config_bars(method: str, bars: pd.DataFrame) -> Figure:
+def draw_config_bars(title: str, bars: pd.DataFrame) -> Figure:
     """A bar per configuration: its peak per GPU (solid), or the cap it ran out of memory under
-    (hatched: it needs more); the standard cards and the GPU it ran on as vertical lines."""
+    (hatched: it needs more); the standard cards and the GPU it ran on as vertical lines. At most
+    MAX_BARS bars (the lightest); the title says how many were left out (every row is in cells.md)."""
+    shown = bars.sort_values("gib", kind="stable").head(MAX_BARS).sort_index().reset_index(drop=True)
+    if len(shown) < len(bars):
+        title += f" ({len(shown)} of {len(bars)}, the lightest; every row is in cells.md)"
+    bars = shown
     figure = Figure(figsize=(11, 2.0 + 0.38 * len(bars)), layout="constrained")
     ax = figure.subplots()
     colours = dict(zip(sorted(bars["gpus"].unique()), _palette(), strict=False))
@@ -275,7 +285,8 @@ def draw_config_bars(method: str, bars: pd.DataFrame) -> Figure:
     top = float(bars["gib"].max()) if len(bars) else 0.0
     marks = {f"{card} {total:.1f}": total for card, total in card_lines(top).items()}
     gpus = bars.dropna(subset=["gpu_gib"]).groupby("gpu")["gpu_gib"].max()
-    marks.update({f"whole {gpu} {total:.1f}": total for gpu, total in gpus.items()})
+    # A GPU's own size only where some bar comes near it (budgets emulate smaller cards on it).
+    marks.update({f"whole {gpu} {total:.1f}": total for gpu, total in gpus.items() if top > 0.6 * total})
     for name, total in marks.items():
         ax.axvline(total, color="0.2" if name.startswith("whole") else "0.55", lw=0.8, ls="--", zorder=0)
     ax.set_xlim(0, max([top, *marks.values()]) * 1.3)  # room for the text beside the longest bar
@@ -289,7 +300,7 @@ def draw_config_bars(method: str, bars: pd.DataFrame) -> Figure:
         else []
     )
     figure.legend(handles=handles, fontsize=8, loc="outside lower center", ncols=len(handles))
-    ax.set_title(f"{method}: every measured configuration, one bar each")
+    ax.set_title(f"{title}, one bar each")
     return figure
 
 

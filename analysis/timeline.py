@@ -99,6 +99,11 @@ COMPONENT_CATEGORY: dict[str, str] = {
     "loss_backward": "temporaries",
     "logits_grad": "temporaries",
     "cublas_workspace": "other",
+    # Names the predictor gained with other families (mixture-of-experts, RoPE tables counted apart):
+    "experts_": "parameters",
+    "rope_tables": "activations",
+    "kept_by_autograd_functions": "activations",
+    "router_aux_loss_saved": "activations",
 }
 NOT_PROFILED = "not_profiled"
 WORKING_SET = ("activations", "temporaries", "other")

@@ -112,13 +112,10 @@ def test_write_text_rewrites_only_changed_text(tmp_path):
 
 
 # -- plots ------------------------------------------------------------------------------------------
-def _full_jobs() -> plots.PlotJob:
-    view = analysis_view(read_results(None).frame)
-    return next(j for j in plots.peak_vs_seq_jobs(view, []) if j.name == "peak_vs_seq_full")
-
-
 def test_full_fine_tuning_shows_every_configuration_with_the_one_that_fit():
-    job = _full_jobs()
+    view = analysis_view(read_results(None).frame)
+    full = view[(view["method"] == "full") & (view["model"] == "qwen3-14b")]
+    job = next(j for j in plots.peak_vs_seq_jobs(full, []) if j.name == "configs_full")
     assert job.draw is plots.draw_config_bars
     bars = job.args[1]
     fit = bars[bars["label"].str.contains("expandable segments")]
@@ -135,6 +132,19 @@ def _laid_out(figure):
 
 def _overlap(a, b) -> bool:
     return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def test_every_configuration_is_in_a_figure():
+    """Families at several lengths get line panels (at most six a method); every other configuration a bar."""
+    rows = [make_row(alloc=30, nvml=31, seq_len=s, batch_size=b) for s in (512, 1024) for b in (1, 2)]
+    rows += [
+        make_row(alloc=40, nvml=42, fused_ce=True),
+        make_row("oom", budget_gb="rtx4090-24gb", compile=True),
+    ]
+    jobs = {j.name: j for j in plots.peak_vs_seq_jobs(frame(*rows), [])}
+    assert set(jobs) == {"peak_vs_seq_lora", "configs_lora"}
+    bars = jobs["configs_lora"].args[1]
+    assert len(bars) == 2 and list(bars["oom"]) == [True, False]  # the OOM under 24 GB is the lighter bound
 
 
 def test_panel_titles_do_not_overlap():
