@@ -198,7 +198,7 @@ def test_cpu_rows_show_what_was_measured(tmp_path):
     assert "none of these rows is one; what they measured is under Measured peaks" in text
     assert rows_to_frame(rows)["footprint_basis"].eq("rss").all()
     assert (tmp_path / "out" / "plots" / "peak_vs_seq_lora.png").exists()
-    assert (tmp_path / "out" / "plots" / "peak_vs_seq_full.png").exists()
+    assert (tmp_path / "out" / "plots" / "configs_full.png").exists()  # one shape: a bar
 
 
 # -- time -----------------------------------------------------------------------------------------------
