@@ -174,8 +174,9 @@ def _numbered_rows(path: Path, shown: str) -> tuple[list[tuple[int, Any]], list[
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             rows = list(iter_numbered_rows(path))
-    except MalformedRow as exc:
-        raise MalformedResults(f"{exc}: {FIX_LINE}") from None
+    except MalformedRow as exc:  # bench.store may say what to do itself; else the report says it
+        message = str(exc)
+        raise MalformedResults(message if "fix or delete" in message else f"{message}: {FIX_LINE}") from None
     except UnicodeDecodeError as exc:
         raise MalformedResults(_not_utf8(path, shown, exc)) from None
     except OSError as exc:

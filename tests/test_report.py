@@ -107,7 +107,7 @@ def test_malformed_line_names_file_and_line(tmp_path):
 
 def test_a_line_that_is_not_an_object_is_an_error(tmp_path):
     path = _write(tmp_path / "odd.jsonl", [json.dumps(make_row(alloc=1)), "[1, 2]"], trailing_newline=True)
-    with pytest.raises(MalformedResults, match=r"odd\.jsonl:2: .*JSON object.*fix or delete that line"):
+    with pytest.raises(MalformedResults, match=r"odd\.jsonl:2: .*JSON object.*fix or delete"):
         load_results([path])
 
 
