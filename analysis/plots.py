@@ -197,8 +197,9 @@ def draw_family(ax, family: str, rows: pd.DataFrame, fit: tuple | None, colours:
     ax.set_title(_wrap(family, 60) + "\n" + _provenance(rows), fontsize=8.5)
 
 
-def _wrap(text: str, width: int) -> str:
-    return "\n".join(textwrap.wrap(text, width)) or text
+def _wrap(text: str, width: int, lines: int = 3) -> str:
+    """`text` in lines of at most `width` characters, at most `lines` of them (the rest cut, marked)."""
+    return textwrap.fill(text, width, max_lines=lines, placeholder=" ...") or text
 
 
 def _provenance(rows: pd.DataFrame) -> str:
@@ -280,7 +281,7 @@ def draw_config_bars(title: str, bars: pd.DataFrame) -> Figure:
         ax.barh(y, bar["gib"], height=0.65, **style)
         text = f" OOM under {gib_text(bar['gib'])}: needs more" if bar["oom"] else f" {gib_text(bar['gib'])}"
         ax.text(bar["gib"], y, text, va="center", fontsize=7.5)
-    ax.set_yticks(range(len(bars)), list(bars["label"]), fontsize=7.5)
+    ax.set_yticks(range(len(bars)), [_wrap(label, 70) for label in bars["label"]], fontsize=7.5)
     ax.invert_yaxis()
     top = float(bars["gib"].max()) if len(bars) else 0.0
     marks = {f"{card} {total:.1f}": total for card, total in card_lines(top).items()}
@@ -300,7 +301,7 @@ def draw_config_bars(title: str, bars: pd.DataFrame) -> Figure:
         else []
     )
     figure.legend(handles=handles, fontsize=8, loc="outside lower center", ncols=len(handles))
-    ax.set_title(f"{title}, one bar each")
+    ax.set_title(_wrap(f"{title}, one bar each", 90))
     return figure
 
 
