@@ -24,10 +24,29 @@ from bench.models import architecture, linear_shapes, parameter_counts
 from bench.spec import CellSpec, SpecError
 
 CLAIMS_FILE = Path(__file__).with_name("claims.yaml")
-VERDICTS = ("supported", "supported in part", "marginal", "refuted", "not measured", "not measurable")
+VERDICTS = (
+    "supported",
+    "supported in part",
+    "marginal",
+    "mixed",
+    "refuted",
+    "not measured",
+    "not measurable",
+)
+#: What each verdict means, for the report's legend.
+VERDICT_MEANINGS = {
+    "supported": "the measurements agree with the claim by more than the margin",
+    "supported in part": "every measured part holds; some part has no rows yet",
+    "marginal": "too close to call: within 5% of the card, or within 2 points of the stated saving",
+    "mixed": "the claim names alternatives (ZeRO stage 2 or 3), each judged apart, and they disagree",
+    "refuted": "the measurements contradict the claim by more than the margin",
+    "not measured": "no row answers it yet",
+    "not measurable": "not a claim about memory",
+}
 #: A footprint within this fraction of a budget (either side) is marginal, not a clear fit or miss.
 MARGIN = 0.05
-#: A saving within this many percentage points of the claimed range's edge is marginal.
+#: A saving within this many percentage points of an edge of the claimed range, on either side, is
+#: marginal: one rule for "saves 30-40%" and "saves something" (a 0.0% and a -0.3% saving alike).
 SAVING_MARGIN_PCT = 2.0
 #: Fields that change with a flag (None when it is off), so a pair may differ in them too.
 DEPENDENT = {"gradient_checkpointing": ("gc_reentrant",)}
@@ -51,6 +70,7 @@ class Claim:
     others: tuple[str, ...] = ()
     example: dict[str, Any] = field(default_factory=dict)
     assumes: str = ""
+    parts: str = "all"  # all: every check must hold; each: alternatives, judged and reported apart
 
 
 @dataclass(frozen=True)
@@ -75,7 +95,9 @@ class CheckResult:
     rows: tuple[str, ...] = ()
     measured_gib: float | None = None
     budget_gib: float | None = None
-    headline: str = ""
+    headline: str = ""  # the deciding figure in a few words, memory in GiB without the unit
+    decided_by: tuple[str, ...] = ()  # cell_id of the deciding row (a pair: base, variant)
+    label: str = ""  # the part of the claim this check judges (claims.yaml `label`), if it names one
 
 
 @dataclass(frozen=True)
@@ -93,11 +115,26 @@ class ClaimResult:
         return "; ".join(f"[{c.kind} {c.verdict}] {c.summary}" for c in self.checks)
 
     @property
-    def headline(self) -> str:
-        """The figure that decided the verdict, in a few words (README and summary tables)."""
+    def decisive(self) -> tuple[CheckResult, ...]:
+        """The checks that decided the verdict: every part of a claim judged by parts, else the first
+        check whose verdict is the claim's."""
+        if self.claim.parts == "each":
+            return tuple(c for c in self.checks if c.headline)
         verdict = "supported" if self.verdict == "supported in part" else self.verdict
-        decisive = [c for c in self.checks if c.verdict == verdict and c.headline]
-        return decisive[0].headline if decisive else ""
+        return tuple([c for c in self.checks if c.verdict == verdict and c.headline][:1])
+
+    @property
+    def headline(self) -> str:
+        """The figure that decided the verdict, in a few words (README and summary tables); each part's
+        figure and verdict for a claim judged by parts."""
+        if self.claim.parts == "each":
+            return "; ".join(f"{c.label or c.kind}: {c.headline}, {c.verdict}" for c in self.decisive)
+        return self.decisive[0].headline if self.decisive else ""
+
+    @property
+    def decided_by(self) -> tuple[str, ...]:
+        """cell_id of the rows that decided the verdict."""
+        return tuple(dict.fromkeys(cell for c in self.decisive for cell in c.decided_by))
 
     @property
     def rows(self) -> tuple[str, ...]:
@@ -131,12 +168,14 @@ def _claim(entry: dict[str, Any]) -> Claim:
         others=tuple(entry.get("others") or ()),
         example=dict(entry.get("example") or {}),
         assumes=" ".join((entry.get("assumes") or "").split()),
+        parts=entry.get("parts", "all"),
     )
 
 
 # -- matching rows -------------------------------------------------------------------------------
 def condition_mask(column: pd.Series, condition: Any) -> pd.Series:
-    """Rows whose value meets a filter: a value, a list (any of), or {min, max}."""
+    """Rows whose value meets a filter: a value, a list (any of; null in it matches a missing value),
+    or {min, max}."""
     if column.name in TUPLE_COLUMNS and isinstance(condition, list):
         wanted = set(condition)
         return column.map(lambda v: isinstance(v, tuple) and set(v) == wanted).astype(bool)
@@ -148,7 +187,8 @@ def condition_mask(column: pd.Series, condition: Any) -> pd.Series:
             mask &= column.le(condition["max"]).fillna(False).astype(bool)
         return mask
     values = condition if isinstance(condition, list) else [condition]
-    return column.astype(object).isin(values).astype(bool)
+    mask = column.astype(object).isin([v for v in values if v is not None]).astype(bool)
+    return mask | column.isna() if None in values else mask  # null: the knob does not apply (or predates)
 
 
 def match_rows(frame: pd.DataFrame, filters: dict[str, Any]) -> pd.DataFrame:
@@ -164,14 +204,23 @@ def match_rows(frame: pd.DataFrame, filters: dict[str, Any]) -> pd.DataFrame:
 def claim_rows(
     frame: pd.DataFrame, guide: Guide, claim: Claim, check: dict[str, Any] | None = None
 ) -> pd.DataFrame:
-    """Rows of the configuration a claim (and one of its checks) implies. A multi_gpu check drops the
-    defaults' single-process filters (gpus, dist, zero_offload): it picks its multi-GPU rows and their
-    1-GPU baselines itself (`multi_gpu_rows`)."""
-    defaults = guide.defaults
-    if (check or {}).get("kind") == "multi_gpu":
-        defaults = {k: v for k, v in defaults.items() if k not in MULTI_GPU_FIELDS}
-    filters = {**defaults, **claim.config, **((check or {}).get("config") or {})}
-    return match_rows(frame, filters)
+    """Rows of the configuration a claim (and one of its checks) names: the guide's defaults (knobs the
+    guide never names held at ftmem's defaults), the claim's config, the check's config."""
+    return match_rows(frame, claim_filters(guide, claim, check))
+
+
+def claim_filters(guide: Guide, claim: Claim, check: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The filters of `claim_rows`. A default gives way where a check varies that knob itself: a
+    multi_gpu check picks its multi-GPU rows and their 1-GPU baselines (`multi_gpu_rows`), a
+    saving_percent check pairs rows that differ in its flag."""
+    check = check or {}
+    varied: tuple[str, ...] = ()
+    if check.get("kind") == "multi_gpu":
+        varied = MULTI_GPU_FIELDS
+    elif check.get("kind") == "saving_percent":
+        varied = (check["flag"], *DEPENDENT.get(check["flag"], ()))
+    defaults = {k: v for k, v in guide.defaults.items() if k not in varied}
+    return {**defaults, **claim.config, **(check.get("config") or {})}
 
 
 # -- budgets and fits ----------------------------------------------------------------------------
@@ -199,26 +248,57 @@ class ConfigFit:
     pressure: float  # footprint (an OOM: its cap, a lower bound) over the budget
 
 
-def config_fit(rows: pd.DataFrame, budget: int, label: str) -> ConfigFit | None:
-    """One configuration's verdict: an OOM under at least this much memory refutes; else its
-    largest measured footprint (NVML, else reserved, else allocated) against the budget. Where the
-    configuration also ran under a cap of at most this budget, those rows decide: under a cap the
-    caching allocator holds less, as it would on the smaller card."""
-    ok = rows[(rows["status"] == "ok") & rows["footprint_bytes"].notna()]
-    capped = ok[ok["cap_bytes"].le(budget).fillna(False).astype(bool)]
-    ok = capped if len(capped) else ok
-    largest = float(ok["footprint_bytes"].max()) if len(ok) else 0.0
-    oom = rows[(rows["status"] == "oom") & rows["cap_bytes"].ge(budget).fillna(False).astype(bool)]
-    if len(oom):
-        row = oom.sort_values("cap_bytes").iloc[-1].to_dict()
-        text = (
-            f"{describe_spec(row['spec'])}: OOM under {row['cap_bytes'] / GIB:.2f} GiB (>= {label} "
-            f"{budget / GIB:.2f} GiB){_where(row)}"
-        )
-        return ConfigFit("refuted", row, text, max(float(row["cap_bytes"]), largest) / budget)
-    if ok.empty:
-        return None
-    row = ok.sort_values("footprint_bytes").iloc[-1].to_dict()
+def config_keys(rows: pd.DataFrame) -> pd.Series:
+    """Each row's configuration: its spec without the budget (bench.load's `config_key` column)."""
+    if "config_key" in rows.columns:
+        return rows["config_key"]
+    return rows["spec"].map(lambda s: spec_key(s, drop=("budget_gb",)))
+
+
+def config_fits(rows: pd.DataFrame, budget: int, label: str) -> list[ConfigFit]:
+    """How each configuration among `rows` with an ok or OOM row stands against a budget, in
+    configuration order. An OOM under at least this much memory refutes; else the configuration's
+    largest measured footprint (NVML, else reserved, else allocated) against the budget. Where it also
+    ran under a cap of at most this budget, those rows decide: under a cap the caching allocator holds
+    less, as it would on the smaller card. One grouped pass over the rows, whatever their number."""
+    if rows.empty:
+        return []
+    rows = rows if rows.index.is_unique else rows.reset_index(drop=True)
+    key = config_keys(rows)
+    footprint, cap = rows["footprint_bytes"].astype("float64"), rows["cap_bytes"].astype("float64")
+    ok = (rows["status"] == "ok") & footprint.notna()
+    capped = ok & (cap <= budget)
+    judged = capped | (ok & ~capped.groupby(key).transform("any").astype(bool))
+    oom_cap = cap.where((rows["status"] == "oom") & (cap >= budget))
+    peak_rows, oom_rows = _row_of_max(footprint.where(judged), key), _row_of_max(oom_cap, key)
+    fits = []
+    for config in sorted(set(peak_rows.index) | set(oom_rows.index)):
+        largest = float(footprint[peak_rows[config]]) if config in peak_rows.index else 0.0
+        if config in oom_rows.index:
+            row = rows.loc[oom_rows[config]].to_dict()
+            fits.append(_oom_fit(row, budget, label, largest))
+        else:
+            row = rows.loc[peak_rows[config]].to_dict()
+            fits.append(_peak_fit(row, budget, label, largest))
+    return fits
+
+
+def _row_of_max(values: pd.Series, key: pd.Series) -> pd.Series:
+    """Per key, the index of the row with the largest value (the last such row on ties); keys
+    whose values are all missing are left out."""
+    present = values.dropna().sort_values(kind="stable")
+    return pd.Series(present.index, index=key[present.index].to_numpy()).groupby(level=0).last()
+
+
+def _oom_fit(row: dict[str, Any], budget: int, label: str, largest: float) -> ConfigFit:
+    text = (
+        f"{describe_spec(row['spec'])}: OOM under {row['cap_bytes'] / GIB:.2f} GiB (>= {label} "
+        f"{budget / GIB:.2f} GiB){_where(row)}"
+    )
+    return ConfigFit("refuted", row, text, max(float(row["cap_bytes"]), largest) / budget)
+
+
+def _peak_fit(row: dict[str, Any], budget: int, label: str, largest: float) -> ConfigFit:
     text = (
         f"{describe_spec(row['spec'])}: {row['footprint_basis']} peak {row['footprint_gib']:.2f} GiB vs {label} "
         f"{budget / GIB:.2f} GiB ({largest / budget - 1:+.0%}){_where(row)}"
@@ -234,13 +314,6 @@ def _where(row: dict[str, Any]) -> str:
     else:
         how = f"on {gpu}, capped at {budget}" if is_present(budget) else f"on {gpu}, no cap"
     return f" [{row_ref(row)}, {how}]"
-
-
-def config_fits(rows: pd.DataFrame, budget: int, label: str) -> list[ConfigFit]:
-    """config_fit of every configuration among `rows` that has an ok or OOM row."""
-    keys = rows["spec"].map(lambda s: spec_key(s, drop=("budget_gb",)))
-    fits = [config_fit(group, budget, label) for _, group in rows.groupby(keys, sort=True)]
-    return [f for f in fits if f is not None]
 
 
 def _invert(verdict: str) -> str:
@@ -277,9 +350,10 @@ def check_fits(rows: pd.DataFrame, check: dict[str, Any]) -> CheckResult:
     if missing and verdict != "refuted":
         verdict, summary = "not measured", f"{summary}; not measured yet: {missing}"
     measured = float(row["footprint_gib"]) if row["status"] == "ok" else None  # an OOM row's peak is partial
-    headline = f"{'OOM' if measured is None else f'{measured:.1f} GiB'} vs {label} {budget / GIB:.1f} GiB"
+    headline = f"{'OOM' if measured is None else f'{measured:.1f}'} vs {label} {budget / GIB:.1f}"
+    refs = tuple(row_ref(f.row) for f in fits)
     return CheckResult(
-        check["kind"], verdict, summary, tuple(row_ref(f.row) for f in fits), measured, budget / GIB, headline
+        check["kind"], verdict, summary, refs, measured, budget / GIB, headline, (row["cell_id"],)
     )
 
 
@@ -316,9 +390,10 @@ def figure_verdict(row: dict[str, Any], low: float | None, high: float | None) -
 
 def check_memory_figure(rows: pd.DataFrame, check: dict[str, Any]) -> CheckResult:
     """memory_figure: some measured configuration shows process memory in the stated range."""
-    low = None if check.get("min_gb") is None else check["min_gb"] * GB
-    high = None if check.get("max_gb") is None else check["max_gb"] * GB
-    stated = _range_text(check.get("min_gb"), check.get("max_gb"), "GB")
+    low_gb, high_gb = check.get("min_gb"), check.get("max_gb")
+    low = None if low_gb is None else low_gb * GB
+    high = None if high_gb is None else high_gb * GB
+    stated = _range_text(low_gb, high_gb, "GB")
     usable = rows[
         ((rows["status"] == "ok") & rows["footprint_bytes"].notna())
         | ((rows["status"] == "oom") & rows["cap_bytes"].notna())
@@ -332,13 +407,16 @@ def check_memory_figure(rows: pd.DataFrame, check: dict[str, Any]) -> CheckResul
     verdict, row = max(judged, key=lambda vr: _RANK[vr[0]])
     summary = f"guide {stated}; {_spread(usable)}; deciding {_figure_text(row)}"
     measured = None if row["status"] == "oom" else float(row["footprint_gib"])
-    headline = (
-        f"needs > {row['cap_bytes'] / GB:.0f} GB (OOM)"
-        if measured is None
-        else f"{row['footprint_bytes'] / GB:.1f} GB"
-    ) + f" vs guide {stated}"
+    figure = f"OOM, needs > {row['cap_bytes'] / GIB:.1f}" if measured is None else f"{measured:.1f}"
+    guide_gib = _range_text(*(None if v is None else v * GB / GIB for v in (low_gb, high_gb)), "", digits=1)
     return CheckResult(
-        "memory_figure", verdict, summary, tuple(row_ref(r) for _, r in judged), measured, headline=headline
+        "memory_figure",
+        verdict,
+        summary,
+        tuple(row_ref(r) for _, r in judged),
+        measured,
+        headline=f"{figure} vs guide {guide_gib}",
+        decided_by=(row["cell_id"],),
     )
 
 
@@ -360,11 +438,16 @@ def _figure_text(row: dict[str, Any]) -> str:
     )
 
 
-def _range_text(low: float | None, high: float | None, unit: str) -> str:
-    space = "" if unit == "%" else " "
+def _range_text(low: float | None, high: float | None, unit: str, digits: int | None = None) -> str:
+    """'80-120 GB', '> 0%', '< 23 GB'; `digits` rounds (a converted figure), else as stated."""
+    space = " " if unit and unit != "%" else ""
+
+    def num(value: float) -> str:
+        return f"{value:.{digits}f}" if digits is not None else f"{value:g}"
+
     if low is not None and high is not None:
-        return f"{low:g}-{high:g}{space}{unit}"
-    return f"> {low:g}{space}{unit}" if low is not None else f"< {high:g}{space}{unit}"
+        return f"{num(low)}-{num(high)}{space}{unit}"
+    return f"> {num(low)}{space}{unit}" if low is not None else f"< {num(high)}{space}{unit}"
 
 
 # -- savings -------------------------------------------------------------------------------------
@@ -394,6 +477,8 @@ def _pair_record(pair: dict[str, Any], flag: str) -> dict[str, Any]:
         "env_stack": pair["env_stack_base"],
         "base_ref": row_ref({k[:-5]: v for k, v in pair.items() if k.endswith("_base")}),
         "variant_ref": row_ref({k[:-8]: v for k, v in pair.items() if k.endswith("_variant")}),
+        "base_cell": pair["cell_id_base"],
+        "variant_cell": pair["cell_id_variant"],
     }
     for measure, column in (
         ("allocated", "peak_allocated_bytes"),
@@ -411,12 +496,13 @@ def _pair_record(pair: dict[str, Any], flag: str) -> dict[str, Any]:
 
 
 def saving_verdict(saved_pct: float, low: float | None, high: float | None) -> str:
-    """Inside the range: supported; within SAVING_MARGIN_PCT points of it: marginal; else refuted."""
-    if (low is None or saved_pct > low) and (high is None or saved_pct <= high):
-        return "supported"
-    near_low = low is None or saved_pct > low - SAVING_MARGIN_PCT
-    near_high = high is None or saved_pct <= high + SAVING_MARGIN_PCT
-    return "marginal" if near_low and near_high else "refuted"
+    """Within SAVING_MARGIN_PCT points of an edge of the range, on either side: marginal (too close to
+    call); inside the range by more: supported; outside by more: refuted."""
+    edges = [edge for edge in (low, high) if edge is not None]
+    if any(abs(saved_pct - edge) <= SAVING_MARGIN_PCT for edge in edges):
+        return "marginal"
+    inside = (low is None or saved_pct > low) and (high is None or saved_pct < high)
+    return "supported" if inside else "refuted"
 
 
 def check_saving(rows: pd.DataFrame, check: dict[str, Any]) -> CheckResult:
@@ -428,16 +514,20 @@ def check_saving(rows: pd.DataFrame, check: dict[str, Any]) -> CheckResult:
         return CheckResult("saving_percent", "not measured", f"no pair of ok rows differing only by {change}")
     median = statistics.median(pairs["footprint_saved_pct"])
     verdict = saving_verdict(median, check.get("min_pct"), check.get("max_pct"))
-    first = pairs.iloc[0]
+    typical = pairs.loc[(pairs["footprint_saved_pct"] - median).abs().idxmin()]  # the pair nearest the median
     summary = (
         f"{change}: median saving {median:.1f}% of process memory over {_count(len(pairs), 'pair')} "
-        f"(guide {stated}); "
-        f"e.g. {first['config']}: {first['footprint_base_gib']:.2f} -> {first['footprint_variant_gib']:.2f} GiB "
-        f"[{first['base_ref']} vs {first['variant_ref']}]"
+        f"(guide {stated}); nearest the median: {typical['config']}: {typical['footprint_base_gib']:.2f} -> "
+        f"{typical['footprint_variant_gib']:.2f} GiB [{typical['base_ref']} vs {typical['variant_ref']}]"
     )
     refs = tuple(pairs["base_ref"]) + tuple(pairs["variant_ref"])
     return CheckResult(
-        "saving_percent", verdict, summary, refs, headline=f"saves {median:.1f}% vs guide {stated}"
+        "saving_percent",
+        verdict,
+        summary,
+        refs,
+        headline=f"saves {median:.1f}% vs guide {stated}",
+        decided_by=(typical["base_cell"], typical["variant_cell"]),
     )
 
 
@@ -516,25 +606,26 @@ def _pending_text(row: dict[str, Any]) -> str:
 
 
 def one_gpu_verdict(multi: dict[str, Any], base: dict[str, Any]) -> tuple[str, str] | None:
-    """Does a multi-GPU row hold less per card than its 1-GPU baseline? Both ok: their footprints
-    (supported when it saves more than SAVING_MARGIN_PCT, marginal when less, refuted when it holds as
-    much or more); the baseline OOM under a cap at least the multi-GPU footprint: supported; the
-    multi-GPU row OOM under a cap at least the baseline's footprint: refuted; else None (no answer)."""
+    """Does a multi-GPU row hold less per card than its 1-GPU baseline? Both ok: the saving of their
+    footprints against "saves more than 0%" (`saving_verdict`, the rule of every saving claim); the
+    baseline OOM under a cap at least the multi-GPU footprint: supported; the multi-GPU row OOM under a
+    cap at least the baseline's footprint: refuted; else None (no answer). The text gives GiB, unnamed."""
     ok_m, ok_b = multi["status"] == "ok", base["status"] == "ok"
     if ok_m and ok_b:
         before, after = float(base["footprint_bytes"]), float(multi["footprint_bytes"])
         saved = 100 * (before - after) / before
-        verdict = "supported" if saved > SAVING_MARGIN_PCT else ("marginal" if saved > 0 else "refuted")
-        return verdict, f"{before / GIB:.2f} -> {after / GIB:.2f} GiB per card ({saved:+.1f}% saved)"
+        return saving_verdict(
+            saved, 0, None
+        ), f"{before / GIB:.2f} -> {after / GIB:.2f} per card ({saved:+.1f}% saved)"
     if ok_m and base["status"] == "oom" and is_present(base["cap_bytes"]):
         if float(base["cap_bytes"]) >= float(multi["footprint_bytes"]):
             return "supported", (
-                f"1 GPU OOM under {base['cap_bytes'] / GIB:.2f} GiB -> {multi['footprint_gib']:.2f} GiB per card"
+                f"1 GPU OOM under {base['cap_bytes'] / GIB:.2f} -> {multi['footprint_gib']:.2f} per card"
             )
     if multi["status"] == "oom" and ok_b and is_present(multi["cap_bytes"]):
         if float(multi["cap_bytes"]) >= float(base["footprint_bytes"]):
             return "refuted", (
-                f"{base['footprint_gib']:.2f} GiB on 1 GPU -> OOM under {multi['cap_bytes'] / GIB:.2f} GiB per card"
+                f"{base['footprint_gib']:.2f} on 1 GPU -> OOM under {multi['cap_bytes'] / GIB:.2f} per card"
             )
     return None
 
@@ -566,12 +657,14 @@ def check_lower_per_card(rows: pd.DataFrame, multi: pd.DataFrame, check: dict[st
     verdict, text, m, b = pick(judged, key=lambda j: _RANK[j[0]])
     counts = {v: sum(j[0] == v for j in judged) for v in _RANK}
     summary = (
-        f"{describe_spec(m['spec'])} vs 1 GPU: {text} [{row_ref(m)} vs {row_ref(b)}]; over "
+        f"{describe_spec(m['spec'])} vs 1 GPU, GiB: {text} [{row_ref(m)} vs {row_ref(b)}]; over "
         f"{_count(len(judged), 'pair')}: " + ", ".join(f"{n} {v}" for v, n in counts.items() if n)
     )
     refs = tuple(dict.fromkeys(r for j in judged for r in (row_ref(j[2]), row_ref(j[3]))))
     measured = float(m["footprint_gib"]) if m["status"] == "ok" else None
-    return CheckResult("multi_gpu", verdict, summary, refs, measured, headline=text)
+    return CheckResult(
+        "multi_gpu", verdict, summary, refs, measured, headline=text, decided_by=(m["cell_id"], b["cell_id"])
+    )
 
 
 def same_run_pairs(judged: list[tuple]) -> list[tuple]:
@@ -600,8 +693,11 @@ def evaluate_claim(frame: pd.DataFrame, guide: Guide, claim: Claim) -> ClaimResu
     """Every check of a claim on its rows, and the claim's verdict from them."""
     results = []
     for check in claim.checks:
-        results.append(_CHECKS[check["kind"]](claim_rows(frame, guide, claim, check), check))
-    return ClaimResult(claim, combine([r.verdict for r in results]), tuple(results))
+        result = _CHECKS[check["kind"]](claim_rows(frame, guide, claim, check), check)
+        results.append(dataclasses.replace(result, label=check.get("label", "")))
+    verdicts = [r.verdict for r in results]
+    verdict = combine_parts(verdicts) if claim.parts == "each" else combine(verdicts)
+    return ClaimResult(claim, verdict, tuple(results))
 
 
 def combine(verdicts: list[str]) -> str:
@@ -613,6 +709,12 @@ def combine(verdicts: list[str]) -> str:
         return "not measurable" if all(v == "not measurable" for v in verdicts) else "not measured"
     worst = min(measured, key=_RANK.__getitem__)
     return "supported in part" if worst == "supported" and "not measured" in verdicts else worst
+
+
+def combine_parts(verdicts: list[str]) -> str:
+    """A claim of alternatives judged apart (`parts: each`): their common verdict where the measured
+    ones agree (as `combine`), else mixed."""
+    return "mixed" if len({v for v in verdicts if v in _RANK}) > 1 else combine(verdicts)
 
 
 def evaluate_claims(frame: pd.DataFrame, guide: Guide | None = None) -> list[ClaimResult]:

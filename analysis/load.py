@@ -11,12 +11,14 @@ Columns, one row per result row:
 - `source_file` and `source_line`, where the row came from;
 - derived: every `*_bytes` field again in GiB (2^30 B) as `*_gib`; `tokens` (seq_len x batch_size,
   what activations scale with); `footprint_bytes`/`footprint_gib`/`footprint_basis`: what a card
-  must hold (NVML process peak as nvidia-smi shows it, else reserved, else allocated);
+  must hold (NVML process peak as nvidia-smi shows it, else reserved, else allocated; a CPU cell's
+  peak RSS, basis `rss`);
   `cap_bytes`: the GPU memory the cell ran under (its budget, else the whole GPU); null for a row
   whose host ran out of memory (`host_oom`): the GPU cap is not what stopped it;
   `budget_emulated`: the budget was a cap on a larger GPU, standing in for a card we lack;
   `multi_gpu`: a multi-GPU cell (gpus > 1 or a dist strategy), whose peaks are per rank (the max over
-  its `ranks`) and whose budget is per GPU.
+  its `ranks`) and whose budget is per GPU; `config_key`: the spec without its budget (rows of one
+  configuration share it).
 - `gpus`, `dist`, `zero_offload` are in every row and in its `spec`: rows written before multi-GPU cells
   existed lack them and get their defaults (1, none, none), the values such rows were measured with.
 Never imports torch.
@@ -28,13 +30,14 @@ import dataclasses
 import json
 import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from bench.cards import GIB
-from bench.schema import FIELDS
+from bench.schema import FIELDS, REQUIRED, SCHEMA_VERSION, newer_schema, validate_row
 from bench.spec import CellSpec, at_later_default
 from bench.store import MalformedRow, iter_numbered_rows, latest_rows
 
@@ -60,12 +63,69 @@ _NESTED = ("spec", "env", "sweep")
 OBJECT_BYTES = ("profile_categories_bytes",)
 #: Spec columns every frame has, so an empty frame still answers the analysis' filters.
 SPEC_COLUMNS = tuple(f.name for f in dataclasses.fields(CellSpec))
+#: The columns verdicts, fits, savings, peaks and most plots read. The whole frame has a column per
+#: schema, spec and env field (some 160); filtering and grouping these alone copies a fraction of it.
+ANALYSIS_COLUMNS = (
+    *SPEC_COLUMNS,
+    "spec",
+    "config_key",
+    "cell_id",
+    "repeat",
+    "status",
+    "env_stack",
+    "env_gpu_name",
+    "env_gpu_total_bytes",
+    "env_git_commit",
+    "source_file",
+    "source_line",
+    "footprint_bytes",
+    "footprint_gib",
+    "footprint_basis",
+    "cap_bytes",
+    "budget_bytes",
+    "budget_emulated",
+    "multi_gpu",
+    "host_oom",
+    "host_total_bytes",
+    "peak_allocated_bytes",
+    "peak_reserved_bytes",
+    "nvml_peak_process_bytes",
+    "peak_allocated_gib",
+    "peak_reserved_gib",
+    "nvml_peak_process_gib",
+    "tokens",
+    "sweep_claims",
+)
 #: Multi-GPU spec fields and the values of rows written before they existed (one process, one GPU).
 MULTI_GPU_DEFAULTS: dict[str, Any] = {"gpus": 1, "dist": "none", "zero_offload": "none"}
 
 
 class MalformedResults(ValueError):
-    """A results line that is not a result row: the message names the file and the line."""
+    """A results file that cannot be read as rows: the message names the file and the line."""
+
+
+#: What to do about a line that is not a row; a report never changes a results file.
+FIX_LINE = (
+    "open the file, fix or delete that line (ftmem report never changes a results file), "
+    "or leave the file out of the report"
+)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A line of a results file the report left out, and why."""
+
+    where: str  # file:line
+    reason: str
+
+
+@dataclass
+class Loaded:
+    """The rows of some results files, what was left out of them and which files held no row."""
+
+    frame: pd.DataFrame
+    skipped: list[Skipped] = dataclasses.field(default_factory=list)
+    empty_files: list[str] = dataclasses.field(default_factory=list)
 
 
 def result_files(paths: Sequence[str | Path] | None = None) -> list[Path]:
@@ -81,38 +141,97 @@ def result_files(paths: Sequence[str | Path] | None = None) -> list[Path]:
     return found
 
 
-def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, row) of a results file, the last row of each (cell_id, repeat) only.
-
-    Reading is bench.store's: a last line cut short by a crash is skipped with a warning;
-    anything else that is not a row is an error naming the line.
-    """
-    try:
-        rows = list(iter_numbered_rows(path))
-    except MalformedRow as exc:
-        raise MalformedResults(str(exc)) from None
-    for number, row in rows:
-        _check_row(row, path, number)
+def read_jsonl(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], list[Skipped]]:
+    """(line number, row) of a results file's valid rows, the last of each (cell_id, repeat), and
+    the lines left out: a last line cut short by a crash, rows bench.schema.validate_row rejects.
+    A line that is not JSON, text that is not UTF-8, or a row of a newer schema is an error
+    (MalformedResults) naming the file and the line: nothing of such a file can be trusted."""
+    shown = _display_path(path)
+    numbered, skipped = _numbered_rows(path, shown)
+    if numbered and not any(isinstance(row, dict) and set(row) & set(REQUIRED) for _, row in numbered):
+        # JSON lines of something else (facts, notes) kept beside the results: one word, not one per line
+        why = f"not a results file: none of its {len(numbered)} lines has {', '.join(REQUIRED)}"
+        return [], [*skipped, Skipped(shown, why)]
+    rows = []
+    for number, row in numbered:
+        if newer_schema(row):
+            raise MalformedResults(
+                f"{shown}:{number}: schema_version {row['schema_version']} was written by a newer ftmem; "
+                f"this one reads schema {SCHEMA_VERSION} and older: update ftmem, or leave the file out"
+            )
+        problems = validate_row(row)
+        if problems:
+            skipped.append(Skipped(f"{shown}:{number}", "; ".join(problems)))
+        else:
+            rows.append((number, row))
     latest = {id(row) for row in latest_rows([row for _, row in rows])}
-    return [(number, row) for number, row in rows if id(row) in latest]
+    return [(number, row) for number, row in rows if id(row) in latest], skipped
 
 
-def _check_row(row: Any, path: Path, number: int) -> None:
-    """The least a row needs for analysis: an object with a spec object and a status."""
-    if not isinstance(row, dict):
-        raise MalformedResults(f"{path}:{number}: a row must be a JSON object, not {type(row).__name__}")
-    if not isinstance(row.get("spec"), dict):
-        raise MalformedResults(f"{path}:{number}: the row has no 'spec' object")
-    if not isinstance(row.get("status"), str):
-        raise MalformedResults(f"{path}:{number}: the row has no 'status' string")
+def _numbered_rows(path: Path, shown: str) -> tuple[list[tuple[int, Any]], list[Skipped]]:
+    """bench.store's reading, with its errors and warnings turned into what the report says."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rows = list(iter_numbered_rows(path))
+    except MalformedRow as exc:  # bench.store may say what to do itself; else the report says it
+        message = str(exc)
+        raise MalformedResults(message if "fix or delete" in message else f"{message}: {FIX_LINE}") from None
+    except UnicodeDecodeError as exc:
+        raise MalformedResults(_not_utf8(path, shown, exc)) from None
+    except OSError as exc:
+        raise MalformedResults(f"{shown}: cannot be read ({exc.strerror or exc})") from None
+    skipped = [Skipped(*_warning_where(str(w.message), shown)) for w in caught]
+    return rows, skipped
+
+
+def _warning_where(message: str, shown: str) -> tuple[str, str]:
+    """bench.store's "PATH:LINE: what" warning as (file:line, what)."""
+    head, _, reason = message.partition(": ")
+    line = head.rsplit(":", 1)[-1]
+    reason = reason.removeprefix("skipped ")
+    return (f"{shown}:{line}", reason) if line.isdigit() else (shown, message)
+
+
+def _not_utf8(path: Path, shown: str, exc: UnicodeDecodeError) -> str:
+    """The line and column of the first byte that is not UTF-8."""
+    data = path.read_bytes()
+    line = data.count(b"\n", 0, exc.start) + 1
+    column = exc.start - data.rfind(b"\n", 0, exc.start)
+    return (
+        f"{shown}:{line}: not UTF-8 text (byte {data[exc.start]:#04x} at column {column}); results files "
+        f"are JSON lines in UTF-8: {FIX_LINE}"
+    )
+
+
+def read_results(paths: Sequence[str | Path] | None = None) -> Loaded:
+    """Every valid row of the results files under `paths` (default: the repo's results/) as one
+    DataFrame, with the lines left out and the files that held no row."""
+    records, skipped, empty = [], [], []
+    files = result_files(paths)
+    if not files:
+        empty += [f"{p} (no *.jsonl file in it)" for p in paths or [DEFAULT_RESULTS]]
+    for path in files:
+        rows, left_out = read_jsonl(path)
+        shown = _display_path(path)
+        records += [flatten_row(row, shown, number) for number, row in rows]
+        skipped += left_out
+        if not rows and not left_out:
+            empty.append(shown)
+    return Loaded(frame_from_records(records), skipped, empty)
 
 
 def load_results(paths: Sequence[str | Path] | None = None) -> pd.DataFrame:
-    """Every row of the results files under `paths` (default: the repo's results/) as one DataFrame."""
-    records = []
-    for path in result_files(paths):
-        records += [flatten_row(row, _display_path(path), number) for number, row in read_jsonl(path)]
-    return frame_from_records(records)
+    """read_results' frame; each line left out is a warning (notebooks and scripts see them)."""
+    loaded = read_results(paths)
+    for skip in loaded.skipped:
+        warnings.warn(f"{skip.where}: skipped: {skip.reason}", stacklevel=2)
+    return loaded.frame
+
+
+def analysis_view(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame's ANALYSIS_COLUMNS (those it has), for the analyses that read nothing else."""
+    return frame[[c for c in dict.fromkeys(ANALYSIS_COLUMNS) if c in frame.columns]]
 
 
 def rows_to_frame(rows: Iterable[dict[str, Any]], source: str = "<memory>") -> pd.DataFrame:
@@ -151,19 +270,22 @@ def frame_from_records(records: list[dict[str, Any]]) -> pd.DataFrame:
     """Typed frame with the derived columns; every schema column exists even with no rows."""
     frame = pd.DataFrame.from_records(records)
     flat_fields = [f for f in FIELDS if f not in _NESTED]
-    for name in [
+    wanted = [
         *flat_fields,
         *SPEC_COLUMNS,
         "spec",
         "env_gpu_name",
         "env_gpu_total_bytes",
+        "env_started_at",
         "sweep_name",
         "sweep_claims",
         "source_file",
         "source_line",
-    ]:
-        if name not in frame.columns:
-            frame[name] = pd.Series([None] * len(frame), dtype=object)
+    ]
+    missing = [name for name in dict.fromkeys(wanted) if name not in frame.columns]
+    if missing:  # added at once: one by one, pandas warns of a fragmented frame
+        empty = pd.DataFrame({name: [None] * len(frame) for name in missing}, index=frame.index, dtype=object)
+        frame = pd.concat([frame, empty], axis=1)
     for name, default in MULTI_GPU_DEFAULTS.items():
         frame[name] = frame[name].astype(object).where(frame[name].notna(), default)
     frame = _typed(frame)
@@ -210,6 +332,10 @@ def _derived(frame: pd.DataFrame) -> pd.DataFrame:
     frame["tokens"] = (frame["seq_len"] * frame["batch_size"]).astype("Int64")
     basis = pd.Series([None] * len(frame), index=frame.index, dtype=object)
     footprint = pd.Series(pd.NA, index=frame.index, dtype="Int64")
+    # A CPU cell has no GPU peaks: its process's peak RSS is what it held (interpreter and imports too).
+    on_cpu = (frame["device"] == "cpu").fillna(False).astype(bool)
+    footprint = footprint.mask(on_cpu & frame["peak_rss_bytes"].notna(), frame["peak_rss_bytes"])
+    basis = basis.mask(on_cpu & frame["peak_rss_bytes"].notna(), "rss")
     for name, column in (
         ("allocated", "peak_allocated_bytes"),
         ("reserved", "peak_reserved_bytes"),
@@ -225,6 +351,8 @@ def _derived(frame: pd.DataFrame) -> pd.DataFrame:
     frame["budget_emulated"] = (frame["budget_bytes"] < gpu_total).fillna(False).astype(bool)
     frame["multi_gpu"] = ((frame["gpus"] > 1).fillna(False) | (frame["dist"] != "none")).astype(bool)
     frame["env_stack"] = [_stack(row) for row in frame.to_dict("records")]
+    # Rows equal but for their budget are one configuration: computed once, grouped on everywhere.
+    frame["config_key"] = frame["spec"].map(lambda s: spec_key(s, drop=("budget_gb",))).astype(object)
     return frame
 
 
@@ -237,6 +365,13 @@ def _stack(row: dict[str, Any]) -> str:
     ]
     gpu = row.get("env_gpu_name")
     return " | ".join([str(gpu) if is_present(gpu) else "no GPU", *parts])
+
+
+def measured_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows that say something about memory: ok with a peak, or OOM under a known cap."""
+    ok = (frame["status"] == "ok") & frame["footprint_bytes"].notna()
+    oom = (frame["status"] == "oom") & frame["cap_bytes"].notna()
+    return frame[(ok | oom) & frame["seq_len"].notna()]
 
 
 def is_present(value: Any) -> bool:

@@ -1,7 +1,10 @@
 """Plots of the report (PNG and SVG), drawn on matplotlib Figures without pyplot.
 
-Figures are built with matplotlib.figure.Figure, so no GUI backend and no global state is
-involved (the report runs headless; notebooks show the returned figures). Memory is in GiB
+Every plot is a `PlotJob`: a name, a draw function and the arguments it draws from. The jobs are
+cheap to make; drawing is what costs, so the report (analysis.outputs) draws a job only when its
+arguments changed since the figure on disk was drawn. A draw function is pure: the same arguments
+draw the same figure. Figures are built with matplotlib.figure.Figure, so no GUI backend and no
+global state is involved (the report runs headless; notebooks show the figures). Memory is in GiB
 (2^30 bytes); cards are drawn at their nvidia-smi totals. Never imports torch.
 """
 
@@ -9,7 +12,9 @@ from __future__ import annotations
 
 import math
 import re
+import textwrap
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,28 +24,44 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
-from analysis.claims import config_fit
+from analysis.claims import config_fits, config_keys
 from analysis.fits import STANDARD_CARDS, FamilyFit, with_family
-from analysis.load import describe_spec, predict_spec
+from analysis.load import describe_spec, measured_rows, predict_spec
+from analysis.tables import gib_text
 from bench.cards import CARD_MIB, GIB, MIB
 
 GIB_LABEL = "GiB (2^30 bytes)"
-VERDICT_COLOURS = {"supported": "#43a047", "marginal": "#fbc02d", "refuted": "#e53935"}
-FIT_LABELS = {
-    "supported": "fits with 5% to spare",
-    "marginal": "within 5% of the card",
-    "refuted": "does not fit (or OOM)",
-}
 MAX_PANELS = 6
+#: Bars of one configurations figure at most (0.38 inch each).
+MAX_BARS = 50
+#: Colours of the card map: the smallest standard card a cell fits, then "none of them".
+CARD_COLOURS = dict(zip(STANDARD_CARDS, ("#1b5e20", "#43a047", "#9ccc65", "#fdd835", "#fb8c00"), strict=True))
+LARGER, OOM_COLOUR, NOT_MEASURED = "#e53935", "#b71c1c", "0.92"
+
+
+@dataclass(frozen=True)
+class PlotJob:
+    """One figure: plots/NAME.png and NAME.svg, drawn by `draw(*args)`."""
+
+    name: str
+    draw: Callable[..., Figure]
+    args: tuple
 
 
 def save(figure: Figure, out_dir: Path, name: str) -> list[Path]:
-    """NAME.png and NAME.svg in out_dir."""
+    """NAME.png and NAME.svg in out_dir. The layout computed for the PNG is kept for the SVG (the
+    constrained layout would otherwise be solved again, a third of the SVG's cost)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{name}.png", out_dir / f"{name}.svg"]
-    for path in paths:
-        figure.savefig(path, dpi=110)
-    return paths
+    png, svg = out_dir / f"{name}.png", out_dir / f"{name}.svg"
+    figure.savefig(png, dpi=110)
+    figure.set_layout_engine("none")
+    figure.savefig(svg, dpi=110)
+    return [png, svg]
+
+
+def run_jobs(jobs: list[PlotJob], out_dir: Path) -> list[Path]:
+    """Draw and save every job, no questions asked (notebooks; the report draws through outputs)."""
+    return [path for job in jobs for path in save(job.draw(*job.args), Path(out_dir), job.name)]
 
 
 def _panels(count: int, width: float = 6.4, height: float = 4.6) -> tuple[Figure, list]:
@@ -54,10 +75,25 @@ def _panels(count: int, width: float = 6.4, height: float = 4.6) -> tuple[Figure
     return figure, list(axes[:count])
 
 
+def card_lines(top_gib: float) -> dict[str, float]:
+    """The standard cards (GiB) worth a line beside data reaching `top_gib`: up to the first above
+    it; none where the data stays far below the smallest card (tiny CPU models), which the lines
+    would flatten onto the axis."""
+    totals = {card: CARD_MIB[card] * MIB / GIB for card in STANDARD_CARDS}
+    if top_gib < 0.25 * min(totals.values()):
+        return {}
+    shown = {}
+    for card, total in totals.items():
+        shown[card] = total
+        if total > top_gib:
+            break
+    return shown
+
+
 def draw_cards(ax, top_gib: float) -> None:
-    """Horizontal lines at the standard cards up to the first above the data, labelled at the right."""
-    for card in STANDARD_CARDS:
-        total = CARD_MIB[card] * MIB / GIB
+    """Horizontal lines at card_lines, labelled at the right; the y axis reaches the last of them."""
+    cards = card_lines(top_gib)
+    for card, total in cards.items():
         ax.axhline(total, color="0.55", lw=0.8, ls="-.", zorder=0)
         ax.text(
             0.995,
@@ -69,17 +105,20 @@ def draw_cards(ax, top_gib: float) -> None:
             fontsize=7,
             color="0.35",
         )
-        if total > top_gib:
-            ax.set_ylim(0, total * 1.08)
-            return
-    ax.set_ylim(0, top_gib * 1.08)
+    ax.set_ylim(0, max([top_gib, *cards.values()]) * 1.08)
 
 
-def measured_rows(frame: pd.DataFrame) -> pd.DataFrame:
-    """Rows that say something about GPU memory: ok with a peak, or OOM under a known cap."""
-    ok = (frame["status"] == "ok") & frame["footprint_bytes"].notna()
-    oom = (frame["status"] == "oom") & frame["cap_bytes"].notna()
-    return frame[(ok | oom) & frame["seq_len"].notna()]
+#: The columns a panel is drawn from: a figure's fingerprint is these, not the whole frame.
+_PANEL_COLUMNS = [
+    "seq_len",
+    "batch_size",
+    "status",
+    "footprint_gib",
+    "peak_allocated_gib",
+    "cap_bytes",
+    "env_gpu_name",
+    "source_file",
+]
 
 
 def _largest_families(frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
@@ -88,59 +127,87 @@ def _largest_families(frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     return groups[:MAX_PANELS]
 
 
+def _is_line(rows: pd.DataFrame) -> bool:
+    """A family worth a line against length: ok rows at two lengths or more."""
+    return rows.loc[rows["status"] == "ok", "seq_len"].nunique() >= 2
+
+
 # -- peak against sequence length ----------------------------------------------------------------
-def plot_peak_vs_seq(frame: pd.DataFrame, fits: list[FamilyFit], out_dir: Path) -> list[Path]:
-    """Per method, one panel per family: peak against seq_len, one line per batch size, OOM cells
-    marked at the cap they failed under, fits dashed, standard cards as horizontal lines."""
+def peak_vs_seq_jobs(frame: pd.DataFrame, fits: list[FamilyFit]) -> list[PlotJob]:
+    """Per method: `peak_vs_seq_METHOD`, one panel per family measured at several lengths (the largest
+    first, at most MAX_PANELS), and `configs_METHOD`, a bar per configuration of every other family
+    (one shape, as full fine-tuning's strategies mostly are), so that every measured configuration
+    is in a figure."""
     rows = measured_rows(frame)
     if rows.empty:
         return []
     rows = with_family(rows)
-    footprint_fits = {f.key: f for f in fits if f.measure == "footprint_bytes"}
-    paths = []
+    coefficients = {f.key: (f.a, f.b, f.c) for f in fits if f.measure == "footprint_bytes"}
+    jobs = []
     for method, method_rows in rows.groupby("method", sort=True):
-        families = _largest_families(method_rows)
-        figure, axes = _panels(len(families))
-        for ax, (key, family_rows) in zip(axes, families, strict=True):
-            draw_family(ax, family_rows, footprint_fits.get(key))
-        figure.suptitle(f"{method}: peak process memory against sequence length")
-        paths += save(figure, out_dir, f"peak_vs_seq_{method}")
-    return paths
+        families = [(k, r) for k, r in _largest_families(method_rows) if _is_line(r)]
+        if families:
+            panels = [
+                (r["family"].iloc[0], r[_PANEL_COLUMNS].reset_index(drop=True), coefficients.get(k))
+                for k, r in families
+            ]
+            jobs.append(PlotJob(f"peak_vs_seq_{method}", draw_peak_vs_seq, (method, panels)))
+        rest = method_rows[~method_rows["family_key"].isin([k for k, _ in families])]
+        if len(rest):
+            title = f"{method}: every configuration" + (f" not in peak_vs_seq_{method}" if families else "")
+            jobs.append(PlotJob(f"configs_{method}", draw_config_bars, (title, config_bars(rest))))
+    return jobs
 
 
-def draw_family(ax, rows: pd.DataFrame, fit: FamilyFit | None) -> None:
-    """One family's panel (see plot_peak_vs_seq)."""
-    colours = dict(zip(sorted(rows["batch_size"].unique()), _palette(), strict=False))
+def draw_peak_vs_seq(method: str, panels: list[tuple[str, pd.DataFrame, tuple | None]]) -> Figure:
+    """Peak against seq_len, a panel per family and a line per batch size (one colour per batch size
+    in every panel); OOM cells marked at the cap they failed under, fits dashed, standard cards as
+    horizontal lines; one legend for the figure."""
+    figure, axes = _panels(len(panels))
+    batches = sorted({int(b) for _, rows, _ in panels for b in rows["batch_size"].unique()})
+    colours = dict(zip(batches, _palette() * (1 + len(batches) // 8), strict=False))
+    for ax, (family, rows, fit) in zip(axes, panels, strict=True):
+        draw_family(ax, family, rows, fit, colours)
+    figure.suptitle(f"{method}: peak process memory against sequence length")
+    handles = [Line2D([], [], color=c, marker="o", label=f"batch {b}") for b, c in colours.items()]
+    figure.legend(handles=handles + _style_handles(), loc="outside lower center", ncols=8, fontsize=8)
+    return figure
+
+
+def draw_family(ax, family: str, rows: pd.DataFrame, fit: tuple | None, colours: dict[int, str]) -> None:
+    """One family's panel (see draw_peak_vs_seq)."""
     top = 0.0
-    for batch, colour in colours.items():
-        at_batch = rows[rows["batch_size"] == batch].sort_values("seq_len")
+    for batch, at_batch in rows.sort_values("seq_len").groupby("batch_size"):
+        colour = colours[int(batch)]
         ok = at_batch[(at_batch["status"] == "ok") & at_batch["footprint_gib"].notna()]
-        ax.plot(ok["seq_len"], ok["footprint_gib"], "o-", color=colour, label=f"batch {batch}")
+        ax.plot(ok["seq_len"], ok["footprint_gib"], "o-", color=colour)
         ax.plot(ok["seq_len"], ok["peak_allocated_gib"], ":", marker="o", mfc="none", color=colour, alpha=0.7)
         oom = at_batch[at_batch["status"] == "oom"]
-        ax.scatter(
-            oom["seq_len"], oom["cap_bytes"].astype("float64") / GIB, marker="x", s=70, color=colour, zorder=5
-        )
-        top = max(
-            top,
-            ok["footprint_gib"].max() if len(ok) else 0,
-            (oom["cap_bytes"].max() or 0) / GIB if len(oom) else 0,
-        )
+        oom_gib = oom["cap_bytes"].astype("float64") / GIB
+        ax.scatter(oom["seq_len"], oom_gib, marker="x", s=70, color=colour, zorder=5)
+        top = max(top, ok["footprint_gib"].max() if len(ok) else 0, oom_gib.max() if len(oom) else 0)
         if fit is not None:
+            a, b, c = fit
             seqs = np.geomspace(rows["seq_len"].min() / 1.4, rows["seq_len"].max() * 1.4, 60)
-            ax.plot(seqs, [fit.peak(s, batch) / GIB for s in seqs], "--", color=colour, lw=1, alpha=0.8)
+            peak = (a + b * batch * seqs + (c or 0.0) * batch * seqs**2) / GIB
+            ax.plot(seqs, peak, "--", color=colour, lw=1, alpha=0.8)
     _seq_axis(ax, rows["seq_len"])
     draw_cards(ax, top)
     ax.set_ylabel(f"peak memory, {GIB_LABEL}")
-    ax.set_title(f"{rows['family'].iloc[0]}\n({_provenance(rows)})", fontsize=9)
-    ax.legend(handles=ax.get_legend_handles_labels()[0] + _style_handles(), fontsize=7, loc="upper left")
+    ax.set_title(_wrap(family, 60) + "\n" + _provenance(rows), fontsize=8.5)
+
+
+def _wrap(text: str, width: int, lines: int = 3) -> str:
+    """`text` in lines of at most `width` characters, at most `lines` of them (the rest cut, marked)."""
+    return textwrap.fill(text, width, max_lines=lines, placeholder=" ...") or text
 
 
 def _provenance(rows: pd.DataFrame) -> str:
-    """GPU and results files of a family: two stacks of one GPU differ by the file they came from."""
-    gpus = sorted(str(g) for g in rows["env_gpu_name"].dropna().unique())
+    """GPU and results files of a family, short enough for a panel's title."""
+    gpus = sorted(str(g) for g in rows["env_gpu_name"].dropna().unique()) or ["no GPU"]
     sweeps = sorted({_SHARD.sub("", Path(f).name) for f in rows["source_file"].unique()})
-    return f"{', '.join(gpus)}; {', '.join(sweeps)}"
+    files = ", ".join(sweeps) if len(sweeps) <= 2 else f"{len(sweeps)} results files"
+    return _wrap(f"({', '.join(gpus)}; {files})", 70)
 
 
 #: "name.shard-0-of-2.jsonl" -> "name": the shards of one sweep are one source in a title.
@@ -149,8 +216,8 @@ _SHARD = re.compile(r"(\.shard-\d+-of-\d+)?\.jsonl$")
 
 def _style_handles() -> list:
     return [
-        Line2D([], [], color="k", marker="o", label="NVML process peak (measured)"),
-        Line2D([], [], color="k", ls=":", marker="o", mfc="none", label="allocated peak (measured)"),
+        Line2D([], [], color="k", marker="o", label="process peak (NVML; CPU: RSS), measured"),
+        Line2D([], [], color="k", ls=":", marker="o", mfc="none", label="allocated peak, measured"),
         Line2D([], [], color="k", ls="--", label="least-squares fit"),
         Line2D([], [], color="k", marker="x", ls="", label="OOM, drawn at its cap"),
     ]
@@ -169,11 +236,85 @@ def _palette() -> list[str]:
     return ["#1e88e5", "#d81b60", "#8e24aa", "#00897b", "#f4511e", "#6d4c41", "#3949ab", "#7cb342"]
 
 
+# -- one bar per configuration ---------------------------------------------------------------------
+def config_bars(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per configuration (rows equal but for their budget): its label, GPUs, the GPU's own size, and
+    its largest measured peak per GPU or, where it only ran out of memory, the largest cap it ran out
+    under. Ordered by GPU count, then memory."""
+    key = config_keys(rows)
+    ok = rows[(rows["status"] == "ok") & rows["footprint_bytes"].notna()]
+    peaks = ok.sort_values("footprint_bytes", kind="stable").groupby(key[ok.index]).tail(1)
+    oom = rows[(rows["status"] == "oom") & ~key.isin(set(key[ok.index]))]
+    bounds = oom.sort_values("cap_bytes", kind="stable").groupby(key[oom.index]).tail(1)
+    chosen = pd.concat([peaks, bounds])
+    # Family names tell alike configurations apart; named among all the method's rows where they were.
+    chosen = chosen if "family" in chosen.columns else with_family(chosen)
+    oom = chosen["status"] == "oom"
+    shape = " seq " + chosen["seq_len"].astype(str) + " x b" + chosen["batch_size"].astype(str)
+    table = pd.DataFrame(
+        {
+            "label": chosen["family"] + shape,
+            "gpus": chosen["gpus"].fillna(1).astype(int),
+            "oom": oom,
+            "gib": chosen["cap_bytes"].where(oom, chosen["footprint_bytes"]).astype("float64") / GIB,
+            "gpu": chosen["env_gpu_name"].astype(str),
+            "gpu_gib": chosen["env_gpu_total_bytes"].astype("float64") / GIB,
+        }
+    )
+    return table.sort_values(["gpus", "gib"], kind="stable").reset_index(drop=True)
+
+
+def draw_config_bars(title: str, bars: pd.DataFrame) -> Figure:
+    """A bar per configuration: its peak per GPU (solid), or the cap it ran out of memory under
+    (hatched: it needs more); the standard cards and the GPU it ran on as vertical lines. At most
+    MAX_BARS bars (the lightest); the title says how many were left out (every row is in cells.md)."""
+    shown = bars.sort_values("gib", kind="stable").head(MAX_BARS).sort_index().reset_index(drop=True)
+    if len(shown) < len(bars):
+        title += f" ({len(shown)} of {len(bars)}, the lightest; every row is in cells.md)"
+    bars = shown
+    figure = Figure(figsize=(11, 2.0 + 0.38 * len(bars)), layout="constrained")
+    ax = figure.subplots()
+    colours = dict(zip(sorted(bars["gpus"].unique()), _palette(), strict=False))
+    for y, bar in bars.iterrows():
+        colour = colours[bar["gpus"]]
+        style = dict(fill=False, hatch="///", edgecolor=colour) if bar["oom"] else dict(color=colour)
+        ax.barh(y, bar["gib"], height=0.65, **style)
+        text = f" OOM under {gib_text(bar['gib'])}: needs more" if bar["oom"] else f" {gib_text(bar['gib'])}"
+        ax.text(bar["gib"], y, text, va="center", fontsize=7.5)
+    ax.set_yticks(range(len(bars)), [_wrap(label, 70) for label in bars["label"]], fontsize=7.5)
+    ax.invert_yaxis()
+    top = float(bars["gib"].max()) if len(bars) else 0.0
+    marks = {f"{card} {total:.1f}": total for card, total in card_lines(top).items()}
+    gpus = bars.dropna(subset=["gpu_gib"]).groupby("gpu")["gpu_gib"].max()
+    # A GPU's own size only where some bar comes near it (budgets emulate smaller cards on it).
+    marks.update({f"whole {gpu} {total:.1f}": total for gpu, total in gpus.items() if top > 0.6 * total})
+    for name, total in marks.items():
+        ax.axvline(total, color="0.2" if name.startswith("whole") else "0.55", lw=0.8, ls="--", zorder=0)
+    ax.set_xlim(0, max([top, *marks.values()]) * 1.3)  # room for the text beside the longest bar
+    cards_axis = ax.secondary_xaxis("top")  # the cards named above the plot, clear of the bars
+    cards_axis.set_xticks(list(marks.values()), list(marks), fontsize=7, rotation=45, ha="left")
+    ax.set_xlabel(f"peak process memory per GPU (NVML; a CPU cell: its peak RSS), {GIB_LABEL}")
+    handles = [Patch(color=c, label=f"{g} GPU{'s' if g > 1 else ''}") for g, c in colours.items()]
+    handles += (
+        [Patch(fill=False, hatch="///", label="ran out of memory under this cap")]
+        if bars["oom"].any()
+        else []
+    )
+    figure.legend(handles=handles, fontsize=8, loc="outside lower center", ncols=len(handles))
+    ax.set_title(_wrap(f"{title}, one bar each", 90))
+    return figure
+
+
 # -- measured against predicted ------------------------------------------------------------------
-def plot_measured_vs_predicted(table: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """Scatter of predicted against measured GiB per measure, with y = x and a +-3% band."""
+def measured_vs_predicted_jobs(table: pd.DataFrame) -> list[PlotJob]:
     if table.empty:
         return []
+    view = table[["measure", "measured_gib", "predicted_gib"]].reset_index(drop=True)
+    return [PlotJob("measured_vs_predicted", draw_measured_vs_predicted, (view,))]
+
+
+def draw_measured_vs_predicted(table: pd.DataFrame) -> Figure:
+    """Scatter of predicted against measured GiB per measure, with y = x and a +-3% band."""
     figure = Figure(figsize=(6.4, 6.0), layout="constrained")
     ax = figure.subplots()
     top = max(table["measured_gib"].max(), table["predicted_gib"].max()) * 1.08
@@ -191,15 +332,26 @@ def plot_measured_vs_predicted(table: pd.DataFrame, out_dir: Path) -> list[Path]
     )
     ax.set_aspect("equal")
     ax.legend(fontsize=8)
-    return save(figure, out_dir, "measured_vs_predicted")
+    return figure
+
+
+def plot_measured_vs_predicted(table: pd.DataFrame, out_dir: Path) -> list[Path]:
+    return run_jobs(measured_vs_predicted_jobs(table), out_dir)
 
 
 # -- savings -------------------------------------------------------------------------------------
-def plot_savings(savings: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """One row per optimisation and change: a dot per measured pair (process peak, NVML), a bar at
-    their median, and the median GiB written on; the tables list every pair."""
+def savings_jobs(savings: pd.DataFrame) -> list[PlotJob]:
     if savings.empty or "footprint_saved_pct" not in savings.columns:
         return []
+    view = savings[["optimisation", "change", "footprint_saved_pct", "footprint_saved_gib"]].reset_index(
+        drop=True
+    )
+    return [PlotJob("savings", draw_savings, (view,))]
+
+
+def draw_savings(savings: pd.DataFrame) -> Figure:
+    """One row per optimisation and change: a dot per measured pair (process peak, NVML), a bar at
+    their median, and the median GiB written on; the tables list every pair."""
     groups = list(savings.groupby(["optimisation", "change"], sort=False))
     figure = Figure(figsize=(8.5, 1.4 + 0.55 * len(groups)), layout="constrained")
     ax = figure.subplots()
@@ -222,84 +374,91 @@ def plot_savings(savings: pd.DataFrame, out_dir: Path) -> list[Path]:
     ax.set_xlabel("process memory (NVML) saved, % of the peak without the optimisation")
     ax.set_title("Savings: one dot per pair of rows that differ only by one setting; bar at the median")
     ax.margins(x=0.35)
-    return save(figure, out_dir, "savings")
+    return figure
 
 
-# -- fit / OOM map per card ----------------------------------------------------------------------
-def plot_oom_heatmaps(
-    frame: pd.DataFrame, out_dir: Path, cards: tuple[str, ...] = STANDARD_CARDS
-) -> list[Path]:
-    """Per card, one panel per family: a seq x batch grid coloured by whether the cell fits the
-    card (green), is within 5% of it (amber) or not (red), from ok rows' footprints and OOM rows."""
+def plot_savings(savings: pd.DataFrame, out_dir: Path) -> list[Path]:
+    return run_jobs(savings_jobs(savings), out_dir)
+
+
+# -- which card each cell needs ------------------------------------------------------------------
+def card_map_jobs(frame: pd.DataFrame) -> list[PlotJob]:
+    """`card_map`: per family (the largest, at most MAX_PANELS), a seq x batch grid coloured by the
+    smallest standard card each cell fits with 5% to spare."""
     rows = measured_rows(frame)
     if rows.empty:
         return []
-    families = _largest_families(with_family(rows))
-    paths = []
-    for card in cards:
-        figure, axes = _panels(len(families), width=4.6, height=3.2)
-        for ax, (_, family_rows) in zip(axes, families, strict=True):
-            draw_heatmap(ax, family_rows, card)
-        figure.legend(
-            handles=[Patch(color=c, label=FIT_LABELS[v]) for v, c in VERDICT_COLOURS.items()]
-            + [Patch(color="0.92", label="not measured")],
-            loc="outside lower center",
-            ncols=4,
-            fontsize=8,
-        )
-        figure.suptitle(f"Which cells fit {card} ({CARD_MIB[card] * MIB / GIB:.1f} GiB)")
-        paths += save(figure, out_dir, f"oom_frontier_{card}")
-    return paths
+    panels = [(r["family"].iloc[0], smallest_cards(r)) for _, r in _largest_families(with_family(rows))]
+    return [PlotJob("card_map", draw_card_map, (panels,))]
 
 
-def draw_heatmap(ax, rows: pd.DataFrame, card: str) -> None:
-    """One family's grid of verdicts against one card, each cell labelled with its GiB or OOM."""
-    budget = CARD_MIB[card] * MIB
-    seqs, batches = sorted(rows["seq_len"].unique()), sorted(rows["batch_size"].unique())
-    ax.set(xlim=(-0.5, len(seqs) - 0.5), ylim=(-0.5, len(batches) - 0.5))
-    ax.set_facecolor("0.92")  # cells without rows: not measured
-    for (seq, batch), cell in rows.groupby(["seq_len", "batch_size"]):
-        fit = config_fit(cell, budget, card)
-        x, y = seqs.index(seq), batches.index(batch)
-        colour = VERDICT_COLOURS[fit.verdict] if fit else "0.92"
-        ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, color=colour, ec="white"))
-        text = (
-            "-"
-            if fit is None
-            else ("OOM" if fit.row["status"] == "oom" else f"{fit.row['footprint_gib']:.1f}")
-        )
-        ax.text(x, y, text, ha="center", va="center", fontsize=8)
-    ax.set_xticks(range(len(seqs)), [str(s) for s in seqs])
-    ax.set_yticks(range(len(batches)), [str(b) for b in batches])
-    ax.set(xlabel="sequence length", ylabel="batch size")
-    ax.set_title(f"{rows['family'].iloc[0]}\n(cell text: process peak, GiB)", fontsize=9)
+def smallest_cards(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per (seq_len, batch_size) of one family: the smallest standard card it fits with 5% to spare
+    (None: none of them), and its process peak in GiB (None: it only ran out of memory)."""
+    cells: dict[tuple[int, int], dict[str, Any]] = {}
+    for card in reversed(STANDARD_CARDS):  # the smallest card that fits is the last one written
+        for fit in config_fits(rows, CARD_MIB[card] * MIB, card):
+            cell = cells.setdefault((int(fit.row["seq_len"]), int(fit.row["batch_size"])), {"card": None})
+            cell["gib"] = cell.get("gib") if fit.row["status"] == "oom" else fit.row["footprint_gib"]
+            cell["card"] = card if fit.verdict == "supported" else cell["card"]
+    records = [{"seq_len": s, "batch_size": b, **cell} for (s, b), cell in sorted(cells.items())]
+    return pd.DataFrame.from_records(records, columns=["seq_len", "batch_size", "card", "gib"])
+
+
+def draw_card_map(panels: list[tuple[str, pd.DataFrame]]) -> Figure:
+    """The card map: a panel per family (see card_map_jobs), each cell labelled with its GiB or OOM."""
+    figure, axes = _panels(len(panels), width=4.6, height=3.2)
+    for ax, (family, cells) in zip(axes, panels, strict=True):
+        seqs, batches = sorted(cells["seq_len"].unique()), sorted(cells["batch_size"].unique())
+        ax.set(xlim=(-0.5, len(seqs) - 0.5), ylim=(-0.5, len(batches) - 0.5))
+        ax.set_facecolor(NOT_MEASURED)
+        for cell in cells.to_dict("records"):
+            x, y = seqs.index(cell["seq_len"]), batches.index(cell["batch_size"])
+            oom = cell["gib"] is None or pd.isna(cell["gib"])
+            colour = CARD_COLOURS.get(cell["card"], OOM_COLOUR if oom else LARGER)
+            ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, color=colour, ec="white"))
+            ax.text(x, y, "OOM" if oom else f"{cell['gib']:.1f}", ha="center", va="center", fontsize=8)
+        ax.set_xticks(range(len(seqs)), [str(s) for s in seqs])
+        ax.set_yticks(range(len(batches)), [str(b) for b in batches])
+        ax.set(xlabel="sequence length", ylabel="batch size")
+        ax.set_title(_wrap(family, 50), fontsize=8.5)
+    handles = [Patch(color=c, label=card) for card, c in CARD_COLOURS.items()]
+    handles += [
+        Patch(color=LARGER, label=f"none up to {STANDARD_CARDS[-1]}"),
+        Patch(color=OOM_COLOUR, label="OOM"),
+        Patch(color=NOT_MEASURED, label="not measured"),
+    ]
+    figure.legend(handles=handles, loc="outside lower center", ncols=8, fontsize=8)
+    figure.suptitle("The smallest card each cell fits with 5% to spare (cell text: process peak, GiB)")
+    return figure
 
 
 # -- predicted components beside the measurement --------------------------------------------------
-def plot_components(frame: pd.DataFrame, predict: Callable, out_dir: Path, limit: int = 12) -> list[Path]:
-    """Per measured configuration (at most `limit`), the predictor's components stacked, beside the
-    measured allocated and NVML process peaks."""
+def components_jobs(frame: pd.DataFrame, predict: Callable, limit: int = 12) -> list[PlotJob]:
+    """Per measured configuration (at most `limit`, the lightest), the predictor's components."""
     ok = frame[(frame["status"] == "ok") & frame["footprint_bytes"].notna()]
     ok = ok.sort_values("footprint_bytes").drop_duplicates("cell_id").head(limit)
-    pairs = [(row, predict_spec(predict, row["spec"])) for row in ok.to_dict("records")]
-    pairs = [(row, p) for row, p in pairs if p is not None and getattr(p, "components", None)]
-    if not pairs:
-        return []
-    names = list(dict.fromkeys(name for _, p in pairs for name in p.components))
+    bars = []
+    for row in ok.to_dict("records"):
+        prediction = predict_spec(predict, row["spec"])
+        if prediction is not None and getattr(prediction, "components", None):
+            label = describe_spec(row["spec"]).replace(" seq", "\nseq")
+            components = {k: int(v) for k, v in prediction.components.items()}
+            bars.append((label, components, float(row["peak_allocated_gib"]), float(row["footprint_gib"])))
+    return [PlotJob("components", draw_components, (bars,))] if bars else []
+
+
+def draw_components(bars: list[tuple[str, dict[str, int], float, float]]) -> Figure:
+    """The predictor's components stacked (left) beside the measured allocated and process peaks."""
+    names = list(dict.fromkeys(name for _, components, _, _ in bars for name in components))
     colours = dict(zip(names, _component_colours(len(names)), strict=True))
-    figure = Figure(figsize=(max(6.4, 1.1 * len(pairs) + 5), 5.6), layout="constrained")
+    figure = Figure(figsize=(max(6.4, 1.1 * len(bars) + 5), 5.6), layout="constrained")
     ax = figure.subplots()
-    for x, (row, prediction) in enumerate(pairs):
-        _component_bar(ax, x, prediction.components, colours)
-        ax.bar(x + 0.2, row["peak_allocated_gib"], 0.38, color="0.3")
-        ax.plot([x + 0.01, x + 0.39], [row["footprint_gib"]] * 2, color="#d50000", lw=2)
-    ax.set_xticks(
-        range(len(pairs)),
-        [describe_spec(r["spec"]).replace(" seq", "\nseq") for r, _ in pairs],
-        fontsize=7,
-        rotation=30,
-        ha="right",
-    )
+    for x, (_, components, allocated, footprint) in enumerate(bars):
+        _component_bar(ax, x, components, colours)
+        ax.bar(x + 0.2, allocated, 0.38, color="0.3")
+        ax.plot([x + 0.01, x + 0.39], [footprint] * 2, color="#d50000", lw=2)
+    ax.set_xticks(range(len(bars)), [label for label, *_ in bars], fontsize=7, rotation=30, ha="right")
     handles = [Patch(color=colours[n], label=f"predicted: {n}") for n in names]
     handles += [
         Patch(color="0.3", label="measured allocated peak"),
@@ -310,7 +469,11 @@ def plot_components(frame: pd.DataFrame, predict: Callable, out_dir: Path, limit
         ylabel=f"memory, {GIB_LABEL}",
         title="ftmem's predicted components (left) beside the measurement (right)",
     )
-    return save(figure, out_dir, "components")
+    return figure
+
+
+def plot_components(frame: pd.DataFrame, predict: Callable, out_dir: Path, limit: int = 12) -> list[Path]:
+    return run_jobs(components_jobs(frame, predict, limit), out_dir)
 
 
 def _component_bar(ax, x: float, components: dict[str, int], colours: dict[str, Any]) -> None:

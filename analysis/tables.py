@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -26,8 +25,8 @@ from analysis.claims import (
     predictions_text,
     savings_pairs,
 )
-from analysis.fits import STANDARD_CARDS
-from analysis.load import describe_spec, is_present, predict_spec, row_ref
+from analysis.fits import STANDARD_CARDS, with_family
+from analysis.load import describe_spec, is_present, measured_rows, predict_spec, row_ref
 from bench.cards import CARD_MIB, GB, GIB, MIB
 
 GUIDE_TABLES = {
@@ -75,26 +74,21 @@ def _cell(value: Any, is_bytes: bool) -> str:
     return fmt(value)
 
 
-def to_markdown(table: pd.DataFrame) -> str:
-    """A GitHub Markdown table (pipes in cells escaped); a note in place of an empty table."""
+def to_markdown(table: pd.DataFrame, empty: str = "No rows for this table.") -> str:
+    """A GitHub Markdown table (pipes in cells escaped); `empty` in italics in place of an empty table."""
     if table.empty:
-        return "_No rows measured yet._\n"
+        return f"_{empty}_\n"
     byte_columns = [str(c).endswith("_bytes") for c in table.columns]
     cells = [
-        [_cell(v, is_bytes).replace("|", "\\|").replace("\n", " ") for v, is_bytes in zip(row, byte_columns)]
+        [
+            _cell(v, is_bytes).replace("|", "\\|").replace("\n", " ")
+            for v, is_bytes in zip(row, byte_columns, strict=True)
+        ]
         for row in table.itertuples(index=False)
     ]
-    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
+    header = [str(c).replace("|", "\\|") for c in table.columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(table.columns)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells]) + "\n"
-
-
-def write_table(table: pd.DataFrame, out_dir: Path, name: str) -> tuple[Path, Path]:
-    """NAME.md and NAME.csv in out_dir."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    md, csv = out_dir / f"{name}.md", out_dir / f"{name}.csv"
-    md.write_text(to_markdown(table), encoding="utf-8")
-    table.to_csv(csv, index=False)
-    return md, csv
 
 
 def smallest_card(footprint_bytes: Any) -> str:
@@ -171,7 +165,8 @@ def predicted_gib(guide: Guide, claim: Claim, predict: Callable) -> float | None
 
 
 def claims_table(results: list[ClaimResult]) -> pd.DataFrame:
-    """C1-C20: the claim in our words, the guide's figure, the verdict and the figures behind it."""
+    """C1-C20: the claim in our words, the guide's figure, the verdict, the deciding figure (memory in
+    GiB, the guide's GB converted), the cell_id of the row(s) that decided, and the figures behind it."""
     return pd.DataFrame(
         [
             {
@@ -180,6 +175,7 @@ def claims_table(results: list[ClaimResult]) -> pd.DataFrame:
                 "guide": r.claim.guide_figure,
                 "verdict": r.verdict,
                 "measured": r.headline or "-",
+                "decided by": " ".join(r.decided_by) or "-",
                 "figures": r.figures,
                 "assumed": r.claim.assumes or "-",
                 "rows": " ".join(r.rows) or "-",
@@ -301,3 +297,56 @@ def claim_spec_text(guide: Guide, claim: Claim) -> str:
     """The spec ftmem predicts for a claim, in words."""
     spec = example_spec(guide, claim)
     return describe_spec(spec) if spec else "-"
+
+
+def gib_text(gib: float) -> str:
+    """GiB to a tenth, or to a hundredth under 10 GiB (tiny models on CPU differ there)."""
+    return f"{gib:.1f}" if gib >= 10 else f"{gib:.2f}"
+
+
+def peaks_table(frame: pd.DataFrame, families: int | None = None) -> pd.DataFrame:
+    """The measured peaks: per family (a model and a configuration but for seq_len, batch and budget;
+    the largest `families` by rows, or all) and sequence length, a column per batch size holding the
+    process peak in GiB, or "OOM > X" where the cell only ran out of memory (under a cap of X GiB)."""
+    rows = with_family(measured_rows(frame))
+    if rows.empty:
+        return pd.DataFrame(columns=["family", "seq_len"])
+    order = rows["family"].value_counts(sort=True).index[:families]
+    rows = rows[rows["family"].isin(order)]
+    keys = ["family", "seq_len", "batch_size"]
+    ok = rows[rows["status"] == "ok"].groupby(keys)["footprint_gib"].max()
+    oom = rows[rows["status"] == "oom"].groupby(keys)["cap_bytes"].max().astype("float64") / GIB
+    cells = ok.map(gib_text).combine_first(oom.map(lambda gib: f"OOM > {gib_text(gib)}"))
+    table = cells.unstack("batch_size").fillna("-")
+    table.columns = [f"batch {b}" for b in table.columns]
+    table = table.reset_index()
+    table["family"] = pd.Categorical(table["family"], categories=list(order), ordered=True)
+    return table.sort_values(["family", "seq_len"]).astype({"family": str}).reset_index(drop=True)
+
+
+def accuracy_summary(compared: pd.DataFrame) -> pd.DataFrame:
+    """How far ftmem's predictor is from the measurement, per measure: rows, the median error (its
+    bias), the median, 95th percentile and largest absolute error, and the share within 3%."""
+    columns = [
+        "measure",
+        "rows",
+        "median error %",
+        "median abs error %",
+        "p95 abs error %",
+        "max abs error %",
+        "within 3%",
+    ]
+    if compared.empty:
+        return pd.DataFrame(columns=columns)
+    grouped = compared.assign(abs_error=compared["error_pct"].abs()).groupby("measure", sort=False)
+    table = pd.DataFrame(
+        {
+            "rows": grouped.size(),
+            "median error %": grouped["error_pct"].median(),
+            "median abs error %": grouped["abs_error"].median(),
+            "p95 abs error %": grouped["abs_error"].quantile(0.95),
+            "max abs error %": grouped["abs_error"].max(),
+            "within 3%": grouped["abs_error"].apply(lambda e: f"{(e <= 3).mean():.0%}"),
+        }
+    )
+    return table.reset_index()[columns]

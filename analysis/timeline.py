@@ -21,13 +21,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from analysis import tables
 from analysis.load import REPO_ROOT, describe_spec, is_present, predict_spec, spec_key
-from analysis.plots import save
+from analysis.plots import PlotJob, run_jobs, save
 from bench.artifacts import resolve
 from bench.cards import GIB, MIB
 
@@ -102,6 +103,11 @@ COMPONENT_CATEGORY: dict[str, str] = {
     "loss_backward": "temporaries",
     "logits_grad": "temporaries",
     "cublas_workspace": "other",
+    # Names the predictor gained with other families (mixture-of-experts, RoPE tables counted apart):
+    "experts_": "parameters",
+    "rope_tables": "activations",
+    "kept_by_autograd_functions": "activations",
+    "router_aux_loss_saved": "activations",
 }
 NOT_PROFILED = "not_profiled"
 WORKING_SET = ("activations", "temporaries", "other")
@@ -170,9 +176,39 @@ def _unit(top: float) -> tuple[int, str]:
     return (GIB, "GiB (2^30 bytes)") if top >= GIB else (MIB, "MiB (2^20 bytes)")
 
 
+#: Points of a timeline drawn at most: a figure is about 1,300 pixels wide, and every point drawn
+#: costs time (the SVG holds each one).
+MAX_POINTS = 1500
+
+
+def thinned(times: list[float], series: dict[str, list[int]], limit: int = MAX_POINTS):
+    """At most `limit` points of a timeline: of each run of consecutive points, the one with the most
+    memory in all, so the peak and the upper envelope stay (the first and last points too)."""
+    if len(times) <= limit:
+        return times, series
+    total = np.sum([series[c] for c in series], axis=0)
+    buckets = np.arange(len(times)) * limit // len(times)
+    keep = pd.Series(total).groupby(buckets).idxmax().to_numpy()
+    keep = np.union1d(keep, [0, len(times) - 1])
+    return [times[i] for i in keep], {c: [values[i] for i in keep] for c, values in series.items()}
+
+
+def step_spans(markers: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
+    """Each profiled step once, from its first marker's start to its last marker's end (a step is
+    marked more than once: around the whole step and around the optimizer's part)."""
+    spans: dict[str, tuple[float, float]] = {}
+    for mark in markers:
+        if mark["name"].startswith("step:"):
+            step = mark["name"][5:]
+            start, end = spans.get(step, (mark["start"], mark["end"]))
+            spans[step] = (min(start, mark["start"]), max(end, mark["end"]))
+    return spans
+
+
 def timeline_figure(timeline: dict[str, Any], title: str = "") -> Figure:
-    """Memory over time stacked by category; steps and their parts marked; the peak annotated."""
-    times, series = row_series(timeline)
+    """Memory over time stacked by category; each step marked and named once (over its middle, so no
+    name runs off the plot); the parts of a step as bars at the bottom; the peak annotated."""
+    times, series = thinned(*row_series(timeline))
     peak = timeline["peak"]
     scale, label = _unit(peak["total"])
     figure = Figure(figsize=(12, 5), layout="constrained")
@@ -186,20 +222,22 @@ def timeline_figure(timeline: dict[str, Any], title: str = "") -> Figure:
         alpha=0.9,
     )
     top = peak["total"] / scale
+    for step, (start, end) in step_spans(timeline.get("markers", [])).items():
+        ax.axvline(start, color="0.2", lw=0.8, ls=":")
+        ax.text((start + end) / 2, top * 1.13, step, fontsize=8, va="top", ha="center", clip_on=True)
     for mark in timeline.get("markers", []):
-        if mark["name"].startswith("step:"):
-            ax.axvline(mark["start"], color="0.2", lw=0.8, ls=":")
-            ax.text(mark["start"], top * 1.13, " " + mark["name"][5:], fontsize=8, va="top")
-        elif mark["name"] in PHASE_COLOURS:
+        if mark["name"] in PHASE_COLOURS:
             ax.axvspan(
                 mark["start"], mark["end"], ymin=0, ymax=0.025, color=PHASE_COLOURS[mark["name"]], lw=0
             )
     ax.plot([peak["t"]], [top], marker="v", color="black")
+    right = peak["t"] > (times[0] + times[-1]) / 2  # write the annotation away from the plot's edge
     ax.annotate(
         f"peak {top:.3g} {label.split()[0]}: {peak['phase']} ({peak['step']})",
         (peak["t"], top),
         textcoords="offset points",
-        xytext=(6, 4),
+        xytext=(-6 if right else 6, 4),
+        ha="right" if right else "left",
         fontsize=8,
     )
     ax.set_ylim(0, top * 1.18)
@@ -366,20 +404,30 @@ def profile_tables(frame: pd.DataFrame, predict: Callable | None) -> dict[str, p
     return {"profile_components": component_table(frame, predict), "profile_overhead": overhead_table(frame)}
 
 
-def write_plots(frame: pd.DataFrame, built: dict[str, pd.DataFrame], out_dir: Path) -> dict[str, list[Path]]:
-    """One timeline plot per profiled row whose file is found, and the component bars; {} without profiles."""
+def timeline_jobs(frame: pd.DataFrame, built: dict[str, pd.DataFrame]) -> dict[str, list[PlotJob]]:
+    """One timeline per profiled row whose file is found, and the component bars; {} without profiles."""
     rows = profiled_rows(frame)
     if rows.empty:
         return {}
-    drawn: dict[str, list[Path]] = {"profile_timelines": []}
+    jobs: dict[str, list[PlotJob]] = {"profile_timelines": []}
     for _, row in rows.iterrows():
         path = timeline_path(row)
         if path is not None:
             name = f"profile_timeline_{row['cell_id']}_r{row['repeat']}"
-            drawn["profile_timelines"] += plot_timeline(load_timeline(path), out_dir, name, _cell_name(row))
-    figure = component_figure(built.get("profile_components", pd.DataFrame(columns=["cell"])))
-    drawn["profile_components"] = save(figure, out_dir, "profile_components") if figure is not None else []
-    return drawn
+            jobs["profile_timelines"].append(
+                PlotJob(name, timeline_figure, (load_timeline(path), _cell_name(row)))
+            )
+    components = built.get("profile_components", pd.DataFrame(columns=["cell"]))
+    has_cells = len(components) > 0
+    jobs["profile_components"] = (
+        [PlotJob("profile_components", component_figure, (components,))] if has_cells else []
+    )
+    return jobs
+
+
+def write_plots(frame: pd.DataFrame, built: dict[str, pd.DataFrame], out_dir: Path) -> dict[str, list[Path]]:
+    """timeline_jobs drawn into out_dir (notebooks; the report draws only what changed)."""
+    return {group: run_jobs(jobs, Path(out_dir)) for group, jobs in timeline_jobs(frame, built).items()}
 
 
 def index_section(built: dict[str, pd.DataFrame]) -> str:

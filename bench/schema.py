@@ -129,3 +129,121 @@ def check_row(row: dict[str, Any]) -> list[str]:
     if row.get("status") not in STATUSES:
         problems.append(f"status {row.get('status')!r} not in {STATUSES}")
     return problems
+
+
+# -- validation of rows read back -------------------------------------------------------------------
+#: What a field may hold besides null, as the types JSON values load as. A row written by ftmem always
+#: matches; a row edited by hand, or by another tool, may not (a peak of "n/a" would otherwise turn into
+#: a missing number and change verdicts without a word).
+_NUMBER = (int, float)
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "schema_version": (int,),
+    "cell_id": (str,),
+    "spec": (dict,),
+    "status": (str,),
+    "repeat": (int,),
+    "sweep": (dict,),
+    "env": (dict,),
+    "fits_budget": (bool,),
+    "host_oom": (bool,),
+    "oom_rank": (int,),
+    "n_params": (int,),
+    "n_trainable_params": (int,),
+    "step_times_s": (list,),
+    "build_breakdown_s": (dict,),
+    "startup_breakdown_s": (dict,),
+    "profile_categories_bytes": (dict,),
+    "unavailable": (list,),
+    "ranks": (list,),
+    "tokens_per_s": _NUMBER,
+    "final_loss": _NUMBER,
+    **dict.fromkeys(
+        (
+            "error",
+            "implied_by",
+            "oom_phase",
+            "cell_process",
+            "attn_impl_used",
+            "profile_peak_phase",
+            "profile_peak_step",
+            "profile_timeline_file",
+            "snapshot_file",
+        ),
+        (str,),
+    ),
+}
+#: Fields every row must carry: without them a row cannot be told apart, judged or placed.
+REQUIRED = ("schema_version", "cell_id", "spec", "status")
+#: Spec fields the analysis cannot do without, and their types.
+REQUIRED_SPEC: dict[str, tuple[type, ...]] = {
+    "model": (str,),
+    "method": (str,),
+    "seq_len": (int,),
+    "batch_size": (int,),
+}
+
+
+def field_types(name: str) -> tuple[type, ...] | None:
+    """The types a field may hold besides null: as listed, else a number for bytes and seconds; None
+    for a field not typed here (a field added later is read as it is until it is typed)."""
+    if name in _FIELD_TYPES:
+        return _FIELD_TYPES[name]
+    return _NUMBER if name.endswith(("_bytes", "_s")) else None
+
+
+def _type_problem(where: str, value: Any, types: tuple[type, ...]) -> str | None:
+    """Why `value` is not one of `types`; None when it is (or is null). A bool is no number here,
+    though Python counts it as an int."""
+    if value is None or (isinstance(value, types) and (bool in types or not isinstance(value, bool))):
+        return None
+    kind = "a number" if types == _NUMBER else " or ".join(_JSON_NAMES[t] for t in types)
+    return f"{where}: {value!r} is not {kind}"
+
+
+_JSON_NAMES = {
+    int: "a whole number",
+    float: "a number",
+    str: "a string",
+    bool: "true or false",
+    dict: "an object",
+    list: "a list",
+}
+
+
+def newer_schema(row: dict[str, Any]) -> bool:
+    """A row written by a newer ftmem (its schema_version above SCHEMA_VERSION): this code cannot
+    know what its fields mean, so it must not read it."""
+    version = row.get("schema_version")
+    return isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION
+
+
+def validate_row(row: Any) -> list[str]:
+    """Why a row read back from a results file cannot be analysed; empty when it can.
+
+    Fields written by an older ftmem may be absent (they read as null); a present field must hold
+    its type: numbers for bytes and seconds, a known status, a spec naming model, method, seq_len and
+    batch_size. A newer schema_version is a problem too (see `newer_schema`)."""
+    if not isinstance(row, dict):
+        return [f"a row must be a JSON object, not {type(row).__name__}"]
+    problems = [f"no {name!r}" for name in REQUIRED if row.get(name) is None]
+    for name, value in row.items():
+        types = field_types(name)
+        problem = _type_problem(name, value, types) if types else None
+        problems += [problem] if problem else []
+    if isinstance(row.get("status"), str) and row["status"] not in STATUSES:
+        problems.append(f"status: {row['status']!r} is not one of {', '.join(STATUSES)}")
+    if newer_schema(row):
+        problems.append(
+            f"schema_version {row['schema_version']} is newer than this ftmem reads ({SCHEMA_VERSION})"
+        )
+    spec = row.get("spec")
+    if isinstance(spec, dict):
+        for name, types in REQUIRED_SPEC.items():
+            problem = _type_problem(f"spec.{name}", spec.get(name), types)
+            problems += [problem] if problem else [f"no spec.{name}"] if spec.get(name) is None else []
+    env = row.get("env")
+    if isinstance(env, dict):
+        for name, types in (("started_at", (str,)), ("gpu_total_bytes", (int,)), ("gpu_name", (str,))):
+            problem = _type_problem(f"env.{name}", env.get(name), types)
+            problems += [problem] if problem else []
+    return problems

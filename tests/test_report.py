@@ -105,20 +105,23 @@ def test_malformed_line_names_file_and_line(tmp_path):
         load_results([path])
 
 
-@pytest.mark.parametrize(
-    "line, why",
-    [("[1, 2]", "JSON object"), ('{"status": "ok"}', "no 'spec'"), ('{"spec": {}}', "no 'status'")],
-)
-def test_rows_that_are_not_rows_are_errors(tmp_path, line, why):
-    path = _write(tmp_path / "odd.jsonl", [json.dumps(make_row(alloc=1)), line], trailing_newline=True)
-    with pytest.raises(MalformedResults, match=rf"odd\.jsonl:2: .*{why}"):
+def test_a_line_that_is_not_an_object_is_an_error(tmp_path):
+    path = _write(tmp_path / "odd.jsonl", [json.dumps(make_row(alloc=1)), "[1, 2]"], trailing_newline=True)
+    with pytest.raises(MalformedResults, match=r"odd\.jsonl:2: .*JSON object.*fix or delete"):
         load_results([path])
+
+
+@pytest.mark.parametrize("line, why", [('{"status": "ok"}', "no 'spec'"), ('{"spec": {}}', "no 'status'")])
+def test_rows_that_are_not_rows_are_skipped_and_named(tmp_path, line, why):
+    path = _write(tmp_path / "odd.jsonl", [json.dumps(make_row(alloc=1)), line], trailing_newline=True)
+    with pytest.warns(UserWarning, match=rf"odd\.jsonl:2: skipped: .*{why}"):
+        assert len(load_results([path])) == 1
 
 
 def test_truncated_last_line_is_skipped_with_warning(tmp_path):
     good = json.dumps(make_row(alloc=1))
     path = _write(tmp_path / "cut.jsonl", [good, good[:40]], trailing_newline=False)
-    with pytest.warns(UserWarning, match=r"cut\.jsonl:2: skipped a truncated last line"):
+    with pytest.warns(UserWarning, match=r"cut\.jsonl:2: skipped: a truncated last line"):
         df = load_results([path])
     assert len(df) == 1
 
@@ -440,18 +443,22 @@ def test_capacity_frontier_beside_measured_boundary():
 
 
 # -- report, CLI, notebooks ----------------------------------------------------------------------
-def _links(index: Path) -> list[Path]:
+def _links(page: Path) -> list[Path]:
     import re
 
-    return [index.parent / target for target in re.findall(r"\]\(([^)]+)\)", index.read_text())]
+    targets = re.findall(r"\]\(([^)]+)\)", page.read_text())
+    return [page.parent / target for target in targets if not target.startswith("http")]
 
 
 def test_report_end_to_end_on_fixture(tmp_path):
     index = write_report([FIXTURE], tmp_path / "report")
     text = index.read_text()
-    assert "synthetic-fixture" in text and "## Claims C1-C20" in text and "| C1 |" in text
-    links = _links(index)
-    assert links and all(p.exists() for p in links)
+    assert "## The guide's claims" in text and "| C1 |" in text and "## Measured peaks" in text
+    pages = [p for p in _links(index) if p.suffix == ".md" and p.parent == index.parent]
+    assert {p.name for p in pages} >= {"claims.md", "guide.md", "cells.md", "sources.md", "plots.md"}
+    for page in [index, *pages]:
+        assert all(p.exists() for p in _links(page)), page
+    assert "synthetic-fixture" in (tmp_path / "report" / "sources.md").read_text()
     for name in (
         "claims",
         "guide_method",
@@ -460,9 +467,10 @@ def test_report_end_to_end_on_fixture(tmp_path):
         "savings",
         "fits",
         "capacity_frontier",
+        "peaks",
     ):
         assert (tmp_path / "report" / "tables" / f"{name}.csv").exists()
-    for name in ("peak_vs_seq_lora", "savings", "oom_frontier_rtx4090-24gb"):
+    for name in ("peak_vs_seq_lora", "savings", "card_map"):
         assert (tmp_path / "report" / "plots" / f"{name}.png").stat().st_size > 1000
 
 
@@ -497,7 +505,8 @@ def test_report_on_no_rows(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     report = build_report([empty], tmp_path / "out")
-    assert "0 result rows" in report.index.read_text()
+    text = report.index.read_text()
+    assert "0 result rows" in text and "no row measured anything" in text and "empty.jsonl: no rows" in text
     assert {r.verdict for r in report.results} <= {"not measured", "not measurable"}
 
 
