@@ -2,7 +2,7 @@
 NVML process peak, per architecture family and per configuration, and the fit / OOM verdict under each
 row's budget. Imports no torch.
 
-Rows: every results/**/*.jsonl row measured on CUDA for a model the predictor describes (bench.arch);
+Rows: every results/**/*.jsonl row measured on CUDA for a model the predictor describes (bench.model.arch);
 rows of other models are counted apart (`unpredictable`). Multi-GPU rows (spec gpus /
 dist; older rows without them are 1 / none) are compared per rank: the prediction is one rank's, the row's
 headline `peak_allocated_bytes` the max over its ranks; they form families of their own (strategy and GPU
@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 
 from analysis.predict import CALIBRATION, CALIBRATION_CELL_IDS, fits_budget, predict
-from bench.arch import UnsupportedArchitecture
-from bench.models import UnknownModelError, architecture
+from bench.model.arch import UnsupportedArchitecture
+from bench.model.registry import UnknownModelError, architecture
 from bench.store import latest_rows, read_rows
 
 CLOSE_CALL = 0.03
@@ -41,7 +41,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 def model_family(model: str) -> str | None:
     """The model_type of a model the predictor describes (a multimodal one's text model), else None."""
     try:
-        from bench.arch import FAMILIES
+        from bench.model.arch import FAMILIES
 
         model_type = architecture(model).get("model_type")
     except (UnknownModelError, OSError, ValueError):
@@ -61,7 +61,7 @@ def load_rows(results_dir: str | Path = "results") -> list[dict[str, Any]]:
 
 
 def _measured_fits(row: dict[str, Any]) -> bool | None:
-    """Did the cell fit its GPU budget? The harness's verdict (bench.measure): it ran every step under the
+    """Did the cell fit its GPU budget? The harness's verdict (bench.cell.measure): it ran every step under the
     cap and NVML confirmed the process stayed within the budget; an OOM did not fit. None where the row
     cannot say (the host ran out first, an error)."""
     if row["status"] == "ok":

@@ -2,7 +2,7 @@
 predicted to fit a memory budget, and the GPU check of that frontier. Imports no torch.
 
 `capacity` and `frontier_cells` are pure prediction. `verify` runs the frontier's cells through a
-runner passed in (bench.runner.run_cell on a GPU, a fake in tests), at most three runs per point.
+runner passed in (bench.cell.runner.run_cell on a GPU, a fake in tests), at most three runs per point.
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ def verify(
     seq_lens: Iterable[int] = SEQ_LENS,
     batch_sizes: Iterable[int] = BATCH_SIZES,
 ) -> list[Verified]:
-    """Check every frontier point on the GPU through `run_cell(CellSpec) -> row` (bench.runner.run_cell),
+    """Check every frontier point on the GPU through `run_cell(CellSpec) -> row` (bench.cell.runner.run_cell),
     each distinct cell run once. A status other than ok / oom (error, timeout) leaves `agrees` None."""
     grids = {"seq_len": tuple(sorted(seq_lens)), "batch_size": tuple(sorted(batch_sizes))}
     run = _memoised(run_cell)

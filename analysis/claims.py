@@ -20,7 +20,7 @@ import yaml
 
 from analysis.load import describe_spec, is_present, row_ref, spec_key
 from bench.cards import CARD_MIB, GB, GIB, MIB
-from bench.models import architecture, linear_shapes, parameter_counts
+from bench.model.registry import architecture, linear_shapes, parameter_counts
 from bench.spec import CellSpec, SpecError
 
 CLAIMS_FILE = Path(__file__).with_name("claims.yaml")

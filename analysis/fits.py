@@ -21,7 +21,7 @@ import pandas as pd
 
 from analysis.load import describe_spec, row_ref, spec_key
 from bench.cards import CARD_MIB, GIB, MIB
-from bench.models import UnknownModelError, architecture
+from bench.model.registry import UnknownModelError, architecture
 from bench.spec import LATER_FIELDS, at_later_default
 
 #: The standard cards a result is placed on: 16, 24, 40, 48 and 80 GB classes (nvidia-smi totals).

@@ -225,7 +225,7 @@ def guide_page(report: Report) -> str:
         tables.to_markdown(report.tables["other_predictions"]),
         "The accelerate and DeepSpeed figures are computed here from the formulas those tools use "
         "(model states only: weights, gradients, Adam moments; no activations) on the parameter counts "
-        "of `bench.models`; the others are as published.",
+        "of `bench.model.registry`; the others are as published.",
         _links("other_predictions"),
     ]
     return _page("guide.md", *parts)

@@ -162,14 +162,17 @@ def replace_between(text: str, section: str, body: str, path: Path) -> str:
     return f"{head}{start}\n{body.rstrip()}\n{end}{rest.split(end, 1)[1]}"
 
 
-def update_readme(report: Report, readme: str | Path = REPO_ROOT / "README.md") -> Path:
-    """Fill the README's claims and plots sections from the report; plots are copied to docs/."""
+def update_readme(report: Report, readme: str | Path = REPO_ROOT / "docs" / "claims.md") -> Path:
+    """Fill a page's claims and plots sections from the report (docs/claims.md by default); plots are copied
+    beside a page in docs/, else into a docs/ folder beside it, and linked relative to the page."""
     readme = Path(readme)
     text = readme.read_text(encoding="utf-8")
     for section in README_SECTIONS:  # check both markers before writing anything
         replace_between(text, section, "", readme)
-    images = readme_plots(report, readme.parent / "docs")
-    links = "\n\n".join(f"![{p.stem}](docs/{p.name})" for p in images) or "_No plots yet: no measured rows._"
+    folder = readme.parent if readme.parent.name == "docs" else readme.parent / "docs"
+    images = readme_plots(report, folder)
+    prefix = "" if folder == readme.parent else "docs/"
+    links = "\n\n".join(f"![{p.stem}]({prefix}{p.name})" for p in images) or "_No plots yet: no measured rows._"
     text = replace_between(text, "claims", readme_claims(report), readme)
     readme.write_text(replace_between(text, "plots", links, readme), encoding="utf-8")
     return readme

@@ -3,7 +3,7 @@ predictor's components, and what profiling itself costs. Never imports torch.
 
 A cell run with `profile_memory` has, in its row, the bytes by category at the profiled peak
 (`profile_categories_bytes`) and a timeline file (`profile_timeline_file`, written by
-bench.profile, resolved beside the results file by bench.artifacts). From these:
+bench.cell.profile, resolved beside the results file by bench.cell.artifacts). From these:
 
 - `plot_timeline`: memory over time, stacked by category, across the warm-up and first measured
   steps, with the steps and their parts (forward / backward / optimizer step) marked and the peak;
@@ -29,13 +29,13 @@ from matplotlib.patches import Patch
 from analysis import tables
 from analysis.load import REPO_ROOT, describe_spec, is_present, predict_spec, spec_key
 from analysis.plots import PlotJob, run_jobs, save
-from bench.artifacts import resolve
 from bench.cards import GIB, MIB
+from bench.cell.artifacts import resolve
 
-#: The row's categories (bench.profile.ROW_CATEGORIES), bottom to top of the stack.
+#: The row's categories (bench.cell.profile.ROW_CATEGORIES), bottom to top of the stack.
 CATEGORIES = ("parameters", "optimizer_state", "gradients", "activations", "temporaries", "other")
 #: The timeline file's finer categories -> the row's (torch's INPUT, AUTOGRAD_DETAIL and unknown are `other`;
-#: the *_by_* columns are those bench.profile placed itself, see its docstring).
+#: the *_by_* columns are those bench.cell.profile placed itself, see its docstring).
 TIMELINE_TO_ROW = {
     "parameters": "parameters",
     "parameters_by_storage": "parameters",  # the model's own state that torch filed as inputs
@@ -70,7 +70,7 @@ PHASE_COLOURS = {
 #: - autocast weight copies and the lm_head input are saved for backward, so the profiler calls them
 #:   activations; the forward's logits and log-probs (loss_forward) likewise;
 #: - gradients of activations in backward (loss_backward, logits_grad) are torch's AUTOGRAD_DETAIL or
-#:   TEMPORARY, which bench.profile places as temporaries (made and freed in backward); loss_backward
+#:   TEMPORARY, which bench.cell.profile places as temporaries (made and freed in backward); loss_backward
 #:   also holds the saved log-probs, activations to the profiler, so compare activations + temporaries
 #:   + other as one ("working set") too. Rows profiled before that placement (ftmem commit c38cc1d and
 #:   older) show these gradients as `other`;
@@ -157,7 +157,7 @@ def timeline_path(row: pd.Series | dict) -> Path | None:
 
 
 def load_timeline(path: str | Path) -> dict[str, Any]:
-    """A timeline file (bench.profile.build_timeline) as a dict."""
+    """A timeline file (bench.cell.profile.build_timeline) as a dict."""
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-from bench import env, nvml
+from bench.cell import env, nvml
 from bench.spec import CellSpec
 
 

@@ -83,17 +83,17 @@ FIELDS: dict[str, str] = {
     "(warm-up + first measured; tensor bytes on the cell's device, no allocator rounding)",
     "profile_categories_bytes": "profile_memory cells: bytes by category at that peak: parameters, gradients, "
     "optimizer_state, activations, temporaries, other (what torch filed as inputs, autograd detail or unknown "
-    "and bench.profile could not place: the token batch, allocations without a tensor such as cuBLAS "
+    "and bench.cell.profile could not place: the token batch, allocations without a tensor such as cuBLAS "
     "workspaces); sums to profile_peak_bytes",
-    "profile_by_lifetime_bytes": "profile_memory cells: of profile_categories_bytes, the bytes that bench.profile "
+    "profile_by_lifetime_bytes": "profile_memory cells: of profile_categories_bytes, the bytes that bench.cell.profile "
     "placed itself where torch's profiler left them unknown or filed them as inputs or autograd detail: the "
     "model's own state (parameters, buffers, quantization constants, matched by storage) as parameters; made in "
     "forward and freed in that step's backward as activations; made and freed within one part of a step as "
     "temporaries",
     "profile_peak_phase": "profile_memory cells: forward | backward | optimizer_step | zero_grad | other: "
-    "the part of the step (record_function markers of bench.train.Stepper) the peak fell in",
+    "the part of the step (record_function markers of bench.model.train.Stepper) the peak fell in",
     "profile_peak_step": "profile_memory cells: the profiled step of the peak, 'warmup N' or 'measured 1'",
-    "profile_timeline_file": "profile_memory cells: the memory timeline JSON (bench.profile), relative to the "
+    "profile_timeline_file": "profile_memory cells: the memory timeline JSON (bench.cell.profile), relative to the "
     "results file's folder (runner's artifacts folder)",
     "profile_analysis_s": "profile_memory cells: seconds spent building the memory profile after the steps",
     "snapshot_file": "snapshot cells: the CUDA allocator snapshot pickle (for pytorch.org/memory_viz), "

@@ -15,9 +15,9 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from bench.arch import describe
 from bench.cards import BUDGET_ALLOWED, budget_bytes
-from bench.models import (
+from bench.model.arch import describe
+from bench.model.registry import (
     ALL_LINEAR,
     LINEAR_PROJECTIONS,
     ModelConfigError,
@@ -48,7 +48,7 @@ COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
 DEVICES = ("cuda", "cpu")
 LORA_METHODS = ("lora", "qlora", "lora8bit")
 KBIT_METHODS = ("qlora", "lora8bit")
-#: Multi-GPU strategies (bench.dist): none = the single-process cell.
+#: Multi-GPU strategies (bench.multigpu.dist): none = the single-process cell.
 DISTS = ("none", "ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp2")
 DEEPSPEED_DISTS = ("deepspeed_zero2", "deepspeed_zero3")
 ZERO_OFFLOADS = ("none", "optimizer", "optimizer_and_params")

@@ -25,7 +25,7 @@ from filelock import FileLock, Timeout
 
 #: Refuse to start writing on a filesystem with less free space than this: a row is a few KiB.
 MIN_FREE_BYTES = 1 << 20
-#: Keys a runner needs in every row it resumes from (bench.sweep_run.make_plan).
+#: Keys a runner needs in every row it resumes from (bench.sweep.run.make_plan).
 RESUME_KEYS = ("cell_id", "status")
 
 

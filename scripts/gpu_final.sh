@@ -4,7 +4,7 @@
 set -u
 R=results/nvidia-h200-x1
 cp $R/*.jsonl "$OUT"/
-S="python3 -m bench.cli"
+S="python3 -m ftmem.cli"
 $S sweep sweeps/qwen3-14b-repeat.yaml --out "$OUT"/qwen3-14b-guide.jsonl --timeout 120
 for m in qlora lora; do for b in rtx4090-24gb a100-40gb; do
   $S capacity --model qwen3-14b --method $m --lora-r 8 --gradient-checkpointing --budget-gb $b \

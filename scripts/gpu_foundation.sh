@@ -3,7 +3,7 @@
 #   bash scripts/gpu_foundation.sh OUT.jsonl
 set -u
 out=${1:?usage: gpu_foundation.sh OUT.jsonl}
-run() { python3 -m bench.cli run --model qwen3-14b --seq-len 2048 --batch-size 1 --timeout 400 --out "$out" "$@"; }
+run() { python3 -m ftmem.cli run --model qwen3-14b --seq-len 2048 --batch-size 1 --timeout 400 --out "$out" "$@"; }
 run --method lora --lora-r 8 --no-gradient-checkpointing
 run --method lora --lora-r 8 --gradient-checkpointing
 run --method qlora --lora-r 64 --gradient-checkpointing --kbit-fp32-upcast

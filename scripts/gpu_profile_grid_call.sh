@@ -10,7 +10,7 @@ python3 -c "import sys; print('dont_write_bytecode', sys.flags.dont_write_byteco
 sweep() {  # SWEEP NAME SHARD STOP_AT_S [ARGS]: shard i on GPU i; no cell starts after STOP_AT_S (script time)
   local file=$1 name=$2 i=$3 stop=$4; shift 4
   local left=$(( stop - SECONDS )); [ "$left" -gt 5 ] || return 0
-  CUDA_VISIBLE_DEVICES=$i timeout -s TERM $(( limit - 30 - SECONDS )) python3 -m bench.cli sweep "$file" \
+  CUDA_VISIBLE_DEVICES=$i timeout -s TERM $(( limit - 30 - SECONDS )) python3 -m ftmem.cli sweep "$file" \
     --shard "$i/2" --out "$work/$name.shard-$i-of-2.jsonl" --stop-after "$left" "$@" \
     >> "$work/$name.shard-$i-of-2.log" 2>&1
 }

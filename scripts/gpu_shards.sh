@@ -11,7 +11,7 @@ n=${3:-$(nvidia-smi -L | wc -l)}
 shift $(( $# < 3 ? $# : 3 ))
 pids=()
 for i in $(seq 0 $((n - 1))); do
-  CUDA_VISIBLE_DEVICES=$i python3 -m bench.cli sweep "$sweep" --shard "$i/$n" \
+  CUDA_VISIBLE_DEVICES=$i python3 -m ftmem.cli sweep "$sweep" --shard "$i/$n" \
     --out "$prefix.shard-$i-of-$n.jsonl" "$@" > "$prefix.shard-$i-of-$n.log" 2>&1 &
   pids+=($!)
 done

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.cli import add_spec_arguments, spec_from_args  # noqa: E402
+from ftmem.args import add_spec_arguments, spec_from_args  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -30,7 +30,7 @@ def main(argv: list[str]) -> int:
     spec = spec_from_args(args)
     profiler = cProfile.Profile()
     profiler.enable()
-    from bench.measure import measure
+    from bench.cell.measure import measure
 
     status, error, values = measure(spec)
     profiler.disable()

@@ -1,8 +1,8 @@
-"""Real cells of a tiny Qwen3 on CPU, each in a fresh process through bench.runner."""
+"""Real cells of a tiny Qwen3 on CPU, each in a fresh process through bench.cell.runner."""
 
 import pytest
 
-from bench.runner import run_cell
+from bench.cell.runner import run_cell
 from bench.schema import FIELDS, SCHEMA_VERSION, check_row
 from bench.spec import CellSpec
 from tests.conftest import TINY
@@ -82,7 +82,7 @@ def test_weights_drawn_on_another_device_land_on_the_target():
     """What a ZeRO-3 cell does (GPU random numbers, host-memory model), here on the CPU alone."""
     import torch
 
-    from bench.build import build_model
+    from bench.model.build import build_model
 
     spec = CellSpec(**{**TINY, "method": "lora", "device": "cpu", "precision": "fp32"})
     same = build_model(spec, torch.device("cpu"))
@@ -97,7 +97,7 @@ def test_weights_drawn_on_another_device_land_on_the_target():
 def test_weights_drawn_on_the_gpu_for_a_host_memory_model():
     import torch
 
-    from bench.build import build_model
+    from bench.model.build import build_model
 
     spec = CellSpec(**{**TINY, "method": "lora", "device": "cpu", "precision": "fp32"})
     model = build_model(spec, torch.device("cpu"), init_device=torch.device("cuda", 0))
@@ -108,7 +108,7 @@ def test_weights_drawn_on_the_gpu_for_a_host_memory_model():
 def test_lora_adapters_are_made_on_the_gpu():
     import torch
 
-    from bench.build import build_model
+    from bench.model.build import build_model
 
     spec = CellSpec(**{**TINY, "method": "lora", "device": "cuda", "precision": "bf16_mixed"})
     model = build_model(spec, torch.device("cuda", 0))
@@ -119,8 +119,8 @@ def test_lora_adapters_are_made_on_the_gpu():
 def test_sdpa_flash_holds_sdpa_to_its_flash_kernels():
     import torch
 
-    from bench.build import hf_attn_impl
-    from bench.train import Stepper
+    from bench.model.build import hf_attn_impl
+    from bench.model.train import Stepper
 
     spec = CellSpec(**{**TINY, "device": "cuda", "method": "lora", "attn_impl": "sdpa_flash"})
     assert hf_attn_impl(spec) == "sdpa"
@@ -148,7 +148,7 @@ def test_sdpa_flash_cell_on_the_gpu():
 def test_a_budget_of_the_cards_own_size_runs_uncapped_and_a_larger_one_is_refused():
     """nvidia-smi's total (the card's size) is a little more than torch's total_memory: a budget of the
     card itself must run, not fail as 'cannot be emulated'; a budget over the card is an error."""
-    from bench import nvml
+    from bench.cell import nvml
 
     card = nvml.device_info()["total_bytes"]
     base = {**TINY, "device": "cuda", "method": "lora", "precision": "bf16_mixed"}
@@ -174,7 +174,7 @@ def test_allocator_settings_take_effect_after_torch_is_imported():
     import sys
 
     code = (
-        "import torch; from bench.measure import allocator_settings; "
+        "import torch; from bench.cell.measure import allocator_settings; "
         "allocator_settings('expandable_segments:True'); x = torch.empty(2**20, device='cuda'); "
         "print(sorted({bool(s.get('is_expandable')) for s in torch.cuda.memory_snapshot()}))"
     )

@@ -1,4 +1,4 @@
-"""Tests of `ftmem check` (analysis/check/, analysis/check_cli.py): reading each tool's config with its
+"""Tests of `ftmem check` (analysis/check/, ftmem/commands/check.py): reading each tool's config with its
 defaults, the spec it maps to, the prediction, verdicts, suggestions, unmodelled keys, bad input. No GPU.
 
 Fixtures (tests/fixtures/check/) are written from the tools' documented keys, one per method across the
@@ -14,17 +14,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-import analysis.check_cli as check_cli
-import bench.models
+import bench.model.registry
+import ftmem.commands.check as check_cli
 from analysis.check import ConfigError, check
 from analysis.check.advice import Card, verdict
 from analysis.check.mapping import _resolve_model
 from analysis.check.source import Unmodelled
 from analysis.predict import predict
 from bench.cards import CARD_MIB, MIB
-from bench.cli import build_parser, main, spec_from_args
-from bench.models import LINEAR_PROJECTIONS
+from bench.model.registry import LINEAR_PROJECTIONS
 from bench.spec import CellSpec
+from ftmem.args import spec_from_args
+from ftmem.cli import build_parser, main
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "check"
 ALL = list(LINEAR_PROJECTIONS)
@@ -440,7 +441,7 @@ def test_liger_on_qwen3_fuses_the_loss_and_flags_the_rest(tmp_path):
 
 def test_liger_on_a_model_without_support(tmp_path):
     # liger-kernel has no Qwen2-MoE patch; ftmem's predictor describes the family
-    config = {**bench.models.ARCHITECTURES["qwen2moe-tiny"], "torch_dtype": "bfloat16"}
+    config = {**bench.model.registry.ARCHITECTURES["qwen2moe-tiny"], "torch_dtype": "bfloat16"}
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(config))
@@ -532,7 +533,7 @@ def test_closest_measured_rows():
 def test_resolve_model_fallback_and_hook(monkeypatch):
     assert _resolve_model("Qwen/Qwen3-0.6B") == "qwen3-0.6b"
     assert _resolve_model("qwen3-14b") == "qwen3-14b"
-    monkeypatch.setattr(bench.models, "resolve", lambda name: "qwen3-4b", raising=False)
+    monkeypatch.setattr(bench.model.registry, "resolve", lambda name: "qwen3-4b", raising=False)
     assert _resolve_model("meta-llama/Llama-3.1-8B") == "qwen3-4b"
 
 
@@ -622,8 +623,8 @@ def test_verify_without_cuda_refuses(capsys, monkeypatch):
 
 
 def test_verify_runs_the_cell_and_appends_the_row(capsys, monkeypatch, tmp_path):
-    """On a GPU --verify runs bench.runner.run_cell; here a fake runner stands in for it."""
-    import bench.runner
+    """On a GPU --verify runs bench.cell.runner.run_cell; here a fake runner stands in for it."""
+    import bench.cell.runner
 
     seen = {}
 
@@ -640,7 +641,7 @@ def test_verify_runs_the_cell_and_appends_the_row(capsys, monkeypatch, tmp_path)
         }
 
     monkeypatch.setattr(check_cli, "_cuda_devices", lambda: 1)
-    monkeypatch.setattr(bench.runner, "run_cell", fake_run_cell)
+    monkeypatch.setattr(bench.cell.runner, "run_cell", fake_run_cell)
     out_file = tmp_path / "verify.jsonl"
     code, out, _ = cli(
         capsys, FIXTURES / "trl_lora.yaml", "--verify", "--out", out_file, "--json", "--no-measured"
@@ -666,8 +667,8 @@ def test_check_imports_no_torch():
     import sys
 
     code = (
-        "import sys, analysis.check, analysis.check_cli; "
-        "assert 'torch' not in sys.modules and 'bench.runner' not in sys.modules"
+        "import sys, analysis.check, ftmem.commands.check; "
+        "assert 'torch' not in sys.modules and 'bench.cell.runner' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 

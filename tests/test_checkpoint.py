@@ -2,8 +2,8 @@
 
 import pytest
 
-from bench.models import ARCHITECTURES
-from bench.runner import run_cell
+from bench.cell.runner import run_cell
+from bench.model.registry import ARCHITECTURES
 from bench.spec import CellSpec
 
 

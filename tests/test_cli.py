@@ -6,8 +6,8 @@ import json
 import pytest
 import yaml
 
-from bench.cli import main
 from bench.schema import new_row
+from ftmem.cli import main
 from tests.test_sweep_run import BASE
 
 RUN = ["run", "--model", "qwen3-tiny", "--method", "lora", "--seq-len", "16", "--batch-size", "1"]
@@ -27,7 +27,7 @@ def no_cells(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("a cell ran although the command was refused")
 
-    monkeypatch.setattr("bench.runner.run_cell", boom)
+    monkeypatch.setattr("bench.cell.runner.run_cell", boom)
 
 
 @pytest.fixture
@@ -128,7 +128,7 @@ def test_a_cpu_cell_runs_without_cuda(tmp_path, capsys, monkeypatch, no_gpu):
         ran.append(spec)
         return new_row(spec.to_dict(), spec.cell_id, "ok")
 
-    monkeypatch.setattr("bench.runner.run_cell", fake_run_cell)
+    monkeypatch.setattr("bench.cell.runner.run_cell", fake_run_cell)
     out = tmp_path / "r.jsonl"
     assert main([*RUN, "--device", "cpu", "--json", "--out", str(out)]) == 0
     assert [s.device for s in ran] == ["cpu"] and json.loads(out.read_text())["status"] == "ok"

@@ -6,9 +6,9 @@ import uuid
 import psutil
 import pytest
 
-from bench.deepspeed_config import deepspeed_config
-from bench.launch import NCCL_ENV_DEFAULTS, LaunchConfig, child_env, merge_ranks, torchrun_command
-from bench.runner import run_cell
+from bench.cell.runner import run_cell
+from bench.multigpu.deepspeed_config import deepspeed_config
+from bench.multigpu.launch import NCCL_ENV_DEFAULTS, LaunchConfig, child_env, merge_ranks, torchrun_command
 from bench.schema import FIELDS, check_row
 from bench.spec import CellSpec, SpecError
 from tests.conftest import TINY
@@ -115,7 +115,7 @@ def test_torchrun_command_single_node_and_multi_node(tmp_path):
     spec = CellSpec.create(**{**BASE, "method": "full"}, gpus=4, dist="fsdp2")
     one = torchrun_command(spec, tmp_path / "s.json", tmp_path, LaunchConfig(), 60, "abc")
     assert "--standalone" in one and one[one.index("--nproc-per-node") + 1] == "4"
-    assert one[one.index("-m", 2) + 1] == "bench.dist"
+    assert one[one.index("-m", 2) + 1] == "bench.multigpu.dist"
     env = {
         "FTMEM_NNODES": "2",
         "FTMEM_NODE_RANK": "1",
@@ -156,7 +156,7 @@ def test_host_memory_sampler_sees_a_child_tree(tmp_path):
     import subprocess
     import sys
 
-    from bench.procs import HostMemorySampler
+    from bench.cell.procs import HostMemorySampler
 
     script = "import subprocess, sys, time; b = bytearray(300 << 20); subprocess.run([sys.executable, '-c',"
     script += " 'b = bytearray(200 << 20); import time; time.sleep(1.5)']); time.sleep(0.2)"
@@ -169,8 +169,8 @@ def test_host_memory_sampler_sees_a_child_tree(tmp_path):
 
 
 def test_a_sigkilled_rank_on_an_exhausted_host_is_a_host_oom():
-    from bench.launch import host_exhausted
-    from bench.procs import HostMemorySampler
+    from bench.cell.procs import HostMemorySampler
+    from bench.multigpu.launch import host_exhausted
 
     host = HostMemorySampler()
     host.peak_tree_rss_bytes, host.total_bytes = 250 << 30, 256 << 30

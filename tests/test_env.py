@@ -1,4 +1,4 @@
-from bench import env
+from bench.cell import env
 
 
 def test_git_commit_override_wins_over_the_checkout(monkeypatch):

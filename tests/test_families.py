@@ -1,6 +1,6 @@
 """Every shipped family, held against transformers itself on CPU: the architecture description
-(bench.arch) against the models transformers builds, and the predictor's layer walk against what
-autograd really saves in each decoder layer (bench.probe)."""
+(bench.model.arch) against the models transformers builds, and the predictor's layer walk against what
+autograd really saves in each decoder layer (bench.model.probe)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import torch
 
 from analysis.predict import predict, setup
 from analysis.predict.step import layer_parts
-from bench.arch import FAMILIES, UnsupportedArchitecture, describe
-from bench.build import autocast_dtype, build_model, hf_config
-from bench.models import ARCHITECTURES, HUB_IDS, architecture, parameter_counts, resolve
-from bench.probe import saved_per_layer
-from bench.runner import run_cell
+from bench.cell.runner import run_cell
+from bench.model.arch import FAMILIES, UnsupportedArchitecture, describe
+from bench.model.build import autocast_dtype, build_model, hf_config
+from bench.model.probe import saved_per_layer
+from bench.model.registry import ARCHITECTURES, HUB_IDS, architecture, parameter_counts, resolve
 from bench.spec import CellSpec, SpecError
 
 TINY_FAMILIES = ("qwen3-tiny", "llama-tiny", "mistral-tiny", "qwen2-tiny", "phi3-tiny", "olmo2-tiny", "gemma3-tiny")
@@ -127,7 +127,7 @@ def test_walk_saves_what_autograd_saves(model, method, attn, precision):
     assert measured == walked
 
 
-@pytest.mark.parametrize("model", TINY_FAMILIES)
+@pytest.mark.parametrize("model", TINY_FAMILIES + TINY_MOE)
 def test_config_only_folder_runs_a_real_cell_and_is_predicted(tmp_path, model):
     config = {k: v for k, v in architecture(model).items() if not k.startswith("_")}
     if model == "gemma3-tiny":  # as a multimodal config: the language model is trained

@@ -1,4 +1,4 @@
-"""Tests of the memory predictor (analysis/predict.py), capacity, accuracy and the CLI. No torch, no GPU.
+"""Tests of the memory predictor (analysis/predict/), capacity, accuracy and the CLI. No torch, no GPU.
 
 Hand-computed values use the tiny config qwen3-tiny: hidden h=64, intermediate I=192, 2 layers, 4 query
 heads and 2 KV heads of head_dim 16 (q width 64, kv width 32), vocab V=1024, untied lm_head.
@@ -235,7 +235,7 @@ def test_components_sum_and_ordering():
 
 
 def test_predict_accepts_an_explicit_architecture():
-    from bench.models import architecture
+    from bench.model.registry import architecture
 
     arch = dict(architecture("qwen3-tiny"), num_hidden_layers=4)
     four = pr.predict({**TINY, "model": "my-tiny"}, arch=arch)
@@ -347,7 +347,7 @@ def test_frontier_cells_straddle_the_budget():
 
 
 class FakeRunner:
-    """Stands in for bench.runner.run_cell: ok when the cell's predicted peak x factor fits its budget."""
+    """Stands in for bench.cell.runner.run_cell: ok when the cell's predicted peak x factor fits its budget."""
 
     def __init__(self, factor: float):
         self.factor, self.calls = factor, []
@@ -437,7 +437,7 @@ def test_write_readme_section(tmp_path):
 
 # -- CLI and the no-torch rule ---------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
-    from analysis.predict_cli import register
+    from ftmem.commands.predict import register
 
     parser = argparse.ArgumentParser(prog="ftmem")
     register(parser.add_subparsers(dest="command", required=True))
@@ -486,7 +486,7 @@ def test_cli_predict_capacity_accuracy(capsys, tmp_path):
 
 
 def test_cli_capacity_verify_with_a_fake_runner(capsys, tmp_path, monkeypatch):
-    import analysis.predict_cli as cli
+    import ftmem.commands.predict as cli
 
     monkeypatch.setattr(cli, "_runner", lambda args: FakeRunner(1.0))
     args = _parser().parse_args(
@@ -515,7 +515,7 @@ def test_cli_capacity_verify_with_a_fake_runner(capsys, tmp_path, monkeypatch):
 
 def test_analysis_imports_no_torch():
     code = (
-        "import sys, analysis.predict, analysis.capacity, analysis.accuracy, analysis.predict_cli, bench.cli; "
+        "import sys, analysis.predict, analysis.capacity, analysis.accuracy, ftmem.commands.predict, ftmem.cli; "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

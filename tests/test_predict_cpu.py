@@ -3,7 +3,7 @@
 import pytest
 
 from analysis.predict import predict
-from bench.runner import run_cell
+from bench.cell.runner import run_cell
 from bench.spec import CellSpec
 
 

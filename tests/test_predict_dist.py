@@ -86,7 +86,7 @@ def test_zero2_tiny_lora_replicates_half_weights_and_shards_the_optimizer():
     assert terms["zero_adam_partition"] == 8 * TINY_LORA // 2
     assert terms["zero2_grad_partition"] == 2 * TINY_LORA // 2
     assert terms["zero_fp32_grads"] == terms["optimizer_transient"] == 4 * TINY_LORA // 2
-    # the ipg buffer (reduce_bucket_size of bench.deepspeed_config, bf16) exists only inside the backward
+    # the ipg buffer (reduce_bucket_size of bench.multigpu.deepspeed_config, bf16) exists only inside the backward
     assert "zero_ipg_bucket" not in terms
     backward = pr.zero_state_terms(st, cst, 2, "last_layer_backward")
     assert backward["zero_ipg_bucket"] == 500_000_000 * 2

@@ -13,8 +13,8 @@ from analysis import timeline as T
 from analysis.load import rows_to_frame
 from analysis.predict import predict
 from analysis.report import write_report
-from bench import artifacts
-from bench.runner import run_cell
+from bench.cell import artifacts
+from bench.cell.runner import run_cell
 from bench.schema import check_row
 from bench.spec import LATER_FIELDS, CellSpec, SpecError
 from tests.conftest import TINY
@@ -43,7 +43,7 @@ def test_profiled_cell_breakdown_sums_to_the_peak_and_matches_the_row(profiled):
     # The categories are the columns of the profiler's timeline at its peak: they sum to it exactly
     # (tolerance 0 bytes; every tensor byte on the device falls in one category, `other` included).
     assert sum(cats.values()) == row["profile_peak_bytes"] > 0
-    # Against the row's own figures (bench.build), within 1%: every parameter and the whole AdamW
+    # Against the row's own figures (bench.model.build), within 1%: every parameter and the whole AdamW
     # state are resident through the measured step; parameter bytes are the storages' bytes, the
     # state includes the 4-byte step counters as optimizer_state_bytes does.
     assert cats["parameters"] == pytest.approx(row["param_bytes"], rel=0.01)
@@ -77,7 +77,7 @@ def test_peak_phase_of_full_adamw_on_the_tiny_model(profiled):
     Measured step: P + 2P are resident from the start. In optimizer.step() the grads add P again (3.7 MB
     in all); early in backward the activations saved by the forward (about 1.1 MB, the logits among
     them) are still held, with the two gradients of the cross-entropy's backward on top (torch's
-    autograd detail, 256 KiB each, made and freed in backward: temporaries to bench.profile): about
+    autograd detail, 256 KiB each, made and freed in backward: temporaries to bench.cell.profile): about
     1.6 MB > P. So the profiled peak is in the measured step's backward, above the warm-up step's peak,
     with few gradients made yet."""
     _, row, results = profiled
@@ -149,7 +149,8 @@ def test_profile_flags_default_off_and_leave_cell_ids_unchanged():
 
 
 def test_cli_flags_come_from_the_spec():
-    from bench.cli import build_parser, spec_from_args
+    from ftmem.args import spec_from_args
+    from ftmem.cli import build_parser
 
     args = build_parser().parse_args(
         [
@@ -173,7 +174,7 @@ def test_cli_flags_come_from_the_spec():
 
 
 def constructed_timeline() -> dict:
-    """A made-up timeline in bench.profile's format: two steps, the peak in the second backward."""
+    """A made-up timeline in bench.cell.profile's format: two steps, the peak in the second backward."""
     cats = [
         "parameters",
         "gradients",
@@ -282,7 +283,7 @@ def test_tensors_the_profiler_cannot_place_are_placed_by_lifetime():
     import torch
     from torch.profiler._memory_profiler import Action
 
-    from bench.profile import BY_LIFETIME, TIMELINE_CATEGORIES, coalesce, row_categories
+    from bench.cell.profile import BY_LIFETIME, TIMELINE_CATEGORIES, coalesce, row_categories
 
     marks = [
         {"name": "step:warmup 1", "step": "warmup 1", "start": 0, "end": 100},
@@ -331,7 +332,7 @@ def profiled_qlora(tmp_path_factory):
 def test_qlora_peak_leaves_little_in_other(profiled_qlora):
     """The tiny QLoRA cell on CPU repeats what the H200 showed: torch's profiler files the frozen 4-bit
     weights and their quantization constants as inputs and the cross-entropy's two logit-sized
-    gradients as autograd detail (before bench.profile placed them: `other` 594,704 of 1,796,744 B at
+    gradients as autograd detail (before bench.cell.profile placed them: `other` 594,704 of 1,796,744 B at
     this peak, 33%). Placed, `other` keeps only the token batch (2 x 32 int64 = 512 B) and CPU
     allocations that hold no tensor: under 2% of the peak."""
     row, timeline = profiled_qlora
@@ -341,7 +342,7 @@ def test_qlora_peak_leaves_little_in_other(profiled_qlora):
     assert sum(cats.values()) == peak == timeline["peak"]["total"]  # every byte in one category
     assert cats["other"] < 0.02 * peak
     # The model's own state is parameters: the 4-bit weights, absmax and code, the fp32 embedding,
-    # norms and head, the LoRA adapters (row's param_bytes, bench.build.model_state), within 1%.
+    # norms and head, the LoRA adapters (row's param_bytes, bench.model.build.model_state), within 1%.
     assert cats["parameters"] == pytest.approx(row["param_bytes"], rel=0.01)
     at_peak = timeline["peak"]["categories"]
     assert at_peak["parameters_by_storage"] > 0 and at_peak["inputs"] == 2 * 32 * 8
@@ -362,7 +363,7 @@ def test_placement_of_what_torch_files_as_inputs_autograd_detail_or_unknown():
     import torch
     from torch.profiler._memory_profiler import Action, Category, Key, TensorKey, _Storage
 
-    from bench.profile import TIMELINE_CATEGORIES, coalesce, row_categories
+    from bench.cell.profile import TIMELINE_CATEGORIES, coalesce, row_categories
 
     marks = [
         {"name": "step:measured 1", "step": "measured 1", "start": 0, "end": 100},

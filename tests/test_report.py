@@ -21,12 +21,12 @@ from analysis import claims as C
 from analysis.fits import capacity_frontier, fit_families, fit_family, with_family
 from analysis.load import MalformedResults, load_results, predictor, rows_to_frame
 from analysis.report import build_report, write_report
-from analysis.report_cli import register
 from analysis.tables import claims_table, savings_table, smallest_card
 from bench.cards import CARD_MIB, GB, GIB, MIB
-from bench.models import architecture, parameter_counts
+from bench.model.registry import architecture, parameter_counts
 from bench.schema import new_row
 from bench.spec import CellSpec
+from ftmem.commands.report import register
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "report_rows.jsonl"
@@ -543,7 +543,7 @@ def test_cli_errors_exit_2(tmp_path, capsys):
 
 def test_analysis_never_imports_torch(tmp_path):
     code = (
-        "import sys; import analysis.report_cli; from analysis.report import write_report; "
+        "import sys; import ftmem.commands.report; from analysis.report import write_report; "
         "write_report([sys.argv[1]], sys.argv[2]); assert 'torch' not in sys.modules, 'torch was imported'"
     )
     result = subprocess.run(

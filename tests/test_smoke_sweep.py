@@ -18,7 +18,7 @@ def test_smoke_cpu_sweep_runs_every_method(tmp_path):
         [
             sys.executable,
             "-m",
-            "bench.cli",
+            "ftmem.cli",
             "sweep",
             str(ROOT / "sweeps" / "smoke-cpu.yaml"),
             "--out",

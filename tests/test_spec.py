@@ -1,7 +1,7 @@
 import pytest
 
 from bench.cards import CARD_MIB, budget_bytes
-from bench.models import ARCHITECTURES, architecture, lora_parameter_count, parameter_counts
+from bench.model.registry import ARCHITECTURES, architecture, lora_parameter_count, parameter_counts
 from bench.spec import CellSpec, SpecError
 
 BASE = {"model": "qwen3-14b", "method": "lora", "seq_len": 2048, "batch_size": 1}
@@ -156,8 +156,8 @@ def test_counts_past_any_real_cell_are_refused(key, value):
 def test_help_of_every_choice_flag_lists_exactly_the_allowed_values():
     import re
 
-    from bench.cli import build_parser
     from bench.spec import _CHOICES
+    from ftmem.cli import build_parser
 
     run = build_parser()._subparsers._group_actions[0].choices["run"]
     helps = {a.dest: a.help for a in run._actions}

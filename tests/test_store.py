@@ -13,7 +13,6 @@ import pytest
 import yaml
 
 from bench import store
-from bench.cli import main
 from bench.schema import new_row
 from bench.store import (
     MalformedRow,
@@ -24,8 +23,9 @@ from bench.store import (
     check_writable,
     read_rows,
 )
-from bench.sweep import parse_sweep
-from bench.sweep_run import make_plan, run_sweep
+from bench.sweep.grid import parse_sweep
+from bench.sweep.run import make_plan, run_sweep
+from ftmem.cli import main
 from tests.test_sweep_run import BASE, fake_runner
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +43,7 @@ def no_cells(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("a cell ran although the results file was refused")
 
-    monkeypatch.setattr("bench.runner.run_cell", boom)
+    monkeypatch.setattr("bench.cell.runner.run_cell", boom)
 
 
 # -- 1. a complete last row without its newline is kept -------------------------------------------
@@ -128,7 +128,7 @@ def test_a_device_or_fifo_is_refused_as_a_results_file(tmp_path):
     sweep_file.write_text(yaml.safe_dump({"name": "t", "base": BASE}))
     # Reading a FIFO without a writer would block for ever; the timeout catches a regression.
     done = subprocess.run(
-        [sys.executable, "-m", "bench.cli", "sweep", str(sweep_file), "--dry-run", "--out", str(fifo)],
+        [sys.executable, "-m", "ftmem.cli", "sweep", str(sweep_file), "--dry-run", "--out", str(fifo)],
         capture_output=True,
         text=True,
         timeout=60,

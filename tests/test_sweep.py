@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench.sweep import SweepError, expand, load_sweep, parse_sweep
+from bench.sweep.grid import SweepError, expand, load_sweep, parse_sweep
 
 BASE = {"model": "qwen3-tiny", "method": "lora", "seq_len": 32, "batch_size": 1, "device": "cpu"}
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,7 +149,7 @@ def test_guide_sweep_cites_claims_on_every_cell():
 
 
 def test_a_sweep_sets_its_cells_timeout_and_the_command_line_overrides_it(tmp_path, monkeypatch):
-    from bench import sweep_cli
+    from ftmem.commands import sweep as sweep_cli
 
     assert parse_sweep({"name": "t", "base": BASE, "timeout_s": 300}, "t.yaml").timeout_s == 300
     assert parse_sweep({"name": "t", "base": BASE}, "t.yaml").timeout_s is None
@@ -201,8 +201,8 @@ def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
 def test_a_huge_grid_is_refused_before_expanding_naming_its_axes(monkeypatch):
     import time
 
-    from bench import sweep as sweep_module
-    from bench.sweep import MAX_CELLS, check_size
+    from bench.sweep.grid import MAX_CELLS, check_size
+    from bench.sweep import grid as sweep_module
 
     values = list(range(1, 11))
     data = {"name": "t", "base": BASE, "axes": {k: values for k in ("seq_len", "batch_size", "lora_r")}}
@@ -221,7 +221,7 @@ def test_a_huge_grid_is_refused_before_expanding_naming_its_axes(monkeypatch):
 
 
 def test_the_count_is_what_expansion_gives_without_exclusions():
-    from bench.sweep import check_size
+    from bench.sweep.grid import check_size
 
     data = {
         "base": BASE,
@@ -236,7 +236,7 @@ def test_the_count_is_what_expansion_gives_without_exclusions():
 
 
 def test_the_cli_refuses_a_huge_sweep_and_max_cells_lets_it_through(tmp_path, capsys):
-    from bench.cli import main
+    from ftmem.cli import main
 
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump({"name": "t", "base": BASE, "axes": {"seq_len": list(range(1, 21))}}))

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench.runner import failure_row
+from bench.cell.rows import failure_row
 from bench.schema import new_row
 from bench.store import ResultsLocked, acquire, append_row, read_rows
-from bench.sweep import expand, parse_sweep
-from bench.sweep_run import Shard, make_plan, run_sweep
+from bench.sweep.grid import expand, parse_sweep
+from bench.sweep.run import Shard, make_plan, run_sweep
 
 BASE = {"model": "qwen3-tiny", "method": "lora", "seq_len": 32, "batch_size": 1, "device": "cpu"}
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,7 +24,7 @@ def sweep_of(axes, repeats=1):
 
 
 def fake_runner(oom_over_tokens=None, calls=None):
-    """Stands in for bench.runner.run_cell: OOM when seq*batch exceeds a threshold."""
+    """Stands in for bench.cell.runner.run_cell: OOM when seq*batch exceeds a threshold."""
 
     def run(spec, timeout_s, repeat=0):
         if calls is not None:
@@ -133,7 +133,7 @@ def test_kill_9_mid_cell_loses_only_that_cell(tmp_path):
         yaml.safe_dump({"name": "kill", "base": {**BASE, "steps": 1}, "axes": {"seq_len": [16, 32, 48]}})
     )
     out = tmp_path / "r.jsonl"
-    cmd = [sys.executable, "-m", "bench.cli", "sweep", str(sweep_file), "--out", str(out)]
+    cmd = [sys.executable, "-m", "ftmem.cli", "sweep", str(sweep_file), "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -156,7 +156,7 @@ def test_kill_9_mid_cell_loses_only_that_cell(tmp_path):
 
 
 def test_oom_rows_written_before_a_knob_existed_still_prune():
-    from bench.sweep_run import implied_oom
+    from bench.sweep.run import implied_oom
 
     old = {"cell_id": "old", "status": "oom", "spec": {**BASE, "seq_len": 32, "batch_size": 1}}
     new_spec = {**BASE, "seq_len": 64, "batch_size": 1, "profile_memory": False, "gpus": 1}
@@ -180,9 +180,9 @@ def test_stop_after_starts_no_cell_past_the_limit_and_resume_finishes(tmp_path):
 
 
 def _is_cell(proc) -> bool:
-    """A cell's process: a fresh bench.worker (--no-preload), or a child of the fork server (the default)."""
+    """A cell's process: a fresh bench.cell.worker (--no-preload), or a child of the fork server (the default)."""
     try:
-        if "bench.worker" in " ".join(proc.cmdline()):
+        if "bench.cell.worker" in " ".join(proc.cmdline()):
             return True
         parent = proc.parent()
         return parent is not None and "forkserver" in " ".join(parent.cmdline())
@@ -201,7 +201,7 @@ def _hanging_sweep(tmp_path, *args):
     cmd = [
         sys.executable,
         "-m",
-        "bench.cli",
+        "ftmem.cli",
         "sweep",
         str(sweep_file),
         "--out",
@@ -245,7 +245,7 @@ def test_kill_9_of_the_runner_takes_the_running_cell_with_it(tmp_path, args):
 
 
 def test_cells_keep_a_bytecode_cache_where_python_would_write_none(tmp_path):
-    from bench.procs import bytecode_cache_env
+    from bench.cell.procs import bytecode_cache_env
 
     off = bytecode_cache_env({"PYTHONDONTWRITEBYTECODE": "1", "FTMEM_PYCACHE": str(tmp_path / "pyc")})
     assert "PYTHONDONTWRITEBYTECODE" not in off and off["PYTHONPYCACHEPREFIX"] == str(tmp_path / "pyc")
@@ -255,7 +255,7 @@ def test_cells_keep_a_bytecode_cache_where_python_would_write_none(tmp_path):
 
 
 def test_an_empty_bytecode_cache_is_filled_once_before_the_cells(tmp_path, monkeypatch):
-    from bench import procs
+    from bench.cell import procs
 
     monkeypatch.setattr(procs, "WARM_IMPORTS", "import json")
     monkeypatch.delenv("PYTHONPYCACHEPREFIX", raising=False)
@@ -279,7 +279,7 @@ def test_preloaded_cells_are_forked_and_measured(tmp_path):
 
 
 def test_a_forked_cell_that_cannot_use_cuda_runs_again_fresh(monkeypatch):
-    from bench import runner
+    from bench.cell import runner
 
     monkeypatch.setattr(runner, "_fork_usable", True)
     monkeypatch.setenv("FTMEM_TEST_FAULT", "cudainit:build")  # fails in forked cells only
@@ -293,7 +293,7 @@ def test_a_forked_cell_that_cannot_use_cuda_runs_again_fresh(monkeypatch):
 def test_a_hanging_forked_cell_times_out_and_is_killed(monkeypatch):
     import psutil
 
-    from bench import runner
+    from bench.cell import runner
 
     monkeypatch.setattr(runner, "_fork_usable", True)
     monkeypatch.setenv("FTMEM_TEST_FAULT", "hang:first_step")
@@ -308,7 +308,7 @@ def test_a_hanging_forked_cell_times_out_and_is_killed(monkeypatch):
 
 
 def test_dry_run_estimates_time_from_the_cells_already_done(tmp_path):
-    from bench.sweep_cli import time_estimate
+    from ftmem.commands.sweep import time_estimate
 
     out = tmp_path / "r.jsonl"
     sweep = sweep_of({"seq_len": [16, 32, 48, 64]})
@@ -330,7 +330,7 @@ def _zero3_full_cell(offload: str):
 
 def test_dry_run_warns_when_zero_offload_may_not_fit_in_host_memory():
     from analysis.predict import predict
-    from bench.sweep_cli import host_memory_warning
+    from ftmem.commands.sweep import host_memory_warning
 
     offload, none = _zero3_full_cell("optimizer"), _zero3_full_cell("none")
     predicted = predict(offload.spec.to_dict())
@@ -343,7 +343,7 @@ def test_dry_run_warns_when_zero_offload_may_not_fit_in_host_memory():
 
 
 def test_only_runs_the_cells_whose_spec_matches(tmp_path):
-    from bench.sweep_run import Only
+    from bench.sweep.run import Only
 
     sweep = sweep_of({"seq_len": [16, 32, 48], "batch_size": [1, 2]})
     only = Only.parse(["seq_len=16", "seq_len=48", "batch_size=2"])  # (16 or 48) and batch 2
@@ -362,7 +362,7 @@ def test_only_runs_the_cells_whose_spec_matches(tmp_path):
     [("seq_len", "write KEY=VALUE"), ("=3", "write KEY=VALUE"), ("seqlen=3", "unknown key 'seqlen'")],
 )
 def test_only_rejects_bad_filters_naming_them(item, message):
-    from bench.sweep_run import Only
+    from bench.sweep.run import Only
 
     with pytest.raises(ValueError, match=message) as info:
         Only.parse([item])
@@ -370,7 +370,18 @@ def test_only_rejects_bad_filters_naming_them(item, message):
 
 
 def test_the_cli_forks_cells_by_default_and_no_preload_starts_them_fresh():
-    from bench.cli import build_parser
+    from ftmem.cli import build_parser
 
     assert build_parser().parse_args(["sweep", "s.yaml"]).preload is True
     assert build_parser().parse_args(["sweep", "s.yaml", "--no-preload"]).preload is False
+
+
+def test_killing_a_cell_that_still_shares_our_process_group_spares_us():
+    """A forked cell killed before it starts its own session shares the runner's process group: the
+    tree is killed, the group (the runner, and whatever started it) is not."""
+    from bench.cell.procs import kill_pid_tree
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    assert os.getpgid(child.pid) == os.getpgrp()
+    kill_pid_tree(child.pid)
+    assert child.wait(timeout=10) == -signal.SIGKILL  # the cell is gone, and this test still runs

@@ -6,7 +6,7 @@ defaults, adds a DeepSpeed JSON or accelerate config beside it, maps all of it o
 NVML process peak (analysis.check.advice), suggests re-predicted changes where it does not fit, and
 lists the closest measured rows (analysis.check.nearest). Keys that change memory in ways ftmem does not
 model are returned as `unmodelled`, keys it does not know as `unrecognised`: none is dropped silently.
-Imports no torch and nothing from bench.runner.
+Imports no torch and nothing from bench.cell.runner.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 (`dist`, `zero_offload`, `gpus`) with what ftmem does not model flagged. Imports no torch.
 
 ftmem's cells run DeepSpeed ZeRO-2/3 (optionally with optimizer / parameter offload to the CPU) and
-torch FSDP2 (fully_shard per decoder layer, resharded after forward); see bench/dist.py and
-bench/deepspeed_config.py. Anything else is either mapped to the closest of those with an
+torch FSDP2 (fully_shard per decoder layer, resharded after forward); see bench/multigpu/dist.py and
+bench/multigpu/deepspeed_config.py. Anything else is either mapped to the closest of those with an
 unmodelled key saying which way the prediction errs, or refused.
 """
 
@@ -357,7 +357,7 @@ def _accelerate_ds(path: Path, section: dict[str, Any]) -> DsPlan:
 
 
 # ------------------------------------------------------------------------------------------------
-# DeepSpeed memory knobs against the config ftmem's cells run (bench/deepspeed_config.py)
+# DeepSpeed memory knobs against the config ftmem's cells run (bench/multigpu/deepspeed_config.py)
 # ------------------------------------------------------------------------------------------------
 #: zero_optimization sizes whose larger values hold more memory.
 ZERO_SIZES = (

@@ -8,12 +8,11 @@ error comes back as a ConfigError naming the config key behind the spec field. I
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import bench.models
+import bench.model.registry
 from analysis.check.distributed import (
     AccelerateSetting,
     DsPlan,
@@ -24,8 +23,8 @@ from analysis.check.distributed import (
     load_ds_file,
 )
 from analysis.check.source import ConfigError, Reading, missing
-from bench.deepspeed_config import deepspeed_config
-from bench.models import LINEAR_PROJECTIONS, UnknownModelError, architecture
+from bench.model.registry import LINEAR_PROJECTIONS, UnknownModelError, architecture
+from bench.multigpu.deepspeed_config import deepspeed_config
 from bench.spec import DEEPSPEED_DISTS, CellSpec, SpecError
 
 #: peft utils/constants.py TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING: the targets peft picks when a
@@ -74,7 +73,7 @@ class Setup:
 
 def _resolve_model(name: str) -> str:
     """A model name as ftmem knows it: a shipped name or hub id, a folder, or the local HF cache."""
-    return bench.models.resolve(name)
+    return bench.model.registry.resolve(name)
 
 
 def _model(r: Reading, setup: Setup) -> tuple[str, dict]:
@@ -98,7 +97,7 @@ def _model_dtype(arch: dict, name: str, r: Reading) -> str:
     value = (
         arch.get("dtype")
         or arch.get("torch_dtype")
-        or ("bfloat16" if name in bench.models.ARCHITECTURES else None)
+        or ("bfloat16" if name in bench.model.registry.ARCHITECTURES else None)
     )
     if value not in TORCH_DTYPES:
         raise ConfigError(

@@ -3,7 +3,7 @@
 `predict(spec)` is the entry point (a CellSpec or a dict of one). The parts, one concern each:
 `resolve` (the spec resolved into the architecture and the dtypes bench builds), `state` (weights,
 adapters, gradients, optimizer state), `graph` and `layer` (the op-by-op walk of a decoder layer, read
-from the architecture description in bench.arch), `head` (final norm, lm_head, loss), `step` (the
+from the architecture description in bench.model.arch), `head` (final norm, lm_head, loss), `step` (the
 moments of a step and the single-GPU answer), `dist` (what one rank of a multi-GPU cell holds) and
 `calibration` (every empirical constant, in one place).
 """
@@ -12,6 +12,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from analysis.predict.attention import (
+    attention_eager,
+    attention_flash,
+    attention_kernel,
+    attention_masked,
+    attention_math,
+    eager_mask_bytes,
+)
 from analysis.predict.calibration import CALIBRATION, CALIBRATION_CELL_IDS, DIST_ESTIMATES
 from analysis.predict.dist import (
     compute_setup,
@@ -30,23 +38,7 @@ from analysis.predict.dist import (
 )
 from analysis.predict.graph import Graph, T
 from analysis.predict.head import fused_loss_bytes, head_graph, loss_bytes
-from analysis.predict.attention import (
-    attention_eager,
-    attention_flash,
-    attention_kernel,
-    attention_masked,
-    attention_math,
-    eager_mask_bytes,
-)
 from analysis.predict.layer import layer_graph, stream_dtype
-from analysis.predict.step import (
-    Parts,
-    allocator_slack,
-    layer_backward_moments,
-    moments,
-    parts,
-    predict_single,
-)
 from analysis.predict.resolve import Prediction, Setup, as_spec, notes, setup
 from analysis.predict.state import (
     adapter_bytes,
@@ -58,7 +50,15 @@ from analysis.predict.state import (
     unquantized_weight_bytes,
     weight_bytes,
 )
-from bench.arch import UnsupportedArchitecture
+from analysis.predict.step import (
+    Parts,
+    allocator_slack,
+    layer_backward_moments,
+    moments,
+    parts,
+    predict_single,
+)
+from bench.model.arch import UnsupportedArchitecture
 from bench.spec import CellSpec
 
 
@@ -75,7 +75,7 @@ def fits_budget(prediction: Prediction, budget: int) -> bool:
     """Does the cell fit a card of `budget` bytes (its nvidia-smi total)? A card runs out when the process's
     memory as nvidia-smi shows it reaches the total, so the predicted NVML process peak must fit: allocated,
     the allocator's slack, the CUDA context and the memory outside torch (the harness's own verdict,
-    bench.measure: the run under the cap, confirmed by NVML)."""
+    bench.cell.measure: the run under the cap, confirmed by NVML)."""
     return nvml_uncapped(prediction) <= budget
 
 

@@ -3,7 +3,7 @@
 Single-GPU constants were fit on results/nvidia-h200-x1/foundation.jsonl (H200, driver 580.159.04, torch
 2.11, transformers 5.17, peft 0.21): Qwen3-14B LoRA r=8 bf16_mixed sdpa, row A = seq 2048 b1 GC off, row B
 = seq 2048 b1 GC on, row C = seq 4096 b4 GC on. No family has constants of its own: the same calibration
-serves every architecture (bench.arch), whose terms come from the libraries' code.
+serves every architecture (bench.model.arch), whose terms come from the libraries' code.
 """
 
 from __future__ import annotations
@@ -46,6 +46,6 @@ DIST_ESTIMATES: dict[str, float] = {
     "zero_ipg_buckets": 1,
 }
 
-#: DeepSpeed's default sub_group_size (not set by bench.deepspeed_config): ZeRO-3 steps the optimizer
+#: DeepSpeed's default sub_group_size (not set by bench.multigpu.deepspeed_config): ZeRO-3 steps the optimizer
 #: over its fp32 partition in sub-groups of this many elements.
 ZERO3_SUB_GROUP = 1_000_000_000

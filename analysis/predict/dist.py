@@ -1,4 +1,4 @@
-"""Several GPUs: what one rank holds (bench/dist.py). Every rank holds alike (sharding is even up to
+"""Several GPUs: what one rank holds (bench/multigpu/dist.py). Every rank holds alike (sharding is even up to
 padding), so one rank's figure is the row's headline (the max over ranks).
 
 The activations come from the same walk on the module the ranks really run (`compute_setup`), and the
@@ -14,7 +14,6 @@ import dataclasses
 from typing import Any
 
 from analysis.predict.calibration import CALIBRATION, DIST_ESTIMATES, ZERO3_SUB_GROUP
-from analysis.predict.step import Parts, allocator_slack, capped_reserved, moments, nonzero, parts
 from analysis.predict.resolve import BYTES, Prediction, Setup
 from analysis.predict.state import (
     grad_bytes,
@@ -25,7 +24,8 @@ from analysis.predict.state import (
     trainable_shapes,
     weight_bytes,
 )
-from bench.deepspeed_config import deepspeed_config
+from analysis.predict.step import Parts, allocator_slack, capped_reserved, moments, nonzero, parts
+from bench.multigpu.deepspeed_config import deepspeed_config
 from bench.spec import DEEPSPEED_DISTS, CellSpec
 
 #: Model-state terms of the single-GPU moments, replaced by a strategy's own (`dist_moments`).
@@ -51,7 +51,7 @@ def _half(spec: CellSpec) -> str | None:
 def compute_setup(st: Setup) -> Setup:
     """The module the ranks run forward and backward on, which fixes the activations' dtypes.
 
-    DeepSpeed (bench.dist): under *_mixed the module is built in the half dtype (the engine holds it there
+    DeepSpeed (bench.multigpu.dist): under *_mixed the module is built in the half dtype (the engine holds it there
     and runs without autocast; fp32 masters live in the ZeRO optimizer), so every weight, adapter and the
     residual stream are half. FSDP2 under *_mixed: the MixedPrecisionPolicy all-gathers the fp32 shards
     as param_dtype = the autocast dtype, so the weights matmuls see are half (autocast's weight casts
@@ -87,7 +87,7 @@ def trainable_elements(st: Setup) -> tuple[int, int, int]:
 
 
 def ddp_bucket_bytes(st: Setup) -> int:
-    """DDP's gradient buckets. bench.dist wraps with torch's defaults: gradient_as_bucket_view=False and
+    """DDP's gradient buckets. bench.multigpu.dist wraps with torch's defaults: gradient_as_bucket_view=False and
     bucket_cap_mb=25 (the first bucket 1 MiB). The Reducer allocates, when DDP wraps the model, one flat
     tensor per bucket holding every trainable parameter's grad in its dtype and keeps them: .grad is
     copied in, all-reduced, copied back. The cap only splits them, so the buckets are one more copy of
@@ -147,7 +147,7 @@ def fsdp2_grad_terms(st: Setup, cst: Setup, world: int, moment: str) -> dict[str
 
 
 def zero_config(st: Setup) -> dict[str, Any]:
-    """zero_optimization of bench.deepspeed_config for this cell (bucket sizes, thresholds, offload)."""
+    """zero_optimization of bench.multigpu.deepspeed_config for this cell (bucket sizes, thresholds, offload)."""
     return deepspeed_config(st.spec)["zero_optimization"]
 
 

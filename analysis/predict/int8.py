@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from functools import cache
 
-from bench.models import INIT_STD
+from bench.model.registry import INIT_STD
 
 THRESHOLD = 6.0
 

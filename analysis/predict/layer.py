@@ -1,4 +1,4 @@
-"""The op-by-op walk of one decoder layer, read from the architecture description (bench.arch): norms,
+"""The op-by-op walk of one decoder layer, read from the architecture description (bench.model.arch): norms,
 attention (q/k/v or a fused qkv, QK-norm, RoPE, a kernel), a residual add, the MLP (gated, or the
 mixture-of-experts block), a residual add, in the order and placement the family's modeling file uses.
 """

@@ -27,7 +27,7 @@ class Linear:
     dtype: str
     trainable: bool
     lora: bool
-    role: str  # q, k, v, qkv, o, gate, up, gate_up, down (bench.arch.Proj)
+    role: str  # q, k, v, qkv, o, gate, up, gate_up, down (bench.model.arch.Proj)
 
 
 def _weight_cast(g: Graph, name: str, numel: int, dtype: str, trainable: bool, saved: bool) -> None:

@@ -1,4 +1,4 @@
-"""The spec, resolved into what bench.build really makes of it: the architecture description, storage
+"""The spec, resolved into what bench.model.build really makes of it: the architecture description, storage
 dtypes, autocast, what is trainable, and the answer ftmem gives (`Prediction`)."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from bench.arch import GATED_ACTIVATIONS, Arch, UnsupportedArchitecture, describe
-from bench.models import ARCHITECTURES, architecture
+from bench.model.arch import GATED_ACTIVATIONS, Arch, UnsupportedArchitecture, describe
+from bench.model.registry import ARCHITECTURES, architecture
 from bench.spec import KBIT_METHODS, LORA_METHODS, CellSpec
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "uint8": 1, "bool": 1, "int32": 4, "int64": 8}
@@ -37,14 +37,14 @@ class Prediction:
 
 @dataclass(frozen=True)
 class Setup:
-    """What bench.build makes of a spec: the architecture, storage dtypes, autocast, what is trainable."""
+    """What bench.model.build makes of a spec: the architecture, storage dtypes, autocast, what is trainable."""
 
     spec: CellSpec
     arch: dict
     desc: Arch
     tokens: int  # tokens of one micro-batch (seq_len x batch_size); grad_accum does not multiply activations
     autocast: str | None  # bf16 / fp16 under *_mixed, None otherwise
-    base: str  # storage dtype of unquantized decoder weights (bench.build.base_dtype)
+    base: str  # storage dtype of unquantized decoder weights (bench.model.build.base_dtype)
     other: str  # embedding, lm_head, norm weights and biases: fp32 after prepare_model_for_kbit_training
     quant: str | None  # nf4 / fp4 / int8 for the k-bit methods
     adapter: str | None  # LoRA adapter dtype
@@ -71,7 +71,7 @@ class Setup:
 
 
 def _base_dtype(spec: CellSpec) -> str:
-    """bench.build.base_dtype: full fine-tuning under *_mixed keeps fp32 weights (they are the master copy);
+    """bench.model.build.base_dtype: full fine-tuning under *_mixed keeps fp32 weights (they are the master copy);
     a frozen LoRA / k-bit base is stored in the half dtype, as users load it."""
     if spec.precision == "fp32":
         return "fp32"
@@ -140,7 +140,7 @@ def promote(a: str, b: str) -> str:
 
 
 def as_spec(spec: dict | CellSpec, arch: dict | None) -> CellSpec:
-    """A validated CellSpec; with an explicit `arch`, a model name unknown to bench.models is allowed."""
+    """A validated CellSpec; with an explicit `arch`, a model name unknown to bench.model.registry is allowed."""
     if isinstance(spec, CellSpec):
         return spec
     data = dict(spec)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from analysis.predict.attention import eager_mask_bytes
 from analysis.predict.calibration import CALIBRATION
 from analysis.predict.graph import Graph
 from analysis.predict.head import head_graph, loss_bytes
-from analysis.predict.attention import eager_mask_bytes
 from analysis.predict.layer import layer_graph, stream_dtype
-from analysis.predict.resolve import BYTES, Prediction, Setup
 from analysis.predict.moe import router_aux_loss_bytes
+from analysis.predict.resolve import BYTES, Prediction, Setup
 from analysis.predict.state import (
     adapter_bytes,
     decoder_weight_bytes,

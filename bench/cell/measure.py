@@ -1,4 +1,4 @@
-"""The measurement routine of one cell. It runs inside a fresh worker process (bench.worker).
+"""The measurement routine of one cell. It runs inside a fresh worker process (bench.cell.worker).
 
 On CUDA, in order:
 1. NVML device baseline, then the CUDA context alone: `context_bytes` is NVML's figure for this
@@ -28,8 +28,9 @@ from typing import Any
 import psutil
 import torch
 
-from bench import build, moe, nvml, profile, train
 from bench.cards import gib
+from bench.cell import nvml, profile
+from bench.model import build, moe, train
 from bench.spec import CellSpec
 
 _OOM_SIZE = re.compile(r"Tried to allocate ([\d.]+) (GiB|MiB|KiB|B)")
@@ -95,7 +96,7 @@ class CellRun:
         self.phase = "setup"
         # The cap the cell runs under (null without one), recorded whatever the outcome.
         self.values: dict[str, Any] = {"budget_bytes": spec.budget_bytes}
-        self.profiler: profile.CellProfiler | None = None  # profile_memory / snapshot (bench.profile)
+        self.profiler: profile.CellProfiler | None = None  # profile_memory / snapshot (bench.cell.profile)
         self.clock = StartupClock()
 
     # -- phases ------------------------------------------------------------------------------
@@ -211,14 +212,14 @@ class CellRun:
 
     # -- helpers -----------------------------------------------------------------------------
     def _build_model(self):
-        """The model of the build phase (bench.dist.RankCellRun builds ZeRO-3 models partitioned)."""
+        """The model of the build phase (bench.multigpu.dist.RankCellRun builds ZeRO-3 models partitioned)."""
         stages = build.BuildStages(self.device)
         model = build.build_model(self.spec, self.device, stages)
         self.values["build_breakdown_s"] = stages.seconds
         return model
 
     def _training(self, model) -> tuple[Any, train.Stepper]:
-        """(optimizer, stepper) of the training phases; bench.dist wraps the model first (DDP, FSDP2, DeepSpeed)."""
+        """(optimizer, stepper) of the training phases; bench.multigpu.dist wraps the model first (DDP, FSDP2, DeepSpeed)."""
         optimizer = train.make_optimizer(self.spec, model)
         return optimizer, train.Stepper(self.spec, model, optimizer, self.device)
 
@@ -289,7 +290,7 @@ class CellRun:
 
 def measure(spec: CellSpec, cell_class: type[CellRun] = CellRun) -> tuple[str, str | None, dict[str, Any]]:
     """Run the cell; return (status, error message, measured values). Never raises for a cell failure."""
-    cell = cell_class(spec)  # bench.dist.RankCellRun for a rank of a multi-GPU cell
+    cell = cell_class(spec)  # bench.multigpu.dist.RankCellRun for a rank of a multi-GPU cell
     status, error = "ok", None
     with nvml.PeakSampler() as sampler:
         try:

@@ -16,8 +16,9 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-from bench.nvml import Sampling
+from bench.cell.nvml import Sampling
 
 _PR_SET_PDEATHSIG = 1
 PARENT_ENV = "FTMEM_PARENT_PID"
@@ -53,16 +54,23 @@ def kill_tree(proc: subprocess.Popen) -> None:
 
 
 def kill_pid_tree(pid: int) -> list:
-    """SIGKILL process `pid`, its process group and its descendants; returns the descendants."""
+    """SIGKILL process `pid`, its process group and its descendants; returns the descendants.
+
+    A group is killed only when it is not this process's own: a cell caught before it starts its own
+    session (a forked cell killed in its first instant) still shares the runner's group, and killing that
+    group would kill the runner and whatever started it (a shell, a test runner)."""
     import psutil
 
     try:
         tree = psutil.Process(pid).children(recursive=True)
     except psutil.Error:
         tree = []
+    own = os.getpgrp()
     for each in [pid] + [p.pid for p in tree]:
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(os.getpgid(each), signal.SIGKILL)
+            group = os.getpgid(each)
+            if group != own:
+                os.killpg(group, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(each, signal.SIGKILL)
     return tree
@@ -109,8 +117,8 @@ def bytecode_cache_env(child: dict[str, str]) -> dict[str, str]:
     return child
 
 
-#: What every cell imports before it measures (bench.build imports the rest by method).
-WARM_IMPORTS = "import bench.measure, transformers.models.qwen3.modeling_qwen3, peft"
+#: What every cell imports before it measures (bench.model.build imports the rest by method).
+WARM_IMPORTS = "import bench.cell.measure, transformers.models.qwen3.modeling_qwen3, peft"
 
 
 def warm_bytecode_cache(child: dict[str, str], timeout_s: float = 600.0) -> float | None:
@@ -183,3 +191,14 @@ class HostMemorySampler(Sampling):
                     rss += proc.memory_info().rss
         if rss:
             self.peak_tree_rss_bytes = max(rss, self.peak_tree_rss_bytes or 0)
+
+
+def cell_env() -> dict[str, str]:
+    """The environment of a cell's process: this one's, with ftmem importable, offline, and a
+    bytecode cache where Python keeps none (bytecode_cache_env)."""
+    child = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])
+    child["PYTHONPATH"] = os.pathsep.join(p for p in (root, child.get("PYTHONPATH")) if p)
+    child.setdefault("TOKENIZERS_PARALLELISM", "false")
+    child.setdefault("HF_HUB_OFFLINE", "1")
+    return bytecode_cache_env(child)

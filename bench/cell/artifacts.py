@@ -1,6 +1,6 @@
 """Where a cell's artifact files go (memory timelines, allocator snapshots). No torch here.
 
-The parent (bench.runner.run_cell) picks an artifacts folder and tells the worker through the
+The parent (bench.cell.runner.run_cell) picks an artifacts folder and tells the worker through the
 environment: FTMEM_ARTIFACTS_DIR (absolute folder) and FTMEM_ARTIFACTS_STEM (`<cell_id>-r<repeat>`).
 The worker writes absolute paths into the row; the parent rewrites them relative to the folder the
 results file lives in (`base`), so a results folder moved as a whole keeps its links.

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from bench import nvml
+from bench.cell import nvml
 
 PACKAGES = {
     "torch": "torch",
@@ -56,7 +56,7 @@ def git_commit() -> tuple[str | None, bool | None]:
     override = os.environ.get("FTMEM_GIT_COMMIT")
     if override:
         return override, os.environ.get("FTMEM_GIT_DIRTY") == "1"
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10

@@ -28,8 +28,8 @@ from typing import Any
 
 import yaml
 
-from bench import yaml_strict
 from bench.spec import CellSpec, SpecError, check_field
+from bench.sweep import yaml_strict
 
 SWEEP_KEYS = (
     "name",

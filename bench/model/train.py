@@ -7,7 +7,7 @@ import contextlib
 import torch
 from torch import nn
 
-from bench.build import autocast_dtype
+from bench.model.build import autocast_dtype
 from bench.spec import CellSpec
 
 
@@ -50,7 +50,7 @@ class Stepper:
         self.autocast = autocast_dtype(spec)
         self.scaler = torch.amp.GradScaler(device.type) if spec.precision == "fp16_mixed" else None
         self.last_loss: float | None = None
-        #: Optional name -> context manager around each part of the step (bench.profile's markers).
+        #: Optional name -> context manager around each part of the step (bench.cell.profile's markers).
         self.marker = None
 
     def _mark(self, name: str):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -12,8 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import artifacts, env, schema
-from bench.procs import bytecode_cache_env, parent_env, wait_or_kill_tree
+from bench.cell import artifacts
+from bench.cell.procs import cell_env, parent_env, wait_or_kill_tree
+from bench.cell.rows import failure_row
 from bench.spec import CellSpec
 
 DEFAULT_TIMEOUT_S = 900.0
@@ -34,13 +34,13 @@ def run_cell(
     """Measure `spec` in a new process; return its row (status ok/oom/error/timeout).
 
     The process is a fresh interpreter, or with `preload` one forked from a server that imported
-    torch and transformers once (bench.forked); should forked cells fail to initialise CUDA, the
+    torch and transformers once (bench.cell.forked); should forked cells fail to initialise CUDA, the
     cell runs again fresh and so does every later one. Artifact files (memory timelines, allocator
-    snapshots) go to `artifacts_dir` (bench.artifacts: default runs/artifacts); the row's paths to
+    snapshots) go to `artifacts_dir` (bench.cell.artifacts: default runs/artifacts); the row's paths to
     them are relative to that folder's parent."""
     global _fork_usable
     if spec.gpus > 1 or spec.dist != "none":  # multi-GPU cells: torchrun, one JSON per rank
-        from bench.launch import run_dist_cell
+        from bench.multigpu.launch import run_dist_cell
 
         return {**run_dist_cell(spec, timeout_s=timeout_s, repeat=repeat), "cell_process": "fresh"}
     forked = preload and _fork_usable
@@ -59,7 +59,7 @@ def _measure(spec: CellSpec, env: dict[str, str], timeout_s: float, forked: bool
         spec_path.write_text(json.dumps(spec.to_dict()))
         start = time.monotonic()
         if forked:
-            from bench import forked as fork_server
+            from bench.cell import forked as fork_server
 
             timed_out, code = fork_server.run(spec_path, row_path, log_path, env, timeout_s)
         else:
@@ -80,10 +80,10 @@ def _measure(spec: CellSpec, env: dict[str, str], timeout_s: float, forked: bool
 def _run_fresh(
     spec_path: Path, row_path: Path, log_path: Path, env: dict[str, str], timeout_s: float
 ) -> tuple[bool, int | None]:
-    """A new interpreter running bench.worker; (timed out, exit code)."""
+    """A new interpreter running bench.cell.worker; (timed out, exit code)."""
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.worker", str(spec_path), str(row_path)],
+            [sys.executable, "-m", "bench.cell.worker", str(spec_path), str(row_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -91,23 +91,3 @@ def _run_fresh(
         )
         timed_out = wait_or_kill_tree(proc, timeout_s)
     return timed_out, proc.returncode
-
-
-def cell_env() -> dict[str, str]:
-    """The environment of a cell's process: this one's, with ftmem importable, offline, and a
-    bytecode cache where Python keeps none (bench.procs.bytecode_cache_env)."""
-    child = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
-    child["PYTHONPATH"] = os.pathsep.join(p for p in (root, child.get("PYTHONPATH")) if p)
-    child.setdefault("TOKENIZERS_PARALLELISM", "false")
-    child.setdefault("HF_HUB_OFFLINE", "1")
-    return bytecode_cache_env(child)
-
-
-def failure_row(spec: CellSpec, status: str, error: str, **values: Any) -> dict[str, Any]:
-    """A row written by the parent (timeout, crash, skipped), with the parent's view of the environment."""
-    row = schema.new_row(spec.to_dict(), spec.cell_id, status=status, error=error, **values)
-    if spec.budget_bytes is not None:
-        row["budget_bytes"] = spec.budget_bytes
-    row["env"] = env.collect()
-    return row

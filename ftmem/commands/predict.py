@@ -1,7 +1,7 @@
-"""`ftmem predict | capacity | accuracy`: the predictor's subcommands, registered by bench.cli.
+"""`ftmem predict | capacity | accuracy`: the predictor's subcommands, registered by ftmem.cli.
 
 Each command's `func(args)` returns an exit code. Only `capacity --verify` touches the GPU (through
-bench.runner.run_cell, imported there and then); the rest is pure prediction and imports no torch.
+bench.cell.runner.run_cell, imported there and then); the rest is pure prediction and imports no torch.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def _verdict(pred: Prediction, budget: int, margin: float) -> str:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from bench.cli import spec_from_args
+    from ftmem.args import spec_from_args
 
     spec = spec_from_args(args)
     pred = predict(spec)
@@ -90,7 +90,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def _capacity_base(args: argparse.Namespace) -> dict[str, Any]:
     """The spec without seq_len / batch_size (swept) and without the budget (given apart)."""
-    from bench.cli import spec_from_args
+    from ftmem.args import spec_from_args
 
     if args.seq_len is None:
         args.seq_len = min(args.seq_lens)
@@ -141,10 +141,10 @@ def cmd_capacity(args: argparse.Namespace) -> int:
 
 
 def _runner(args: argparse.Namespace):
-    """bench.runner.run_cell, appending each row to --out as it comes; a cell this machine cannot
+    """bench.cell.runner.run_cell, appending each row to --out as it comes; a cell this machine cannot
     run (no CUDA) is refused before it starts, so the first refusal comes before any row."""
+    from bench.cell.runner import run_cell
     from bench.devices import require_cuda
-    from bench.runner import run_cell
     from bench.store import append_row
 
     def run(spec):
@@ -169,10 +169,10 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    """Add the predict, capacity and accuracy subcommands to bench.cli's parser."""
+    """Add the predict, capacity and accuracy subcommands to ftmem.cli's parser."""
     from analysis.capacity import BATCH_SIZES, SEQ_LENS
-    from bench.argtypes import positive_int_list, positive_seconds
-    from bench.cli import add_spec_arguments
+    from ftmem.args import add_spec_arguments
+    from ftmem.argtypes import positive_int_list, positive_seconds
 
     p = subparsers.add_parser("predict", help="predict the GPU memory of one cell (no GPU needed)")
     add_spec_arguments(p, required=("model", "method", "seq_len", "batch_size"))

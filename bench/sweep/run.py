@@ -21,13 +21,15 @@ from typing import Any
 
 import yaml
 
-from bench import artifacts, schema
+from bench import schema
+from bench.cell import artifacts
+from bench.cell.procs import cell_env, warm_bytecode_cache
+from bench.cell.rows import failure_row
+from bench.cell.runner import DEFAULT_TIMEOUT_S, run_cell
 from bench.devices import require_cuda
-from bench.procs import warm_bytecode_cache
-from bench.runner import DEFAULT_TIMEOUT_S, cell_env, failure_row, run_cell
 from bench.spec import CellSpec, at_later_default
 from bench.store import RESUME_KEYS, append_row, held, read_rows
-from bench.sweep import Cell, Sweep, expand
+from bench.sweep.grid import Cell, Sweep, expand
 
 RETRYABLE = ("error", "timeout")
 
@@ -177,7 +179,7 @@ def run_plan(
 ) -> list[dict[str, Any]]:
     """Run every cell still to do, appending each row at once. Returns the rows written.
     With `preload`, cells are forked from a server that imported torch and transformers once
-    (bench.forked).
+    (bench.cell.forked).
 
     With `stop_after_s`, no cell starts once that many seconds have passed (the one running
     finishes, within its timeout); running the sweep again resumes with the rest."""
@@ -185,7 +187,7 @@ def run_plan(
     written: list[dict[str, Any]] = []
     ooms = [r for r in plan.done.values() if r["status"] == "oom"]
     real_cells = runner is run_cell
-    if real_cells:  # artifact files (bench.artifacts) beside the results file
+    if real_cells:  # artifact files (bench.cell.artifacts) beside the results file
         runner = functools.partial(run_cell, artifacts_dir=artifacts.beside(out_path), preload=preload)
     total = len(plan.todo) + len(plan.invalid)
 

@@ -24,15 +24,15 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from bench.argtypes import positive_int, positive_seconds
 from bench.cards import gib
+from bench.cell.procs import terminate_as_interrupt
+from bench.cell.runner import DEFAULT_TIMEOUT_S
 from bench.devices import NoCuda, require_cuda
-from bench.procs import terminate_as_interrupt
-from bench.runner import DEFAULT_TIMEOUT_S
 from bench.spec import FIELD_NAMES, CellSpec
 from bench.store import RESUME_KEYS, ResultsError, read_rows
-from bench.sweep import MAX_CELLS, Sweep, SweepError, check_size, load_sweep
-from bench.sweep_run import Only, Plan, Shard, make_plan, run_sweep
+from bench.sweep.grid import MAX_CELLS, Sweep, SweepError, check_size, load_sweep
+from bench.sweep.run import Only, Plan, Shard, make_plan, run_sweep
+from ftmem.argtypes import positive_int, positive_seconds
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -1,14 +1,14 @@
-"""One rank of a multi-GPU cell, run by torchrun (bench.launch starts it):
+"""One rank of a multi-GPU cell, run by torchrun (bench.multigpu.launch starts it):
 
-    python -m torch.distributed.run --nproc-per-node N ... -m bench.dist SPEC.json OUTDIR
+    python -m torch.distributed.run --nproc-per-node N ... -m bench.multigpu.dist SPEC.json OUTDIR
 
-Each rank measures like a single-GPU cell (bench.measure.CellRun: context, budget, build, first
+Each rank measures like a single-GPU cell (bench.cell.measure.CellRun: context, budget, build, first
 step, steady steps, per-phase peaks, OOM as data) on its own device cuda:LOCAL_RANK, with the
 model wrapped the way the spec's `dist` says:
 - ddp: torch DistributedDataParallel (no_sync on all but the last micro-batch);
 - fsdp2: torch.distributed.fsdp.fully_shard on every decoder layer, then the root, with a
   MixedPrecisionPolicy (param_dtype = the autocast dtype, fp32 reduce) under *_mixed;
-- deepspeed_zero2 / deepspeed_zero3: deepspeed.initialize with bench.deepspeed_config's config
+- deepspeed_zero2 / deepspeed_zero3: deepspeed.initialize with bench.multigpu.deepspeed_config's config
   (its AdamW); ZeRO-3 models are built on the CPU and partitioned onto the GPUs with
   deepspeed.zero.Init(module=...), so no rank ever holds the whole model (as HF's zero.Init loading).
 Every rank writes OUTDIR/rank<RANK>.json (its values, status, error) and exits 3 after a failure,
@@ -31,9 +31,9 @@ from typing import Any
 
 import torch
 
-from bench import build, train
-from bench.measure import CellRun
-from bench.procs import die_with_parent
+from bench.cell.measure import CellRun
+from bench.cell.procs import die_with_parent
+from bench.model import build, train
 from bench.spec import DEEPSPEED_DISTS, CellSpec
 
 FAILED_EXIT_CODE = 3
@@ -107,7 +107,7 @@ class RankCellRun(CellRun):
             self.device = torch.device("cuda", self.info["local_rank"])
         self.ds_config = None
         if spec.dist in DEEPSPEED_DISTS:
-            from bench.deepspeed_config import deepspeed_config
+            from bench.multigpu.deepspeed_config import deepspeed_config
 
             self.ds_config = deepspeed_config(spec, self.info["world_size"])
 
@@ -193,9 +193,9 @@ def shard_fsdp2(model, spec: CellSpec, device: torch.device, world_size: int) ->
 def main(argv: list[str]) -> int:
     spec_path, out_dir = Path(argv[0]), Path(argv[1])
     timeout_s = float(argv[2]) if len(argv) > 2 else 1800.0
-    die_with_parent(check_env=False)  # the parent is torchrun's agent (bench.procs)
-    from bench import env
-    from bench.measure import measure
+    die_with_parent(check_env=False)  # the parent is torchrun's agent (bench.cell.procs)
+    from bench.cell import env
+    from bench.cell.measure import measure
 
     spec = CellSpec.from_dict(json.loads(spec_path.read_text()))
     info = rank_info()

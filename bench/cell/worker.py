@@ -1,11 +1,11 @@
 """Entry point of the process that measures one cell.
 
-    python -m bench.worker SPEC.json ROW.json
+    python -m bench.cell.worker SPEC.json ROW.json
 
-(or forked_main, in a process forked from the preloaded server: bench.forked).
+(or forked_main, in a process forked from the preloaded server: bench.cell.forked).
 
-Reads the spec, measures it (bench.measure), writes the row atomically. The parent
-(bench.runner) owns the timeout and writes the row itself if this process dies without one.
+Reads the spec, measures it (bench.cell.measure), writes the row atomically. The parent
+(bench.cell.runner) owns the timeout and writes the row itself if this process dies without one.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from pathlib import Path
 
 def main(argv: list[str]) -> int:
     spec_path, row_path = Path(argv[0]), Path(argv[1])
-    from bench import env, schema
+    from bench import schema
+    from bench.cell import env
     from bench.spec import CellSpec
 
     spec = CellSpec.from_dict(json.loads(spec_path.read_text()))
-    from bench.measure import measure  # imports torch
+    from bench.cell.measure import measure  # imports torch
 
     status, error, values = measure(spec)
     import torch
@@ -36,10 +37,10 @@ def main(argv: list[str]) -> int:
 
 
 def forked_main(spec_path: str, row_path: str, log_path: str, env: dict[str, str]) -> None:
-    """Entry point of a cell forked from the preloaded server (bench.forked): a session of its own,
+    """Entry point of a cell forked from the preloaded server (bench.cell.forked): a session of its own,
     the cell's environment, its output to the log, then main(); never returns."""
     os.setsid()
-    from bench.procs import die_with_parent
+    from bench.cell.procs import die_with_parent
 
     die_with_parent(check_env=False)  # the parent is the fork server, which exits with the runner
     os.environ.clear()
@@ -68,7 +69,7 @@ def _exit_now(code: int) -> None:
 
 
 if __name__ == "__main__":
-    from bench.procs import die_with_parent
+    from bench.cell.procs import die_with_parent
 
-    die_with_parent()  # a cell never outlives its runner (bench.procs)
+    die_with_parent()  # a cell never outlives its runner (bench.cell.procs)
     _exit_now(main(sys.argv[1:]))

@@ -1,6 +1,6 @@
 """`ftmem report`: the report (tables, plots, claim verdicts) from results files, on any machine.
 
-bench/cli.py calls `register(subparsers)`; the subcommand's `func(args)` returns the exit code.
+ftmem/cli.py calls `register(subparsers)`; the subcommand's `func(args)` returns the exit code.
 The last line printed is one JSON document (index path, rows, verdict counts) for scripts.
 """
 
@@ -27,11 +27,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--readme",
         nargs="?",
-        const=str(REPO_ROOT / "README.md"),
+        const=str(REPO_ROOT / "docs" / "claims.md"),
         default=None,
-        metavar="README",
-        help="also fill the claims and plots sections of README.md (between its "
-        "<!-- claims:start/end --> and <!-- plots:start/end --> markers), copying plots to docs/",
+        metavar="PAGE",
+        help="also fill the claims and plots sections of a page (default docs/claims.md, between its "
+        "<!-- claims:start/end --> and <!-- plots:start/end --> markers), copying the plots beside it",
     )
     parser.set_defaults(func=cmd_report)
 

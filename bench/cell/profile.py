@@ -5,13 +5,13 @@ measured step of a cell, and on CUDA the caching allocator's snapshot.
 runs from the first warm-up step to the end of the first measured step. Afterwards its memory
 profile (`prof._memory_profile()`, torch.profiler._memory_profiler) gives every tensor allocation
 and free on the cell's device with a category (parameter, gradient, optimizer state, activation,
-temporary, input, autograd detail, or unknown). bench.train.Stepper marks its parts with
+temporary, input, autograd detail, or unknown). bench.model.train.Stepper marks its parts with
 record_function ranges (`ftmem::step`, `ftmem::forward`, `ftmem::backward`, `ftmem::optimizer_step`,
 `ftmem::zero_grad`); their start and end times (the profiler's clock, as the timeline's) say in which
 step and which part the peak fell. The timeline is written as compact JSON beside the results
-(bench.artifacts); the row gets the categories at the peak, the peak, its phase and step.
+(bench.cell.artifacts); the row gets the categories at the peak, the peak, its phase and step.
 
-Where torch's profiler gives no useful category, bench.profile places the tensor itself (`placement`),
+Where torch's profiler gives no useful category, bench.cell.profile places the tensor itself (`placement`),
 in columns of their own (PLACED), and the row says how many bytes at the peak that was
 (`profile_by_lifetime_bytes`). That is every tensor it left unknown, filed as an input (a value
 that depends on no gradient) or as autograd detail (a gradient of an activation):
@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from bench import artifacts
+from bench.cell import artifacts
 from bench.spec import CellSpec
 
 TIMELINE_FORMAT = "ftmem-memory-timeline/1"
@@ -67,7 +67,7 @@ CATEGORY_NAMES = {
 }
 #: Tensors torch's profiler left in OTHER, placed by their lifetime (`lifetime_category`).
 BY_LIFETIME = {"activations": "activations_by_lifetime", "temporaries": "temporaries_by_lifetime"}
-#: All that bench.profile places itself (`placement`): the model's own state by storage, the rest by lifetime.
+#: All that bench.cell.profile places itself (`placement`): the model's own state by storage, the rest by lifetime.
 PLACED = {"parameters": "parameters_by_storage", **BY_LIFETIME}
 TIMELINE_CATEGORIES = tuple(CATEGORY_NAMES.values()) + tuple(PLACED.values())
 #: The row's categories: the first five as the profiler has them (with those PLACED), the rest
@@ -94,7 +94,7 @@ class CellProfiler:
 
     def __init__(self, spec: CellSpec, device: torch.device):
         self.spec, self.device = spec, device
-        self.warmup = max(1, spec.warmup_steps)  # the first step always runs, as in bench.measure
+        self.warmup = max(1, spec.warmup_steps)  # the first step always runs, as in bench.cell.measure
         self.prof: torch.profiler.profile | None = None
         self.model_storages: frozenset[int] = frozenset()
         self.recording_history = False
@@ -182,7 +182,7 @@ def _name(node) -> str | None:
 
 
 def markers(memory_profile) -> list[dict[str, Any]]:
-    """The record_function ranges of bench.train.Stepper: name, step label, start and end (ns)."""
+    """The record_function ranges of bench.model.train.Stepper: name, step label, start and end (ns)."""
     found = []
     for node in memory_profile._op_tree.sorted_nodes:
         name = _name(node)

@@ -1,10 +1,10 @@
 """Running a multi-GPU cell (spec.gpus > 1 or spec.dist != none) through torchrun, with a timeout.
 
-The parent starts `python -m torch.distributed.run --nproc-per-node N ... -m bench.dist` in a new
+The parent starts `python -m torch.distributed.run --nproc-per-node N ... -m bench.multigpu.dist` in a new
 session, samples NVML used memory of its N GPUs together (summed: NCCL buffers, every rank's CUDA
 context and non-torch memory included), waits up to the timeout and then kills the whole tree:
 torchrun's agent starts every rank in a session of its own, so killing the agent's process group
-is not enough; each rank also dies with its agent (PR_SET_PDEATHSIG in bench.dist). Each rank writes
+is not enough; each rank also dies with its agent (PR_SET_PDEATHSIG in bench.multigpu.dist). Each rank writes
 its own JSON; `merge_ranks` makes the row: every rank's figures in `ranks`, the headline fields the
 max over ranks, status oom with `oom_rank` when any rank ran out of memory.
 
@@ -32,9 +32,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import env, nvml, schema
+from bench import schema
 from bench.cards import gib
-from bench.procs import HostMemorySampler, wait_or_kill_tree
+from bench.cell import env, nvml
+from bench.cell.procs import HostMemorySampler, cell_env, wait_or_kill_tree
+from bench.cell.rows import failure_row
 from bench.spec import CellSpec
 
 #: Set in every rank's environment unless already set: the GPU machines need NVLink SHARP
@@ -101,7 +103,7 @@ def nproc_per_node(spec: CellSpec, config: LaunchConfig) -> int:
 def torchrun_command(
     spec: CellSpec, spec_path: Path, out_dir: Path, config: LaunchConfig, timeout_s: float, run_id: str
 ) -> list[str]:
-    """The torchrun command line of one cell (rank processes run `-m bench.dist`)."""
+    """The torchrun command line of one cell (rank processes run `-m bench.multigpu.dist`)."""
     cmd = [
         sys.executable,
         "-m",
@@ -122,12 +124,11 @@ def torchrun_command(
             "--rdzv-endpoint", config.rdzv_endpoint,
             "--rdzv-id", rdzv_id,
         ]  # fmt: skip
-    cmd += ["--max-restarts", "0", "-m", "bench.dist", str(spec_path), str(out_dir), f"{timeout_s:g}"]
+    cmd += ["--max-restarts", "0", "-m", "bench.multigpu.dist", str(spec_path), str(out_dir), f"{timeout_s:g}"]
     return cmd
 
 
 def child_env(base: dict[str, str] | None = None) -> dict[str, str]:
-    from bench.runner import cell_env
 
     child = cell_env() if base is None else dict(base)
     for key, value in NCCL_ENV_DEFAULTS.items():
@@ -154,8 +155,6 @@ def run_dist_cell(
             nproc = nproc_per_node(spec, config)
             cmd = torchrun_command(spec, spec_path, out_dir, config, timeout_s, run_id)
         except ValueError as exc:
-            from bench.runner import failure_row
-
             return failure_row(spec, "error", str(exc))
         devices = nvml.visible_indices(nproc) if spec.device == "cuda" else []
         with (
@@ -223,7 +222,7 @@ def merge_ranks(
     exit_code: int | None = None,
     log_tail: str = "",
 ) -> dict[str, Any]:
-    """The row of a multi-GPU cell from its ranks' records (bench.dist writes them)."""
+    """The row of a multi-GPU cell from its ranks' records (bench.multigpu.dist writes them)."""
     ranks: list[dict[str, Any]] = []
     for r in range(spec.gpus):
         record = records.get(r)

@@ -2,7 +2,7 @@
 
 Registered by analysis.cli like the predictor's commands. Reading, mapping and judging live in
 analysis.check (torch-free); this module parses the command line, prints, and for `--verify` runs the
-cell on the local GPU through bench.runner.run_cell, imported only then. Bad input exits 2 with one
+cell on the local GPU through bench.cell.runner.run_cell, imported only then. Bad input exits 2 with one
 line naming the file, the key and the value.
 """
 
@@ -67,7 +67,7 @@ def _local_gpu() -> list[Card]:
     """The GPU this process would use, as NVML reports it (no torch import); none where there is none."""
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
         return []
-    from bench import nvml
+    from bench.cell import nvml
 
     info = nvml.device_info()
     return [Card(f"local: {info['name']}", info["total_bytes"])] if info else []
@@ -244,7 +244,7 @@ def _cuda_devices() -> int:
 
 
 def verify(spec: CellSpec, args: argparse.Namespace) -> dict[str, Any]:
-    """Run the spec for a few real steps (bench.runner.run_cell, as `ftmem run`); --out appends the row."""
+    """Run the spec for a few real steps (bench.cell.runner.run_cell, as `ftmem run`); --out appends the row."""
     devices = _cuda_devices()
     if devices == 0:
         raise CheckError("--verify runs the cell on this machine's GPU, and torch sees no CUDA device here")
@@ -252,8 +252,8 @@ def verify(spec: CellSpec, args: argparse.Namespace) -> dict[str, Any]:
         raise CheckError(
             f"--verify: the cell needs {spec.gpus} GPUs and torch sees {devices}; pass --gpus {devices}"
         )
-    from bench.artifacts import beside
-    from bench.runner import run_cell
+    from bench.cell.artifacts import beside
+    from bench.cell.runner import run_cell
 
     row = run_cell(spec, timeout_s=args.timeout, artifacts_dir=beside(args.out) if args.out else None)
     if args.out:

@@ -1,4 +1,4 @@
-"""What a forked cell finds already imported (`ftmem sweep --preload`; bench.forked).
+"""What a forked cell finds already imported (`ftmem sweep --preload`; bench.cell.forked).
 
 Imported once in the fork server, never in a cell: torch, transformers' Qwen3 modelling and ftmem's
 measurement code. Nothing here may initialise CUDA, or the forked cells could not use it: torch's
@@ -8,9 +8,9 @@ CUDA runtime for the device's capability at import).
 
 import os
 
-from bench.procs import die_with_parent
+from bench.cell.procs import die_with_parent
 
-# The server dies with the runner (and its cells with it, bench.worker.forked_main): Python's fork
+# The server dies with the runner (and its cells with it, bench.cell.worker.forked_main): Python's fork
 # server would otherwise live on while a cell holds its "alive" pipe, and so would the cell.
 die_with_parent(check_env=False)
 os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
@@ -18,7 +18,7 @@ os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 import torch  # noqa: E402
 import transformers.models.qwen3.modeling_qwen3  # noqa: E402, F401
 
-import bench.measure  # noqa: E402, F401
+import bench.cell.measure  # noqa: E402, F401
 
 if torch.cuda.is_initialized():  # pragma: no cover - a library initialised CUDA at import
     raise RuntimeError("CUDA was initialised while preloading; forked cells could not use it")

@@ -1,7 +1,7 @@
 """Which model a name means, and its config: shipped configs, hub ids, local folders, the HF cache.
 
 Memory does not depend on weight values, so ftmem builds models from configs with random weights.
-`bench/configs/*.json` are the published config.json files of the families people fine-tune (their
+`bench/model/configs/*.json` are the published config.json files of the families people fine-tune (their
 architecture fields; `_name_or_path` is the hub id), named by a short name. A model is a short name, a
 hub id of a shipped config (`meta-llama/Llama-3.1-8B`), a local folder holding a config.json (weights
 optional), or a hub id found in the local Hugging Face cache. Nothing is downloaded.
@@ -19,11 +19,11 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from bench.arch import FAMILIES, Arch, UnsupportedArchitecture, describe
+from bench.model.arch import FAMILIES, Arch, UnsupportedArchitecture, describe
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
-#: Standard deviation of ftmem's random weights (bench.build draws every weight from N(0, INIT_STD^2);
+#: Standard deviation of ftmem's random weights (bench.model.build draws every weight from N(0, INIT_STD^2);
 #: norm weights are ones). It fixes how many outliers LLM.int8 meets (analysis.predict.int8).
 INIT_STD = 0.02
 
@@ -133,7 +133,7 @@ def architecture(model: str) -> dict:
     with `_multimodal: True`. Raises UnknownModelError / ModelConfigError naming what is wrong."""
     name = resolve(model)
     if name in ARCHITECTURES:
-        return text_config(dict(ARCHITECTURES[name]), f"bench/configs/{name}.json")
+        return text_config(dict(ARCHITECTURES[name]), f"bench/model/configs/{name}.json")
     path = Path(name) / "config.json"
     return text_config(_load_json(path), str(path))
 
@@ -181,7 +181,7 @@ def check_config(config: dict, source: str) -> None:
 
 
 def description(model: str) -> Arch:
-    """The architecture description (bench.arch) of a model; UnsupportedArchitecture for other families."""
+    """The architecture description (bench.model.arch) of a model; UnsupportedArchitecture for other families."""
     return describe(architecture(model))
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.models import INIT_STD, architecture, is_checkpoint_dir
+from bench.model.registry import INIT_STD, architecture, is_checkpoint_dir
 from bench.spec import KBIT_METHODS, LORA_METHODS, CellSpec
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -62,7 +62,7 @@ def unavailable_features(spec: CellSpec) -> list[str]:
 
 def hf_attn_impl(spec: CellSpec) -> str:
     """transformers' attn_implementation of a cell: sdpa_flash is SDPA (held to its flash backend by
-    bench.train.Stepper)."""
+    bench.model.train.Stepper)."""
     return "sdpa" if spec.attn_impl == "sdpa_flash" else spec.attn_impl
 
 

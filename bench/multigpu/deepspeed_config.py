@@ -19,7 +19,7 @@ from typing import Any
 
 from bench.spec import DEEPSPEED_DISTS, CellSpec
 
-LR = 1e-5  # as bench.train.make_optimizer
+LR = 1e-5  # as bench.model.train.make_optimizer
 WEIGHT_DECAY = 0.01  # torch.optim.AdamW's default, so the update matches the single-GPU cells
 BUCKET = 500_000_000  # reduce_bucket_size / allgather_bucket_size: DeepSpeed's default (elements)
 
