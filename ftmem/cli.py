@@ -7,14 +7,16 @@ import argparse
 import sys
 
 from bench.devices import NoCuda
+from bench.model.arch import UnsupportedArchitecture
+from bench.model.registry import UnknownModelError
 from bench.spec import SpecError
 from bench.store import ResultsError
 from ftmem.args import CliError
 from ftmem.commands import check, predict, report, run, sweep
 
 #: What a command refuses with a message and exit code 2, never a traceback: bad input, a results
-#: file that cannot be used, CUDA cells on a machine without CUDA.
-REFUSALS: tuple[type[Exception], ...] = (SpecError, CliError, ResultsError, NoCuda)
+#: file that cannot be used, CUDA cells on a machine without CUDA, a model the predictor cannot describe.
+REFUSALS: tuple[type[Exception], ...] = (SpecError, CliError, ResultsError, NoCuda, UnsupportedArchitecture, UnknownModelError)
 
 
 COMMANDS = (run, sweep, predict, report, check)

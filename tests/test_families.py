@@ -185,3 +185,27 @@ def test_moe_experts_are_never_quantized_and_upcast_with_kbit_training():
     experts = 48 * 3 * 128 * 768 * 2048 + 48 * 128 * 2048  # stacks and routers of 48 layers
     assert qlora.components["experts_fp32"] == 4 * experts
     assert kept.components["experts_bf16"] == 2 * experts
+
+
+@pytest.mark.parametrize("dist, term", [("fsdp2", "fsdp_sharded_params"), ("deepspeed_zero3", "zero3_param_partition")])
+def test_moe_experts_are_sharded_across_ranks_like_every_weight(dist, term):
+    from analysis.predict.state import weight_bytes
+
+    spec = CellSpec.create(model="qwen3-30b-a3b", method="lora", seq_len=2048, batch_size=1,
+                           gradient_checkpointing=True, gpus=4, dist=dist)
+    components = predict(spec).components
+    assert not any(k.startswith("experts_") for k in components)  # no rank holds the whole stacks
+    total = weight_bytes(setup(spec))
+    assert total / 4 * 0.99 <= components[term] <= total / 4 + 1
+
+
+def test_cli_refuses_an_undescribed_family_with_the_reason_and_notes_a_multimodal_one(tmp_path, capsys):
+    from ftmem.cli import main
+
+    config = dict(architecture("llama-tiny"), model_type="granite")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    code = main(["predict", "--model", str(tmp_path), "--method", "lora", "--seq-len", "32", "--batch-size", "1",
+                 "--lora-targets", "q_proj"])
+    assert code == 2 and "granite" in capsys.readouterr().err
+    assert main(["predict", "--model", "gemma-3-4b", "--method", "lora", "--seq-len", "64", "--batch-size", "1"]) == 0
+    assert "language model" in capsys.readouterr().out

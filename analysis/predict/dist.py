@@ -284,7 +284,7 @@ def dist_moments(st: Setup, cst: Setup, p: Parts) -> dict[str, dict[str, int]]:
         kept = {
             k: v
             for k, v in terms.items()
-            if k not in _MODEL_STATE_TERMS and not k.startswith(("weights_", "embed_head_norms_"))
+            if k not in _MODEL_STATE_TERMS and not k.startswith(("weights_", "experts_", "embed_head_norms_"))
         }
         out[name] = nonzero({**kept, **dist_state_terms(st, cst, world, name)})
     return out

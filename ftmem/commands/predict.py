@@ -85,6 +85,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         )
     )
     console.print(verdict_table(pred, spec.budget_gb))
+    for note in pred.notes:
+        console.print(f"Note: {note}")
     return 0
 
 
