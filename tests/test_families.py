@@ -209,3 +209,18 @@ def test_cli_refuses_an_undescribed_family_with_the_reason_and_notes_a_multimoda
     assert code == 2 and "granite" in capsys.readouterr().err
     assert main(["predict", "--model", "gemma-3-4b", "--method", "lora", "--seq-len", "64", "--batch-size", "1"]) == 0
     assert "language model" in capsys.readouterr().out
+
+
+def test_a_sweep_over_a_broken_config_writes_an_invalid_row_naming_the_file_and_key(tmp_path):
+    from bench.store import read_rows
+    from ftmem.cli import main
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama", "hidden_size": "big"}')
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(f"name: b\nbase: {{method: lora, device: cpu, seq_len: 16, batch_size: 1}}\n"
+                     f"axes:\n  model: [{folder}]\n")
+    assert main(["sweep", str(sweep), "--out", str(tmp_path / "r.jsonl")]) == 0
+    (row,) = read_rows(tmp_path / "r.jsonl")
+    assert row["status"] == "invalid" and "config.json: hidden_size: 'big'" in row["error"]
