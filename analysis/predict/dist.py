@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from analysis.predict.calibration import CALIBRATION, DIST_ESTIMATES, ZERO3_SUB_GROUP
+from analysis.predict.calibration import DIST_ESTIMATES, ZERO3_SUB_GROUP
 from analysis.predict.resolve import BYTES, Prediction, Setup
 from analysis.predict.state import (
     grad_bytes,
@@ -24,7 +24,7 @@ from analysis.predict.state import (
     trainable_shapes,
     weight_bytes,
 )
-from analysis.predict.step import Parts, allocator_slack, capped_reserved, moments, nonzero, parts
+from analysis.predict.step import Parts, allocator_slack, answer, moments, nonzero, parts
 from bench.multigpu.deepspeed_config import deepspeed_config
 from bench.spec import DEEPSPEED_DISTS, CellSpec
 
@@ -296,24 +296,9 @@ def predict_dist(st: Setup, notes: tuple[str, ...] = ()) -> Prediction:
     memory, not in the NVML figure) are outside the allocated figure."""
     cst = compute_setup(st)
     p = parts(cst)
-    table = dist_moments(st, cst, p)
-    phase = max(table, key=lambda name: sum(table[name].values()))
-    allocated = sum(table[phase].values())
-    reserved = capped_reserved(st, allocated, allocator_slack(p))
-    paged = _shard(p.paged, st.spec.gpus) if st.spec.dist == "fsdp2" else p.paged
-    outside = nonzero(
-        {
-            "allocator_slack": reserved - allocated,
-            "cuda_context": int(CALIBRATION["cuda_context_bytes"]),
-            "non_torch_process": int(CALIBRATION["nvml_non_torch_bytes"]),
-            "paged_optimizer_state (unified memory)": paged,
-            "nccl_buffers": int(DIST_ESTIMATES["nccl_bytes"]) if st.spec.gpus > 1 else 0,
-            "host_bytes": zero_host_bytes(st, cst, st.spec.gpus) if st.spec.dist in DEEPSPEED_DISTS else 0,
-        }
-    )
-    nvml = reserved + sum(v for k, v in outside.items() if k not in ("allocator_slack", "host_bytes"))
-    totals = {name: sum(terms.values()) for name, terms in table.items()}
-    uncapped = allocated + allocator_slack(p)
-    return Prediction(allocated, reserved, nvml, table[phase], phase, outside, totals, notes, uncapped)
-
-
+    outside = {
+        "paged_optimizer_state (unified memory)": _shard(p.paged, st.spec.gpus) if st.spec.dist == "fsdp2" else p.paged,
+        "nccl_buffers": int(DIST_ESTIMATES["nccl_bytes"]) if st.spec.gpus > 1 else 0,
+        "host_bytes": zero_host_bytes(st, cst, st.spec.gpus) if st.spec.dist in DEEPSPEED_DISTS else 0,
+    }
+    return answer(st, dist_moments(st, cst, p), allocator_slack(p), outside, notes)

@@ -333,22 +333,29 @@ def capped_reserved(st: Setup, allocated: int, slack: int) -> int:
     return min(allocated + slack, max(allocated, cap))
 
 
-def predict_single(st: Setup, notes: tuple[str, ...] = ()) -> Prediction:
-    """The prediction of a single-process cell from its moments."""
-    p = parts(st)
-    table = moments(st, p)
+def answer(st: Setup, table: dict[str, dict[str, int]], slack: int, outside_terms: dict[str, int],
+           notes: tuple[str, ...] = ()) -> Prediction:
+    """The Prediction from a step's moments: the largest moment is the allocated peak; reserved adds the
+    allocator's slack (stopped at a budget's cap); NVML adds what lies outside torch's allocator
+    (`outside_terms`: paged optimizer state, NCCL; ZeRO-Offload's `host_bytes` is shown, not GPU memory)."""
     phase = max(table, key=lambda name: sum(table[name].values()))
     allocated = sum(table[phase].values())
-    reserved = capped_reserved(st, allocated, allocator_slack(p))
+    reserved = capped_reserved(st, allocated, slack)
     outside = nonzero(
         {
             "allocator_slack": reserved - allocated,
             "cuda_context": int(CALIBRATION["cuda_context_bytes"]),
             "non_torch_process": int(CALIBRATION["nvml_non_torch_bytes"]),
-            "paged_optimizer_state (unified memory)": p.paged,
+            **outside_terms,
         }
     )
-    nvml = reserved + sum(v for k, v in outside.items() if k != "allocator_slack")
+    nvml = reserved + sum(v for k, v in outside.items() if k not in ("allocator_slack", "host_bytes"))
     totals = {name: sum(terms.values()) for name, terms in table.items()}
-    uncapped = allocated + allocator_slack(p)
-    return Prediction(allocated, reserved, nvml, table[phase], phase, outside, totals, notes, uncapped)
+    return Prediction(allocated, reserved, nvml, table[phase], phase, outside, totals, notes, allocated + slack)
+
+
+def predict_single(st: Setup, notes: tuple[str, ...] = ()) -> Prediction:
+    """The prediction of a single-process cell from its moments."""
+    p = parts(st)
+    paged = {"paged_optimizer_state (unified memory)": p.paged}
+    return answer(st, moments(st, p), allocator_slack(p), paged, notes)
