@@ -28,17 +28,8 @@ def expert_dtype(st: Setup) -> str:
 def expert_numels(st: Setup) -> dict[str, int]:
     """Elements of one MoE layer's expert stacks and router weight."""
     m, h = st.desc.moe, st.dims["h"]
-    return {
-        "experts.gate_up_proj": m.experts * 2 * m.intermediate * h,
-        "experts.down_proj": m.experts * h * m.intermediate,
-        "router": m.experts * h,
-    }
-
-
-def expert_lora_shapes(st: Setup) -> dict[str, tuple[int, int, int]]:
-    """(E, in, out) of each expert stack as peft's ParamWrapper sees it."""
-    m, h = st.desc.moe, st.dims["h"]
-    return {"experts.gate_up_proj": (m.experts, h, 2 * m.intermediate), "experts.down_proj": (m.experts, m.intermediate, h)}
+    stacks = {name: e * fan_in * fan_out for name, (e, fan_in, fan_out) in m.stacks(h).items()}
+    return {**stacks, "router": m.experts * h}
 
 
 def _router(g: Graph, x: T) -> T:
@@ -67,7 +58,7 @@ def _effective_weight(g: Graph, name: str, numel: int) -> T | None:
     st = g.st
     if name not in (st.spec.lora_targets or ()):
         return None
-    e, fan_in, fan_out = expert_lora_shapes(st)[name]
+    e, fan_in, fan_out = st.desc.moe.stacks(st.dims["h"])[name]
     r, wd = st.spec.lora_r, expert_dtype(st)
     if st.adapter != wd:
         g.save(g.new(e * r * fan_out, wd, True))

@@ -50,11 +50,12 @@ def _expert_trainables(st: Setup) -> list[int]:
     m, h = st.desc.moe, st.dims["h"]
     if m is None:
         return []
+    stacks = m.stacks(h)
     if st.full:
-        return [m.experts * 2 * m.intermediate * h, m.experts * h * m.intermediate, m.experts * h]
-    shapes = {"experts.gate_up_proj": (h, 2 * m.intermediate), "experts.down_proj": (m.intermediate, h)}
+        return [e * fan_in * fan_out for e, fan_in, fan_out in stacks.values()] + [m.experts * h]
     r = st.spec.lora_r
-    return [n for t in st.spec.lora_targets if t in shapes for n in (m.experts * r * shapes[t][0], shapes[t][1] * m.experts * r)]
+    return [n for t in st.spec.lora_targets if t in stacks
+            for n in (stacks[t][0] * r * stacks[t][1], stacks[t][2] * stacks[t][0] * r)]
 
 
 def small_layer_params(st: Setup) -> int:

@@ -192,6 +192,14 @@ class MoE:
         """LoRA targets of the experts' 3-D parameters (peft's target_parameters)."""
         return ("experts.gate_up_proj", "experts.down_proj")
 
+    def stacks(self, hidden: int) -> dict[str, tuple[int, int, int]]:
+        """(experts, in, out) of each expert stack of a layer, by parameter name: gate_up_proj (E x 2I x h)
+        reads the hidden width, down_proj (E x h x I) the expert's."""
+        return {
+            "experts.gate_up_proj": (self.experts, hidden, 2 * self.intermediate),
+            "experts.down_proj": (self.experts, self.intermediate, hidden),
+        }
+
 
 @dataclass(frozen=True)
 class Arch:

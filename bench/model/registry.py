@@ -222,10 +222,7 @@ def lora_shapes(arch: dict, target: str) -> tuple[int, int, int]:
     an expert parameter (E x out x in) under peft's ParamWrapper has A (E r x in) and B (out x E r)."""
     a = describe(arch)
     if a.moe is not None and target in a.moe.expert_parameter_names:
-        m = a.moe
-        out = 2 * m.intermediate if target.endswith("gate_up_proj") else a.hidden
-        fan_in = a.hidden if target.endswith("gate_up_proj") else m.intermediate
-        return m.experts, fan_in, out
+        return a.moe.stacks(a.hidden)[target]
     p = a.projection(target)
     return 1, p.fan_in, p.fan_out
 
