@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.predict import CALIBRATION, CALIBRATION_CELL_IDS, fits_budget, predict
-from bench.model.arch import UnsupportedArchitecture
+from bench.model.arch import FAMILIES, UnsupportedArchitecture
 from bench.model.registry import UnknownModelError, architecture
 from bench.store import latest_rows, read_rows
 
@@ -38,11 +39,11 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return latest_rows(read_rows(path))
 
 
+@cache
 def model_family(model: str) -> str | None:
-    """The model_type of a model the predictor describes (a multimodal one's text model), else None."""
+    """The model_type of a model the predictor describes (a multimodal one's text model), else None.
+    Cached: every row of a model asks, twice (loading and evaluating)."""
     try:
-        from bench.model.arch import FAMILIES
-
         model_type = architecture(model).get("model_type")
     except (UnknownModelError, OSError, ValueError):
         return None
@@ -128,7 +129,7 @@ def evaluate(row: dict[str, Any], peaks: dict[str, int] | None = None) -> dict[s
         out["measured"] = row["peak_allocated_bytes"]
         out["rel_error"] = (pred.peak_allocated_bytes - out["measured"]) / out["measured"]
         out["reserved_error"] = _relative(pred.peak_reserved_bytes, row.get("peak_reserved_bytes"))
-        out["nvml_error"] = _relative(pred.nvml_process_bytes, _nvml_per_rank(row))
+        out["nvml_error"] = _relative(pred.nvml_process_bytes, row.get("nvml_peak_process_bytes"))
     if budget:
         peak = (peaks or {}).get(cell_key(spec)) or out["measured"]
         out.update(
@@ -141,11 +142,6 @@ def evaluate(row: dict[str, Any], peaks: dict[str, int] | None = None) -> dict[s
 
 def _relative(predicted: int, measured: int | None) -> float | None:
     return None if not measured else (predicted - measured) / measured
-
-
-def _nvml_per_rank(row: dict[str, Any]) -> int | None:
-    """The NVML process peak of one rank: the row's own figure (the max over ranks for multi-GPU rows)."""
-    return row.get("nvml_peak_process_bytes")
 
 
 def close_call(measured_peak: int | None, predicted_peak: int, row: dict[str, Any], budget: int) -> bool:
