@@ -719,3 +719,20 @@ def test_llamafactory_checkpointing_switches(tmp_path):
     assert not off.gradient_checkpointing
     plain = run(lf(tmp_path, use_reentrant_gc=False)).spec
     assert plain.gradient_checkpointing and not plain.gc_reentrant
+
+
+def test_lora_targets_are_the_models_own_module_names():
+    """all is every linear layer of that model (Phi-4's are fused), named targets are checked against the
+    model's own modules, and an MoE model's expert stacks may be named."""
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp())
+    phi_all = run(trl(tmp, model_name_or_path="microsoft/phi-4", lora_target_modules="all-linear"))
+    assert phi_all.spec.lora_targets == ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    phi = run(trl(tmp, model_name_or_path="microsoft/phi-4", lora_target_modules=["qkv_proj", "o_proj"]))
+    assert phi.spec.lora_targets == ("qkv_proj", "o_proj")
+    moe = run(trl(tmp, model_name_or_path="Qwen/Qwen3-30B-A3B",
+                  lora_target_modules=["q_proj", "experts.gate_up_proj"]))
+    assert moe.spec.lora_targets == ("q_proj", "experts.gate_up_proj")
+    with pytest.raises(ConfigError, match="qkv_proj"):
+        run(trl(tmp, model_name_or_path="microsoft/phi-4", lora_target_modules=["q_proj"]))

@@ -23,7 +23,7 @@ from analysis.check.distributed import (
     load_ds_file,
 )
 from analysis.check.source import ConfigError, Reading, missing
-from bench.model.registry import LINEAR_PROJECTIONS, UnknownModelError, architecture
+from bench.model.registry import UnknownModelError, architecture, linear_shapes, lora_target_names
 from bench.multigpu.deepspeed_config import deepspeed_config
 from bench.spec import DEEPSPEED_DISTS, CellSpec, SpecError
 
@@ -36,6 +36,8 @@ PEFT_DEFAULT_TARGETS = {
     "mistral": ("q_proj", "v_proj"),
     "gemma": ("q_proj", "v_proj"),
     "gemma2": ("q_proj", "v_proj"),
+    "gemma3_text": ("q_proj", "v_proj"),
+    "mixtral": ("q_proj", "v_proj"),
 }
 #: liger-kernel transformers/monkey_patch.py MODEL_TYPE_TO_APPLY_LIGER_FN (model types with Liger kernels).
 LIGER_MODEL_TYPES = frozenset(
@@ -110,10 +112,13 @@ def _model_dtype(arch: dict, name: str, r: Reading) -> str:
     return TORCH_DTYPES[value]
 
 
-def _targets(r: Reading, model_type: str) -> None:
+def _targets(r: Reading, arch: dict) -> None:
+    """LoRA targets as the model's own module names (bench.model.registry): `all` is every linear layer of
+    a decoder layer, as peft's all-linear; the experts' 3-D parameters may be named too."""
     if "lora_targets" not in r.later:
         return
     key, names, source = r.later["lora_targets"]
+    model_type = arch.get("model_type", "")
     if names is None:
         if model_type not in PEFT_DEFAULT_TARGETS:
             raise missing(
@@ -121,23 +126,21 @@ def _targets(r: Reading, model_type: str) -> None:
             )
         r.set("lora_targets", PEFT_DEFAULT_TARGETS[model_type], source)
         return
-    wanted = set(LINEAR_PROJECTIONS) if any(n in ALL_LINEAR for n in names) else set(names)
+    allowed = lora_target_names(arch)
+    wanted = set(linear_shapes(arch)) if any(n in ALL_LINEAR for n in names) else set(names)
     for extra in sorted(wanted & {"embed_tokens", "lm_head"}):
         r.flag(key, extra, f"LoRA on {extra} (peft wraps the embedding / head); not modelled", "higher")
-    unknown = sorted(wanted - set(LINEAR_PROJECTIONS) - {"embed_tokens", "lm_head"})
+    unknown = sorted(wanted - set(allowed) - {"embed_tokens", "lm_head"})
     if unknown:
         raise ConfigError(
             r.path,
             key,
             unknown[0],
-            f"is not a module ftmem models; allowed: "
-            f"{', '.join(LINEAR_PROJECTIONS)}, all, embed_tokens, lm_head",
+            f"is not a module ftmem models; allowed: {', '.join(allowed)}, all, embed_tokens, lm_head",
         )
-    kept = tuple(p for p in LINEAR_PROJECTIONS if p in wanted)
+    kept = tuple(p for p in allowed if p in wanted)
     if not kept:
-        raise ConfigError(
-            r.path, key, names, f"targets no projection ftmem models ({', '.join(LINEAR_PROJECTIONS)})"
-        )
+        raise ConfigError(r.path, key, names, f"targets no projection ftmem models ({', '.join(allowed)})")
     r.set("lora_targets", kept, source)
 
 
@@ -426,7 +429,7 @@ def build(r: Reading, setup: Setup) -> CellSpec:
     model_type = arch.get("model_type", "")
     if setup.seq_len:
         r.set("seq_len", setup.seq_len, "command line: --seq-len")
-    _targets(r, model_type)
+    _targets(r, arch)
     _liger(r, model_type)
     _rope(r, arch)
     plan = _distributed(r, setup)
