@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from analysis.predict import fits_budget, predict
-from bench.spec import CellSpec
+from bench.spec import CellSpec, SpecError
 
 SEQ_LENS: tuple[int, ...] = tuple(2**k for k in range(8, 16))  # 256 ... 32768
 BATCH_SIZES: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
@@ -57,10 +57,10 @@ def cell(base_spec: dict[str, Any], seq_len: int, batch_size: int) -> dict[str, 
 
 def predicted_fit(base_spec: dict[str, Any], budget_bytes: int, seq_len: int, batch_size: int) -> bool:
     """Whether the cell is predicted to fit the budget (an invalid cell, e.g. seq_len past the model's
-    context, counts as not fitting)."""
+    context, counts as not fitting; a model the predictor cannot describe is refused, never "none fits")."""
     try:
         return fits_budget(predict(cell(base_spec, seq_len, batch_size)), budget_bytes)
-    except ValueError:
+    except SpecError:
         return False
 
 

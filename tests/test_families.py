@@ -224,3 +224,12 @@ def test_a_sweep_over_a_broken_config_writes_an_invalid_row_naming_the_file_and_
     assert main(["sweep", str(sweep), "--out", str(tmp_path / "r.jsonl")]) == 0
     (row,) = read_rows(tmp_path / "r.jsonl")
     assert row["status"] == "invalid" and "config.json: hidden_size: 'big'" in row["error"]
+
+
+def test_capacity_refuses_an_undescribed_family_instead_of_answering_none_fits(tmp_path, capsys):
+    from ftmem.cli import main
+
+    (tmp_path / "config.json").write_text(json.dumps(dict(architecture("llama-tiny"), model_type="granite")))
+    code = main(["capacity", "--model", str(tmp_path), "--method", "lora", "--lora-targets", "q_proj",
+                 "--budget-gb", "24"])
+    assert code == 2 and "granite" in capsys.readouterr().err

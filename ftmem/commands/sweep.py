@@ -24,6 +24,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from analysis.predict import fits_budget, predict
 from bench.cards import gib
 from bench.cell.procs import terminate_as_interrupt
 from bench.cell.runner import DEFAULT_TIMEOUT_S
@@ -79,11 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _prediction(spec) -> Any:
-    """analysis.predict's prediction for a dry run: None without the analysis package, "?" on failure."""
-    try:
-        from analysis.predict import predict
-    except ImportError:
-        return None
+    """analysis.predict's prediction for a dry run, "?" where it cannot answer."""
     try:
         return predict(spec.to_dict())
     except Exception:  # a prediction is a hint in a dry run, never a failure
@@ -168,10 +165,10 @@ def print_plan(plan: Plan, console: Console) -> None:
         s = cell.spec
         prediction = _prediction(s)
         predicted, fits = ("?" if prediction == "?" else "-"), "-"
-        if prediction not in (None, "?"):
+        if prediction != "?":
             predicted = f"{gib(prediction.peak_allocated_bytes):.1f}"
-            if s.budget_bytes is not None:
-                fits = "yes" if prediction.peak_allocated_bytes <= s.budget_bytes else "[red]OOM?[/red]"
+            if s.budget_bytes is not None:  # the predictor's own verdict (predicted NVML peak vs the card)
+                fits = "yes" if fits_budget(prediction, s.budget_bytes) else "[red]OOM?[/red]"
             warnings.append(host_memory_warning(cell, prediction, host_total))
         table.add_row(
             cell.cell_id,
