@@ -58,8 +58,8 @@ class ModelConfigError(UnknownModelError):
 def _load_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ModelConfigError(str(path), "(file)", "unreadable", f"a JSON object is needed ({err})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelConfigError(str(path), "(file)", "unreadable", f"a readable JSON object is needed ({err})") from None
     if not isinstance(data, dict):
         raise ModelConfigError(str(path), "(file)", type(data).__name__, "a JSON object is needed")
     return data
