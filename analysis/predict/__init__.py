@@ -62,13 +62,25 @@ from bench.model.arch import UnsupportedArchitecture
 from bench.spec import CellSpec
 
 
-def predict(spec: dict[str, Any] | CellSpec, arch: dict | None = None) -> Prediction:
+def predict(spec: dict[str, Any] | CellSpec, arch: dict | None = None, simulate: bool | str = False) -> Prediction:
     """Predicted steady-state peak allocated / reserved / NVML bytes of the cell `spec`.
 
+    `simulate`: True replays the cell's allocations through the caching allocator (analysis.predict.simulate:
+    seconds the first time a cell is seen, then cached) for reserved and NVML as exact as allocated;
+    "cached" does so only where the result is already cached (bulk callers: reports, dry runs, searches);
+    False keeps the analytic estimate of the allocator's slack. Single-GPU cells only.
     Raises UnsupportedArchitecture, with the reason, for a model or setting the walk does not describe."""
     st = setup(as_spec(spec, arch), arch)
     said = notes(st)
-    return predict_dist(st, said) if st.spec.dist != "none" else predict_single(st, said)
+    if st.spec.dist != "none":
+        return predict_dist(st, said)
+    pred = predict_single(st, said)
+    if simulate and arch is None:
+        from analysis.predict import simulate as sim
+
+        if simulate != "cached" or sim.is_cached(st.spec):
+            pred = sim.refine(pred, st.spec)
+    return pred
 
 
 def fits_budget(prediction: Prediction, budget: int) -> bool:

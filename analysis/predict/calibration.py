@@ -21,6 +21,14 @@ CALIBRATION: dict[str, float] = {
     # backward thread. Seen in rows A and B: steady peak - first-step peak = Adam state + exactly 32 MiB
     # (the backward handle is made after the first step's peak).
     "cublas_workspace_bytes": 2 * 32 * MIB,
+    # NVML beyond reserved and the context at a build-phase peak (the kernels a build loads: draws, copies,
+    # quantization): 96,468,992 bytes in all three rows whose NVML peak came from the build (Qwen3-30B-A3B
+    # QLoRA twice, Qwen1.5-MoE QLoRA: fp32 upcast of the experts).
+    "nvml_build_non_torch_bytes": 96_468_992,
+    # LLM.int8's kernels: every lora8bit row's step has 304 MiB outside torch where the others have 240.
+    "nvml_int8_kernels_bytes": 64 * MIB,
+    # SDPA's flash / memory-efficient kernel images: eager rows have 224 MiB outside torch, SDPA rows 240.
+    "nvml_sdpa_kernels_bytes": 16 * MIB,
     # reserved - allocated at the peak, beyond the unreusable half-precision logits block (see
     # `allocator_slack`): slack_bytes + slack_layer_fraction x one decoder layer's saved activations
     # (GC off). Two parameters fit exactly on rows B and C; row A is the check (-84 MB). Rows of other

@@ -1,0 +1,283 @@
+"""PyTorch's CUDA caching allocator, simulated: what it reserves for a sequence of allocations and frees.
+
+The rules are the allocator's own (c10/cuda/CUDACachingAllocator.cpp, default settings: no
+max_split_size, no power-of-two rounding, no expandable segments, one stream):
+- a request is rounded up to a multiple of 512 bytes; up to 1 MiB it is served from the small pool,
+  above from the large pool;
+- a request is served by the smallest cached free block of its pool that holds it (ties: lowest address);
+- none fits: a new segment is reserved (cudaMalloc) of 2 MiB (small requests), 20 MiB (requests under
+  10 MiB) or the request rounded up to 2 MiB; at the cap (set_per_process_memory_fraction) or when the
+  card is full, every cached segment that is wholly free is released first, and the request retried;
+- a block larger than the request is split when the rest is at least 512 bytes (small pool) or more than
+  1 MiB (large pool); the rest stays cached in its segment;
+- a freed block merges with free neighbours of its segment; segments are released only by
+  `empty_cache` or by the retry above, and only when wholly free.
+Checked against allocation traces recorded on an H200 (tests/test_allocator.py).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+MIB = 2**20
+MIN_BLOCK = 512
+SMALL_SIZE = MIB
+SMALL_BUFFER = 2 * MIB
+LARGE_BUFFER = 20 * MIB
+MIN_LARGE_ALLOC = 10 * MIB
+ROUND_LARGE = 2 * MIB
+
+
+def round_size(size: int) -> int:
+    return MIN_BLOCK * max(1, -(-size // MIN_BLOCK))
+
+
+def segment_size(size: int) -> int:
+    """What cudaMalloc is asked for when no cached block holds a (rounded) request."""
+    if size <= SMALL_SIZE:
+        return SMALL_BUFFER
+    if size < MIN_LARGE_ALLOC:
+        return LARGE_BUFFER
+    return ROUND_LARGE * -(-size // ROUND_LARGE)
+
+
+@dataclass(eq=False)
+class Block:
+    addr: int
+    size: int
+    small: bool
+    free: bool = True
+    prev: Block | None = None
+    next: Block | None = None
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.size, self.addr)
+
+
+class OutOfMemory(Exception):
+    """The request does not fit under the cap even with every wholly free segment released."""
+
+
+@dataclass
+class CachingAllocator:
+    """`cap`: bytes the allocator may reserve (None: unlimited). Sizes are requested bytes, unrounded."""
+
+    cap: int | None = None
+    reserved: int = 0
+    allocated: int = 0
+    peak_reserved: int = 0
+    peak_allocated: int = 0
+    _pools: dict[bool, list[tuple[int, int]]] = field(default_factory=lambda: {True: [], False: []})
+    _free: dict[tuple[bool, int, int], Block] = field(default_factory=dict)
+    _segments: list[Block] = field(default_factory=list)  # each segment's first block
+    _next_addr: int = 0
+    #: where new segments go (a replay of a GPU trace can place them where cudaMalloc did); else one after another
+    addresses: Iterator[int] | None = None
+
+    # ------------------------------------------------------------------------------------------
+    def malloc(self, size: int) -> Block:
+        size = round_size(size)
+        small = size <= SMALL_SIZE
+        block = self._take(small, size)
+        if block is None:
+            block = self._new_segment(small, size)
+        block.free = False
+        if self._should_split(block, size):
+            rest = Block(block.addr + size, block.size - size, small, True, block, block.next)
+            if block.next is not None:
+                block.next.prev = rest
+            block.next, block.size = rest, size
+            self._insert(rest)
+        self.allocated += block.size
+        self.peak_allocated = max(self.peak_allocated, self.allocated)
+        return block
+
+    def free(self, block: Block) -> None:
+        self.allocated -= block.size
+        block.free = True
+        for neighbour in (block.prev, block.next):
+            if neighbour is not None and neighbour.free:
+                self._remove(neighbour)
+                if neighbour is block.prev:
+                    neighbour.size += block.size
+                    neighbour.next = block.next
+                    if block.next is not None:
+                        block.next.prev = neighbour
+                    block = neighbour
+                else:
+                    block.size += neighbour.size
+                    block.next = neighbour.next
+                    if neighbour.next is not None:
+                        neighbour.next.prev = block
+        self._insert(block)
+
+    def empty_cache(self) -> None:
+        """Release every wholly free segment (torch.cuda.empty_cache, and the allocator's retry)."""
+        for head in list(self._segments):
+            if head.free and head.prev is None and head.next is None:
+                self._remove(head)
+                self._segments.remove(head)
+                self.reserved -= head.size
+
+    def adopt_segment(self, addr: int, size: int, used: list[tuple[int, int]]) -> dict[int, Block]:
+        """Add a segment reserved before the simulation began, with its allocated blocks (addr, size);
+        the gaps between them are cached free blocks. Returns the allocated blocks by address."""
+        small = size == SMALL_BUFFER and all(s <= SMALL_SIZE for _, s in used)
+        cuts, at, prev = [], addr, None
+        for a, s in sorted(used):
+            if a > at:
+                cuts.append((at, a - at, True))
+            cuts.append((a, s, False))
+            at = a + s
+        if at < addr + size:
+            cuts.append((at, addr + size - at, True))
+        out = {}
+        for a, s, free in cuts:
+            block = Block(a, s, small, free, prev)
+            if prev is not None:
+                prev.next = block
+            else:
+                self._segments.append(block)
+            prev = block
+            if free:
+                self._insert(block)
+            else:
+                out[a] = block
+                self.allocated += s
+        self.reserved += size
+        self._next_addr = max(self._next_addr, addr + size + ROUND_LARGE)
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    def _take(self, small: bool, size: int) -> Block | None:
+        pool = self._pools[small]
+        i = bisect.bisect_left(pool, (size, -1))
+        if i == len(pool):
+            return None
+        block = self._free[(small, *pool[i])]
+        self._remove(block)
+        return block
+
+    def _new_segment(self, small: bool, size: int) -> Block:
+        want = segment_size(size)
+        if self.cap is not None and self.reserved + want > self.cap:
+            self.empty_cache()
+            if self.reserved + want > self.cap:
+                raise OutOfMemory(f"{size} bytes requested, {self.reserved} reserved, cap {self.cap}")
+        addr = next(self.addresses, self._next_addr) if self.addresses is not None else self._next_addr
+        block = Block(addr, want, small, True)
+        self._next_addr = max(self._next_addr, addr + want + ROUND_LARGE)  # segments never adjoin
+        self._segments.append(block)
+        self.reserved += want
+        self.peak_reserved = max(self.peak_reserved, self.reserved)
+        return block
+
+    @staticmethod
+    def _should_split(block: Block, size: int) -> bool:
+        rest = block.size - size
+        return rest >= MIN_BLOCK if block.small else rest > SMALL_SIZE
+
+    def _insert(self, block: Block) -> None:
+        bisect.insort(self._pools[block.small], block.key)
+        self._free[(block.small, *block.key)] = block
+
+    def _remove(self, block: Block) -> None:
+        pool = self._pools[block.small]
+        del pool[bisect.bisect_left(pool, block.key)]
+        del self._free[(block.small, *block.key)]
+
+
+@dataclass(frozen=True)
+class Peaks:
+    """Peak allocated and reserved bytes of each phase bench.cell.measure reports."""
+
+    build_allocated: int
+    build_reserved: int
+    first_step_allocated: int
+    first_step_reserved: int
+    allocated: int
+    reserved: int
+
+
+def replay(events, cap: int | None = None) -> Peaks:
+    """Run a cell's allocation events (bench.model.dryrun) through the allocator: the build, the first
+    step, then the measured steps; the cache is emptied where the events say (peft after k-bit upcasts,
+    the harness before the measured steps)."""
+    sim = CachingAllocator(cap=cap)
+    blocks: dict[object, Block] = {}
+    marks: dict[str, tuple[int, int]] = {}
+    for kind, ident, size in events:
+        if kind == "alloc":
+            blocks[ident] = sim.malloc(size)
+        elif kind == "free":
+            sim.free(blocks.pop(ident))
+        elif ident in ("build_end", "first_step_end"):
+            marks[ident] = (sim.peak_allocated, sim.peak_reserved)
+            sim.peak_allocated, sim.peak_reserved = sim.allocated, sim.reserved
+        elif ident == "empty_cache":
+            sim.empty_cache()
+        elif ident == "measured_start":
+            sim.peak_allocated, sim.peak_reserved = sim.allocated, sim.reserved
+    build = marks.get("build_end", (0, 0))
+    first = marks.get("first_step_end", (0, 0))
+    return Peaks(*build, *first, sim.peak_allocated, sim.peak_reserved)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checking the rules: replaying the allocator's own trace (torch.cuda.memory._snapshot with history).
+def _start_state(snapshot: dict) -> tuple[dict[int, int], dict[int, int]]:
+    """Segments (addr -> size) and allocated blocks (addr -> size) when the trace began: the end state
+    with the trace's own segments and allocations taken back."""
+    trace = snapshot["device_traces"][0]
+    end_blocks = {}
+    for seg in snapshot["segments"]:
+        addr = seg["address"]
+        for b in seg["blocks"]:
+            if b["state"] == "active_allocated":
+                end_blocks[addr] = b["size"]
+            addr += b["size"]
+    live, start_blocks, first_seen = {}, {}, {}
+    for e in trace:
+        if e["action"] == "alloc":
+            live[e["addr"]] = e["size"]
+        elif e["action"] == "free_completed" and live.pop(e["addr"], None) is None:
+            start_blocks[e["addr"]] = e["size"]
+        elif e["action"] in ("segment_alloc", "segment_free"):
+            first_seen.setdefault(e["addr"], (e["action"], e["size"]))
+    start_blocks.update({a: s for a, s in end_blocks.items() if a not in live})
+    segments = {s["address"]: s["total_size"] for s in snapshot["segments"] if first_seen.get(s["address"], ("",))[0] != "segment_alloc"}
+    segments.update({a: s for a, (act, s) in first_seen.items() if act == "segment_free"})
+    return segments, start_blocks
+
+
+def replay_snapshot(snapshot: dict, cap: int | None = None, cuda_addresses: bool = False) -> tuple[int, int]:
+    """(traced, simulated) peak reserved bytes over a snapshot's trace. The cache is emptied where the
+    harness empties it (before the first measured step's annotation). `cuda_addresses` places new
+    segments where cudaMalloc placed them (ties between equal blocks then break as they did on the GPU)."""
+    trace = snapshot["device_traces"][0]
+    segments, used = _start_state(snapshot)
+    sim, blocks = CachingAllocator(cap=cap), {}
+    for addr, size in sorted(segments.items()):
+        blocks.update(sim.adopt_segment(addr, size, [(a, s) for a, s in used.items() if addr <= a < addr + size]))
+    sim.peak_reserved = traced = peak = sim.reserved
+    if cuda_addresses:
+        sim.addresses = iter([e["addr"] for e in trace if e["action"] == "segment_alloc"])
+    cuts = sorted(a["time_us"] for a in snapshot.get("external_annotations") or []
+                  if a["stage"] == "START" and "measured" in a["name"])
+    for e in trace:
+        while cuts and e["time_us"] > cuts[0]:
+            cuts.pop(0)
+            sim.empty_cache()
+        if e["action"] == "alloc":
+            blocks[e["addr"]] = sim.malloc(e["size"])
+        elif e["action"] == "free_completed":
+            sim.free(blocks.pop(e["addr"]))
+        elif e["action"] == "segment_alloc":
+            traced += e["size"]
+            peak = max(peak, traced)
+        elif e["action"] == "segment_free":
+            traced -= e["size"]
+    return peak, sim.peak_reserved

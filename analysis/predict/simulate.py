@@ -1,0 +1,143 @@
+"""Reserved and NVML peaks from the caching allocator itself: the cell's step is run on the meta device
+(bench.model.dryrun: the real modelling code, every allocation and free in order) and its events replayed
+through the allocator's rules (analysis.predict.allocator), build, first step and measured steps alike.
+
+The NVML process peak is the largest reserved figure of any phase (nvidia-smi sees the whole process:
+a QLoRA build that upcasts experts to fp32 can reserve more than any step), plus the CUDA context and the
+memory outside torch by then. Results are kept in `simulated.jsonl` beside this file, keyed by the spec
+and the versions that shape the trace: a few seconds a cell the first time, instant after.
+Imports torch only when a cell is first simulated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import asdict, replace
+from functools import cache, lru_cache
+from pathlib import Path
+
+from analysis.predict.allocator import OutOfMemory, Peaks, replay
+from analysis.predict.calibration import CALIBRATION
+from analysis.predict.resolve import Prediction
+from bench.spec import CellSpec
+
+#: Bump when the trace or the replay changes what they produce: cached entries of other versions are ignored.
+SIMULATION_VERSION = 1
+CACHE = Path(os.environ.get("FTMEM_SIMULATION_CACHE", Path(__file__).with_name("simulated.jsonl")))
+
+
+def _key(spec: CellSpec) -> str:
+    fields = {k: v for k, v in spec.to_dict().items() if k not in ("profile_memory", "snapshot")}
+    text = json.dumps({"spec": fields, "version": SIMULATION_VERSION}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+@cache
+def _cached() -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    if CACHE.exists():
+        for line in CACHE.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line: that entry is simulated again
+            out[entry["key"]] = entry
+    return out
+
+
+def _store(entry: dict) -> None:
+    _cached()[entry["key"]] = entry
+    try:
+        torn = CACHE.exists() and CACHE.stat().st_size and not CACHE.read_bytes().endswith(b"\n")
+        with CACHE.open("a") as f:  # after a torn last line (a crash mid-write), start a line of its own
+            f.write(("\n" if torn else "") + json.dumps(entry, sort_keys=True) + "\n")
+    except OSError:
+        pass  # a read-only install: the result still serves this process
+
+
+def cap_bytes(spec: CellSpec) -> int | None:
+    """The harness's cap on the allocator: the budget less the CUDA context (bench.cell.measure)."""
+    if spec.budget_bytes is None:
+        return None
+    return spec.budget_bytes - int(CALIBRATION["cuda_context_bytes"])
+
+
+def is_cached(spec: CellSpec) -> bool:
+    return _key(spec) in _cached()
+
+
+def simulate(spec: CellSpec) -> dict:
+    """{'peaks': Peaks fields, 'oom': None or the phase that ran out} or {'unsupported': reason}."""
+    key = _key(spec)
+    if key in _cached():
+        return _cached()[key]
+    from bench.model.dryrun import Unsupported
+
+    entry: dict = {"key": key, "model": spec.model}
+    try:
+        events = _trace(dataclasses.replace(spec, budget_gb=None))
+    except Unsupported as err:
+        entry["unsupported"] = str(err)
+        _store(entry)
+        return entry
+    try:
+        entry["peaks"], entry["oom"] = asdict(replay(events, cap_bytes(spec))), None
+    except OutOfMemory as err:
+        entry["peaks"], entry["oom"] = None, str(err)
+    _store(entry)
+    return entry
+
+
+@lru_cache(maxsize=2)
+def _trace(spec: CellSpec) -> list:
+    """The cell's events; a budget does not change them (cells differing only by budget share one trace)."""
+    from bench.model.dryrun import trace
+
+    return trace(spec).items
+
+
+def non_torch_bytes(spec: CellSpec) -> int:
+    """Kernel images and library state loaded lazily outside torch's allocator, by the end of the first step."""
+    extra = CALIBRATION["nvml_int8_kernels_bytes"] if spec.method == "lora8bit" else 0
+    if spec.attn_impl == "eager":
+        extra -= CALIBRATION["nvml_sdpa_kernels_bytes"]
+    return int(CALIBRATION["nvml_non_torch_bytes"] + extra)
+
+
+def refine(pred: Prediction, spec: CellSpec) -> Prediction:
+    """The prediction with allocated, reserved and NVML peaks from the simulated allocator; unchanged but
+    for a note where the cell cannot be simulated."""
+    entry = simulate(spec)
+    if "unsupported" in entry:
+        note = f"allocator not simulated ({entry['unsupported']}): reserved and NVML from the analytic slack"
+        return replace(pred, notes=(*pred.notes, note))
+    context = int(CALIBRATION["cuda_context_bytes"])
+    if entry["oom"] is not None:
+        cap = cap_bytes(spec) or 0
+        note = f"the simulated allocator runs out under the cap of {cap} bytes: {entry['oom']}"
+        over = max(pred.peak_allocated_bytes, cap) + 1  # past the cap: fits_budget says no
+        return replace(pred, peak_reserved_bytes=cap, nvml_process_bytes=over + context,
+                       uncapped_reserved_bytes=over, notes=(*pred.notes, note))
+    p = Peaks(**entry["peaks"])
+    outside = non_torch_bytes(spec)
+    build = p.build_reserved + int(CALIBRATION["nvml_build_non_torch_bytes"])
+    step = max(p.first_step_reserved, p.reserved) + outside
+    paged = sum(v for k, v in pred.outside_allocated.items() if k.startswith("paged"))
+    notes = [*pred.notes, "allocated, reserved and NVML peaks from the caching allocator's replay of the "
+             "cell's allocations (build, first step, measured steps)"]
+    if build > step:
+        notes.append(f"the NVML peak comes from the build: it reserves {p.build_reserved} bytes, "
+                     f"{p.build_reserved - p.reserved} more than the measured steps")
+    return replace(
+        pred,
+        peak_allocated_bytes=p.allocated,
+        peak_reserved_bytes=p.reserved,
+        nvml_process_bytes=max(build, step) + context + paged,
+        uncapped_reserved_bytes=max(build, step) - outside,
+        outside_allocated=dict(pred.outside_allocated, allocator_slack=p.reserved - p.allocated,
+                               non_torch_process=outside),
+        notes=tuple(notes),
+    )

@@ -1,0 +1,64 @@
+"""Simulate the caching allocator for every single-GPU CUDA cell under results/ (or the files given), so
+that reports and the accuracy table read reserved and NVML from analysis/predict/simulated.jsonl.
+
+    python3 scripts/simulate_rows.py [--workers 2] [results/...jsonl ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def cells(paths: list[Path]) -> list[dict]:
+    from analysis.accuracy import model_family
+
+    seen, out = set(), []
+    for path in paths:
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            spec = row.get("spec") or {}
+            if spec.get("device") != "cuda" or (spec.get("gpus") or 1) > 1 or spec.get("dist", "none") != "none":
+                continue
+            if row.get("status") not in ("ok", "oom") or not model_family(spec.get("model", "")):
+                continue
+            key = json.dumps(spec, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                out.append(spec)
+    # cells differing only by budget share a trace: adjacent, in one worker's chunk
+    return sorted(out, key=lambda s: json.dumps({k: v for k, v in s.items() if k != "budget_gb"}, sort_keys=True))
+
+
+def one(spec: dict) -> str:
+    from analysis.predict.resolve import as_spec
+    from analysis.predict.simulate import simulate
+
+    start = time.perf_counter()
+    entry = simulate(as_spec(spec, None))
+    status = "unsupported: " + entry["unsupported"][:80] if "unsupported" in entry else ("oom" if entry.get("oom") else "ok")
+    return f"{spec['model']} {spec['method']} s{spec['seq_len']} b{spec['batch_size']}: {status} ({time.perf_counter() - start:.1f} s)"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="*", type=Path)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    paths = args.paths or sorted(Path("results").glob("**/*.jsonl"))
+    todo = cells(paths)
+    print(f"{len(todo)} cells", flush=True)
+    with ProcessPoolExecutor(args.workers) as pool:
+        for i, line in enumerate(pool.map(one, todo, chunksize=8), 1):
+            print(f"[{i}/{len(todo)}] {line}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
