@@ -96,3 +96,17 @@ def test_a_torn_cache_line_is_simulated_again():
     sim._cached.cache_clear()
     assert sim.simulate(spec)["peaks"]["allocated"] > 0
     assert json.loads(sim.CACHE.read_text().splitlines()[-1])["key"] == sim._key(spec)
+
+
+@pytest.mark.gpu
+def test_a_measured_cell_has_the_simulated_peaks():
+    """The whole chain on a GPU: a real cell's allocated, reserved and NVML peaks against the simulation."""
+    from bench.cell.runner import run_cell
+
+    spec = _spec("qwen3-0.6b", seq_len=512, batch_size=2)
+    row = run_cell(spec, timeout_s=300)
+    assert row["status"] == "ok", row["error"]
+    pred = predict(spec, simulate=True)
+    assert pred.peak_allocated_bytes == pytest.approx(row["peak_allocated_bytes"], rel=0.002)
+    assert pred.peak_reserved_bytes == pytest.approx(row["peak_reserved_bytes"], rel=0.005)
+    assert pred.nvml_process_bytes == pytest.approx(row["nvml_peak_process_bytes"], rel=0.01)
