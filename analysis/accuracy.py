@@ -92,7 +92,7 @@ def evaluate(row: dict[str, Any], peaks: dict[str, int] | None = None) -> dict[s
     if measured_fit is None:
         return None
     try:
-        pred = predict(row["spec"])
+        pred = predict(row["spec"], simulate="cached")
     except UnsupportedArchitecture:
         return None
     spec, budget = row["spec"], row.get("budget_bytes")

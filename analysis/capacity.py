@@ -59,7 +59,7 @@ def predicted_fit(base_spec: dict[str, Any], budget_bytes: int, seq_len: int, ba
     """Whether the cell is predicted to fit the budget (an invalid cell, e.g. seq_len past the model's
     context, counts as not fitting; a model the predictor cannot describe is refused, never "none fits")."""
     try:
-        return fits_budget(predict(cell(base_spec, seq_len, batch_size)), budget_bytes)
+        return fits_budget(predict(cell(base_spec, seq_len, batch_size), simulate="cached"), budget_bytes)
     except SpecError:
         return False
 

@@ -440,7 +440,7 @@ def predictor() -> Any | None:
 def predict_spec(predict: Any, spec: dict[str, Any]) -> Any | None:
     """The predictor's answer for one spec, or None (with a warning) where it cannot answer."""
     try:
-        return predict(spec)
+        return predict(spec, simulate="cached")
     except Exception as exc:  # a predictor written elsewhere: one bad spec must not sink a report
         warnings.warn(f"analysis.predict could not predict {describe_spec(spec)}: {exc}", stacklevel=2)
         return None

@@ -19,3 +19,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 TINY = {"model": "qwen3-tiny", "device": "cpu", "seq_len": 32, "batch_size": 2, "warmup_steps": 1, "steps": 1}
+
+
+@pytest.fixture(autouse=True)
+def _no_new_simulations(monkeypatch):
+    """Predictions read the allocator simulations already cached and make no new ones (each runs a cell's
+    step on the meta device, seconds to a minute); tests/test_dryrun.py switches them back on."""
+    monkeypatch.setenv("FTMEM_SIMULATE", "0")

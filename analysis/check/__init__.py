@@ -102,7 +102,7 @@ def check(
         gpus, Path(deepspeed) if deepspeed else None, _accelerate(accelerate, reading), model, seq_len
     )
     spec = build(reading, setup)
-    pred, cards = predict(spec), cards or default_cards()
+    pred, cards = predict(spec, simulate=True), cards or default_cards()
     files = [str(path)] + [str(p) for p in (deepspeed, accelerate) if p]
     near = []
     if nearest:

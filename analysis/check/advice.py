@@ -195,7 +195,7 @@ LADDER: tuple[Callable[[dict[str, Any]], Iterator[Candidate]], ...] = (
 
 def _predicted(candidate: dict[str, Any]) -> Prediction | None:
     try:
-        return predict(CellSpec.create(**candidate))
+        return predict(CellSpec.create(**candidate), simulate="cached")
     except (SpecError, ValueError):
         return None
 
@@ -246,7 +246,7 @@ def _combined(spec: dict[str, Any], c: Card) -> Suggestion | None:
 def suggestions(spec: CellSpec, cards: list[Card]) -> list[Suggestion]:
     """For every card the spec is predicted not to fit: each single change of the ladder that fits,
     cheapest first; if none does, the changes combined."""
-    base, pred, found = spec.to_dict(), predict(spec), []
+    base, pred, found = spec.to_dict(), predict(spec, simulate=True), []
     for c in cards:
         if fits(pred, c.total_bytes):
             continue

@@ -51,6 +51,7 @@ class Block:
     free: bool = True
     prev: Block | None = None
     next: Block | None = None
+    unmapped: int = 0  # expandable segments: bytes of this free block whose pages were given back
 
     @property
     def key(self) -> tuple[int, int]:
@@ -84,6 +85,9 @@ class CachingAllocator:
         block = self._take(small, size)
         if block is None:
             block = self._new_segment(small, size)
+        elif block.unmapped:  # expandable segments: pages given back are mapped again
+            unmapped, block.unmapped = block.unmapped, 0
+            self._map(unmapped, size)
         block.free = False
         if self._should_split(block, size):
             rest = Block(block.addr + size, block.size - size, small, True, block, block.next)
@@ -103,12 +107,14 @@ class CachingAllocator:
                 self._remove(neighbour)
                 if neighbour is block.prev:
                     neighbour.size += block.size
+                    neighbour.unmapped += block.unmapped
                     neighbour.next = block.next
                     if block.next is not None:
                         block.next.prev = neighbour
                     block = neighbour
                 else:
                     block.size += neighbour.size
+                    block.unmapped += neighbour.unmapped
                     block.next = neighbour.next
                     if neighbour.next is not None:
                         neighbour.next.prev = block
@@ -175,6 +181,18 @@ class CachingAllocator:
         self.peak_reserved = max(self.peak_reserved, self.reserved)
         return block
 
+    def _map(self, nbytes: int, size: int) -> None:
+        """Map pages back (expandable segments), under the cap as a new segment would be."""
+        if self.cap is not None and self.reserved + nbytes > self.cap:
+            self.empty_cache()
+            if self.reserved + nbytes > self.cap:
+                raise OutOfMemory(f"{size} bytes requested, {self.reserved} reserved, cap {self.cap}")
+        self._grow(nbytes)
+
+    def _grow(self, nbytes: int) -> None:
+        self.reserved += nbytes
+        self.peak_reserved = max(self.peak_reserved, self.reserved)
+
     @staticmethod
     def _should_split(block: Block, size: int) -> bool:
         rest = block.size - size
@@ -202,11 +220,11 @@ class Peaks:
     reserved: int
 
 
-def replay(events, cap: int | None = None) -> Peaks:
+def replay(events, cap: int | None = None, expandable: bool = False) -> Peaks:
     """Run a cell's allocation events (bench.model.dryrun) through the allocator: the build, the first
     step, then the measured steps; the cache is emptied where the events say (peft after k-bit upcasts,
     the harness before the measured steps)."""
-    sim = CachingAllocator(cap=cap)
+    sim = allocator(cap, expandable)
     blocks: dict[object, Block] = {}
     marks: dict[str, tuple[int, int]] = {}
     for kind, ident, size in events:
@@ -224,6 +242,74 @@ def replay(events, cap: int | None = None) -> Peaks:
     build = marks.get("build_end", (0, 0))
     first = marks.get("first_step_end", (0, 0))
     return Peaks(*build, *first, sim.peak_allocated, sim.peak_reserved)
+
+
+class ExpandableAllocator(CachingAllocator):
+    """The allocator with expandable segments (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True): one
+    segment per pool whose virtual range is mapped on demand, in pages of 2 MiB (small pool) or 20 MiB
+    (large pool). A request no cached block holds extends the segment's free end (or maps a new end);
+    blocks split down to 512 bytes in both pools; `empty_cache` unmaps the pages wholly inside free
+    blocks, and a block taken later maps them again."""
+
+    def __init__(self, cap: int | None = None):
+        super().__init__(cap=cap)
+        self._end = {True: 0, False: 2**50}  # each pool's segment: where its mapped range ends
+        self._last: dict[bool, Block | None] = {True: None, False: None}
+
+    def _live_last(self, small: bool) -> Block | None:
+        """The segment's last block. The one remembered may since have merged into a neighbour: a merged
+        block's `prev` still leads to the block that absorbed it."""
+        block = self._last[small]
+        while block is not None and block.prev is not None and block.prev.next is not block:
+            block = block.prev
+        while block is not None and block.next is not None:
+            block = block.next
+        return block
+
+    def _new_segment(self, small: bool, size: int) -> Block:
+        page = SMALL_BUFFER if small else LARGE_BUFFER
+        last = self._live_last(small)
+        tail = last if last is not None and last.free and last.addr + last.size == self._end[small] else None
+        need = size - (tail.size if tail is not None else 0)
+        mapped = page * -(-need // page)
+        if self.cap is not None and self.reserved + mapped > self.cap:
+            self.empty_cache()
+            if self.reserved + mapped > self.cap:
+                raise OutOfMemory(f"{size} bytes requested, {self.reserved} reserved, cap {self.cap}")
+        if tail is not None:
+            self._remove(tail)
+            if tail.unmapped:
+                unmapped, tail.unmapped = tail.unmapped, 0
+                self._map(unmapped, size)
+            block = tail
+        else:
+            block = Block(self._end[small], 0, small, True, last)
+            if last is not None:
+                last.next = block
+            else:
+                self._segments.append(block)
+        block.size += mapped
+        self._end[small] += mapped
+        self._last[small] = block
+        self._grow(mapped)
+        return block
+
+    @staticmethod
+    def _should_split(block: Block, size: int) -> bool:
+        return block.size - size >= MIN_BLOCK
+
+    def empty_cache(self) -> None:
+        for (small, _, _), block in list(self._free.items()):
+            page = SMALL_BUFFER if small else LARGE_BUFFER
+            start, end = page * -(-block.addr // page), page * ((block.addr + block.size) // page)
+            interior = max(0, end - start)
+            if interior > block.unmapped:
+                self.reserved -= interior - block.unmapped
+                block.unmapped = interior
+
+
+def allocator(cap: int | None = None, expandable: bool = False) -> CachingAllocator:
+    return ExpandableAllocator(cap) if expandable else CachingAllocator(cap=cap)
 
 
 # --------------------------------------------------------------------------------------------------

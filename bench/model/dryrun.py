@@ -17,6 +17,7 @@ The events feed analysis.predict.allocator, which replays them through the cachi
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -136,6 +137,10 @@ class StorageRecorder(TorchDispatchMode):
             b, h, s, d = q.shape
             expanded = 2 * q.numel() * q.element_size() if k.shape[1] != h else 0
             return self.events.alloc(b * h * (128 * math.ceil(s / 128)) * d * 4 + expanded)
+        if func is torch.ops.aten._softmax_backward_data.default:
+            # CUDA's softmax_backward_cuda_out computes `tmp = grad * output` before its kernel
+            grad = args[0]
+            return self.events.alloc(grad.numel() * grad.element_size())
         if getattr(func, "name", lambda: "")() == "bitsandbytes::gemm_4bit":
             # bitsandbytes' CUDA gemm dequantizes the weight into a temporary in the input's dtype first
             a, shape = args[0], args[2]
@@ -172,14 +177,16 @@ class _GroupedMM(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w):
-        ctx.save_for_backward(x, w)
+        # as autograd's formula: each operand kept only for the other's gradient
+        ctx.save_for_backward(x if w.requires_grad else None, w if x.requires_grad else None)
+        ctx.shapes = (x.shape, x.dtype), (w.shape, w.dtype)
         return x.new_empty((x.shape[0], w.shape[-1]))
 
     @staticmethod
     def backward(ctx, grad):
-        x, w = ctx.saved_tensors
-        return (torch.empty_like(x) if ctx.needs_input_grad[0] else None,
-                torch.empty_like(w) if ctx.needs_input_grad[1] else None)
+        (xs, xd), (ws, wd) = ctx.shapes
+        return (grad.new_empty(xs, dtype=xd) if ctx.needs_input_grad[0] else None,
+                grad.new_empty(ws, dtype=wd) if ctx.needs_input_grad[1] else None)
 
 
 class MetaAutocast(TorchFunctionMode):
@@ -196,14 +203,31 @@ class MetaAutocast(TorchFunctionMode):
 
     def __enter__(self):
         # Code that asks whether autocast is on (peft's LoRA layers, transformers' RoPE) must hear yes.
-        self._saved = torch.is_autocast_enabled, torch.get_autocast_dtype
+        self._saved = torch.is_autocast_enabled, torch.get_autocast_dtype, torch.autocast, torch.amp.autocast
         if self.enabled:
             torch.is_autocast_enabled = lambda *args: True
             torch.get_autocast_dtype = lambda *args: self.dtype
+        torch.autocast = torch.amp.autocast = self._region
         return super().__enter__()
 
+    def _region(self, device_type=None, dtype=None, enabled=True, cache_enabled=None):
+        """torch.autocast(...) in the modelling code (peft's expert adapters): a region with autocast
+        switched on or off for meta tensors."""
+        outer = self
+
+        class Region:
+            def __enter__(self):
+                self.was, outer.enabled = outer.enabled, bool(enabled) and outer.dtype is not None
+                return self
+
+            def __exit__(self, *exc):
+                outer.enabled = self.was
+                return False
+
+        return Region()
+
     def __exit__(self, *exc):
-        torch.is_autocast_enabled, torch.get_autocast_dtype = self._saved
+        torch.is_autocast_enabled, torch.get_autocast_dtype, torch.autocast, torch.amp.autocast = self._saved
         self._cache.clear()
         return super().__exit__(*exc)
 
@@ -334,9 +358,29 @@ def _build(spec, events: Events, recorder: StorageRecorder):
     return model
 
 
+class _FusedAdamW:
+    """torch.optim.AdamW(fused=True)'s memory, which the meta device cannot run: at the first step each
+    parameter gets its step counter and two moments (in that order), and the fused kernel updates them
+    in place, making nothing more."""
+
+    def __init__(self, params):
+        self.params, self.state = params, {}
+
+    def step(self):
+        for p in self.params:
+            if p.grad is not None and p not in self.state:
+                self.state[p] = (torch.zeros((), device=p.device), torch.zeros_like(p), torch.zeros_like(p))
+
+    def zero_grad(self, set_to_none: bool = True):
+        for p in self.params:
+            p.grad = None
+
+
 def _optimizer(spec, model):
     from bench.model import train
 
+    if spec.optimizer == "adamw_fused":
+        return _FusedAdamW([p for p in model.parameters() if p.requires_grad])
     if spec.optimizer not in ("adamw", "adamw_foreach", "sgd", "adamw_8bit"):
         raise Unsupported(f"optimizer {spec.optimizer!r} has no meta implementation")
     optimizer = train.make_optimizer(spec, model)
@@ -366,6 +410,7 @@ def trace(spec) -> Events:
         with recorder, autocast:
             for i in range(spec.warmup_steps + spec.steps):
                 if i == spec.warmup_steps:  # bench.cell.measure: gc, empty_cache, reset peaks
+                    gc.collect()
                     events.mark("empty_cache")
                     events.mark("measured_start")
                 _step(model, optimizer, batches, autocast, events)

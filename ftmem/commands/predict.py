@@ -1,7 +1,9 @@
 """`ftmem predict | capacity | accuracy`: the predictor's subcommands, registered by ftmem.cli.
 
 Each command's `func(args)` returns an exit code. Only `capacity --verify` touches the GPU (through
-bench.cell.runner.run_cell, imported there and then); the rest is pure prediction and imports no torch.
+bench.cell.runner.run_cell, imported there and then); the rest is prediction: `predict` runs the cell's
+step on the meta device for the allocator's simulation (torch on the CPU, no GPU), the others read
+simulations already made and otherwise the analytic slack.
 """
 
 from __future__ import annotations
@@ -76,8 +78,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from ftmem.args import spec_from_args
 
     spec = spec_from_args(args)
-    pred = predict(spec)
     console = _console()
+    if getattr(args, "analytic", False):
+        pred = predict(spec)
+    else:
+        with console.status("simulating the caching allocator over the cell's allocations (meta device)..."):
+            pred = predict(spec, simulate=True)
     console.print(
         components_table(
             pred,
@@ -178,6 +184,12 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("predict", help="predict the GPU memory of one cell (no GPU needed)")
     add_spec_arguments(p, required=("model", "method", "seq_len", "batch_size"))
+    p.add_argument(
+        "--analytic",
+        action="store_true",
+        help="skip the allocator's simulation (running the step on the meta device, seconds the first time a "
+        "cell is seen): reserved and NVML then come from the analytic estimate of the allocator's slack",
+    )
     p.set_defaults(func=cmd_predict)
 
     c = subparsers.add_parser("capacity", help="largest seq_len / batch_size predicted to fit a budget")

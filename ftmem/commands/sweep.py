@@ -82,7 +82,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _prediction(spec) -> Any:
     """analysis.predict's prediction for a dry run, "?" where it cannot answer."""
     try:
-        return predict(spec.to_dict())
+        return predict(spec.to_dict(), simulate="cached")
     except Exception:  # a prediction is a hint in a dry run, never a failure
         return "?"
 
