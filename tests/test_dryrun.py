@@ -19,6 +19,7 @@ FAMILIES = ("qwen3-tiny", "llama-tiny", "phi3-tiny", "olmo2-tiny", "gemma3-tiny"
 
 @pytest.fixture(autouse=True)
 def _own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FTMEM_SIMULATE", "1")
     monkeypatch.setattr(sim, "CACHE", tmp_path / "simulated.jsonl")
     sim._cached.cache_clear()
     sim._trace.cache_clear()
