@@ -27,6 +27,7 @@ Never imports torch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import warnings
 from collections.abc import Iterable, Sequence
@@ -434,13 +435,14 @@ def predictor() -> Any | None:
         from analysis.predict import predict
     except ImportError:
         return None
-    return predict
+    # reports read the allocator simulations already made (analysis/predict/simulated.jsonl), never run new ones
+    return functools.partial(predict, simulate="cached")
 
 
 def predict_spec(predict: Any, spec: dict[str, Any]) -> Any | None:
     """The predictor's answer for one spec, or None (with a warning) where it cannot answer."""
     try:
-        return predict(spec, simulate="cached")
+        return predict(spec)
     except Exception as exc:  # a predictor written elsewhere: one bad spec must not sink a report
         warnings.warn(f"analysis.predict could not predict {describe_spec(spec)}: {exc}", stacklevel=2)
         return None

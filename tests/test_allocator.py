@@ -93,3 +93,22 @@ def test_replaying_a_recorded_gpu_trace_reproduces_its_reserved_peak(path):
 
 def test_shipped_snapshots_are_there():
     assert len(_snapshots()) == 4
+
+
+def test_expandable_segments_grow_one_segment_and_give_pages_back():
+    from analysis.predict.allocator import ExpandableAllocator
+
+    sim = ExpandableAllocator()
+    a = sim.malloc(30 * MIB)
+    assert sim.reserved == 40 * MIB  # 20 MiB pages
+    b = sim.malloc(5 * MIB)  # fits the mapped free end: no new pages
+    assert sim.reserved == 40 * MIB and b.addr == a.addr + 30 * MIB
+    sim.free(a)
+    c = sim.malloc(31 * MIB)  # the free 30 MiB at the start is too small; the end grows by what is missing
+    assert sim.reserved == 80 * MIB and c.addr == b.addr + 5 * MIB
+    sim.free(c)
+    sim.empty_cache()  # pages wholly inside free blocks are unmapped
+    assert sim.reserved < 80 * MIB and sim.allocated == 5 * MIB
+    before = sim.reserved
+    sim.malloc(60 * MIB)  # taking the free range maps its pages again
+    assert sim.reserved > before
