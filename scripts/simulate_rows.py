@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+# this script remakes the shipped cache, not the user's
+os.environ["FTMEM_SIMULATION_CACHE"] = str(ROOT / "analysis" / "predict" / "simulated.jsonl")
 
 
 def cells(paths: list[Path]) -> list[dict]:

@@ -21,6 +21,7 @@ FAMILIES = ("qwen3-tiny", "llama-tiny", "phi3-tiny", "olmo2-tiny", "gemma3-tiny"
 def _own_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FTMEM_SIMULATE", "1")
     monkeypatch.setattr(sim, "CACHE", tmp_path / "simulated.jsonl")
+    monkeypatch.setattr(sim, "SHIPPED", tmp_path / "shipped.jsonl")
     sim._cached.cache_clear()
     sim._trace.cache_clear()
     yield

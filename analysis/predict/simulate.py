@@ -4,8 +4,9 @@ through the allocator's rules (analysis.predict.allocator), build, first step an
 
 The NVML process peak is the largest reserved figure of any phase (nvidia-smi sees the whole process:
 a QLoRA build that upcasts experts to fp32 can reserve more than any step), plus the CUDA context and the
-memory outside torch by then. Results are kept in `simulated.jsonl` beside this file, keyed by the spec
-and the versions that shape the trace: a few seconds a cell the first time, instant after.
+memory outside torch by then. Results are cached, keyed by the spec and SIMULATION_VERSION: those of the
+shipped rows in `simulated.jsonl` beside this file, new ones in ~/.cache/ftmem/simulated.jsonl
+(FTMEM_SIMULATION_CACHE): a few seconds a cell the first time, instant after.
 Imports torch only when a cell is first simulated.
 """
 
@@ -26,7 +27,10 @@ from bench.spec import CellSpec
 
 #: Bump when the trace or the replay changes what they produce: cached entries of other versions are ignored.
 SIMULATION_VERSION = 2
-CACHE = Path(os.environ.get("FTMEM_SIMULATION_CACHE", Path(__file__).with_name("simulated.jsonl")))
+#: Simulations of every shipped row's cell (scripts/simulate_rows.py writes it), read-only here.
+SHIPPED = Path(__file__).with_name("simulated.jsonl")
+#: Where new simulations are kept: the user's cache, not the package.
+CACHE = Path(os.environ.get("FTMEM_SIMULATION_CACHE") or Path.home() / ".cache" / "ftmem" / "simulated.jsonl")
 
 
 def _key(spec: CellSpec) -> str:
@@ -38,8 +42,10 @@ def _key(spec: CellSpec) -> str:
 @cache
 def _cached() -> dict[str, dict]:
     out: dict[str, dict] = {}
-    if CACHE.exists():
-        for line in CACHE.read_text().splitlines():
+    for path in dict.fromkeys((SHIPPED, CACHE)):
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines():
             try:
                 entry = json.loads(line)
             except json.JSONDecodeError:
@@ -51,6 +57,7 @@ def _cached() -> dict[str, dict]:
 def _store(entry: dict) -> None:
     _cached()[entry["key"]] = entry
     try:
+        CACHE.parent.mkdir(parents=True, exist_ok=True)
         torn = CACHE.exists() and CACHE.stat().st_size and not CACHE.read_bytes().endswith(b"\n")
         with CACHE.open("a") as f:  # after a torn last line (a crash mid-write), start a line of its own
             f.write(("\n" if torn else "") + json.dumps(entry, sort_keys=True) + "\n")
