@@ -36,6 +36,9 @@ def components_table(pred: Prediction, title: str):
     table.add_column("GiB (2^30 B)", justify="right")
     for name, value in sorted(pred.components.items(), key=lambda kv: -kv[1]):
         table.add_row(name, _gib(value))
+    rest = pred.peak_allocated_bytes - sum(pred.components.values())
+    if rest:  # the terms are the walk's; a simulated peak is the replay's own
+        table.add_row("replay beyond the walk's terms", _gib(rest))
     table.add_row(
         f"[bold]peak allocated ({pred.peak_phase})[/bold]", f"[bold]{_gib(pred.peak_allocated_bytes)}[/bold]"
     )
