@@ -77,6 +77,9 @@ class CachingAllocator:
     _next_addr: int = 0
     #: where new segments go (a replay of a GPU trace can place them where cudaMalloc did); else one after another
     addresses: Iterator[int] | None = None
+    #: new segments below the earlier ones, as cudaMalloc placed them in the H200's traces (ties between
+    #: equal free blocks go to the lowest address, so placement decides which segments stay whole)
+    descending: bool = False
 
     # ------------------------------------------------------------------------------------------
     def malloc(self, size: int) -> Block:
@@ -173,7 +176,13 @@ class CachingAllocator:
             self.empty_cache()
             if self.reserved + want > self.cap:
                 raise OutOfMemory(f"{size} bytes requested, {self.reserved} reserved, cap {self.cap}")
-        addr = next(self.addresses, self._next_addr) if self.addresses is not None else self._next_addr
+        if self.addresses is not None:
+            addr = next(self.addresses, self._next_addr)
+        elif self.descending:
+            self._low = getattr(self, "_low", 2**47) - want - ROUND_LARGE
+            addr = self._low
+        else:
+            addr = self._next_addr
         block = Block(addr, want, small, True)
         self._next_addr = max(self._next_addr, addr + want + ROUND_LARGE)  # segments never adjoin
         self._segments.append(block)
@@ -220,11 +229,11 @@ class Peaks:
     reserved: int
 
 
-def replay(events, cap: int | None = None, expandable: bool = False) -> Peaks:
+def replay(events, cap: int | None = None, expandable: bool = False, descending: bool = False) -> Peaks:
     """Run a cell's allocation events (bench.model.dryrun) through the allocator: the build, the first
     step, then the measured steps; the cache is emptied where the events say (peft after k-bit upcasts,
     the harness before the measured steps)."""
-    sim = allocator(cap, expandable)
+    sim = allocator(cap, expandable, descending)
     blocks: dict[object, Block] = {}
     marks: dict[str, tuple[int, int]] = {}
     for kind, ident, size in events:
@@ -308,8 +317,8 @@ class ExpandableAllocator(CachingAllocator):
                 block.unmapped = interior
 
 
-def allocator(cap: int | None = None, expandable: bool = False) -> CachingAllocator:
-    return ExpandableAllocator(cap) if expandable else CachingAllocator(cap=cap)
+def allocator(cap: int | None = None, expandable: bool = False, descending: bool = False) -> CachingAllocator:
+    return ExpandableAllocator(cap) if expandable else CachingAllocator(cap=cap, descending=descending)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -339,13 +348,15 @@ def _start_state(snapshot: dict) -> tuple[dict[int, int], dict[int, int]]:
     return segments, start_blocks
 
 
-def replay_snapshot(snapshot: dict, cap: int | None = None, cuda_addresses: bool = False) -> tuple[int, int]:
+def replay_snapshot(
+    snapshot: dict, cap: int | None = None, cuda_addresses: bool = False, descending: bool = False
+) -> tuple[int, int]:
     """(traced, simulated) peak reserved bytes over a snapshot's trace. The cache is emptied where the
     harness empties it (before the first measured step's annotation). `cuda_addresses` places new
     segments where cudaMalloc placed them (ties between equal blocks then break as they did on the GPU)."""
     trace = snapshot["device_traces"][0]
     segments, used = _start_state(snapshot)
-    sim, blocks = CachingAllocator(cap=cap), {}
+    sim, blocks = CachingAllocator(cap=cap, descending=descending), {}
     for addr, size in sorted(segments.items()):
         blocks.update(sim.adopt_segment(addr, size, [(a, s) for a, s in used.items() if addr <= a < addr + size]))
     sim.peak_reserved = traced = peak = sim.reserved
