@@ -80,6 +80,7 @@ class CachingAllocator:
     #: new segments below the earlier ones, as cudaMalloc placed them in the H200's traces (ties between
     #: equal free blocks go to the lowest address, so placement decides which segments stay whole)
     descending: bool = False
+    _low: int = 2**47  # where the next descending segment ends
 
     # ------------------------------------------------------------------------------------------
     def malloc(self, size: int) -> Block:
@@ -172,30 +173,31 @@ class CachingAllocator:
 
     def _new_segment(self, small: bool, size: int) -> Block:
         want = segment_size(size)
-        if self.cap is not None and self.reserved + want > self.cap:
-            self.empty_cache()
-            if self.reserved + want > self.cap:
-                raise OutOfMemory(f"{size} bytes requested, {self.reserved} reserved, cap {self.cap}")
+        self._make_room(want, size)
         if self.addresses is not None:
             addr = next(self.addresses, self._next_addr)
         elif self.descending:
-            self._low = getattr(self, "_low", 2**47) - want - ROUND_LARGE
+            self._low -= want + ROUND_LARGE
             addr = self._low
         else:
             addr = self._next_addr
         block = Block(addr, want, small, True)
         self._next_addr = max(self._next_addr, addr + want + ROUND_LARGE)  # segments never adjoin
         self._segments.append(block)
-        self.reserved += want
-        self.peak_reserved = max(self.peak_reserved, self.reserved)
+        self._grow(want)
         return block
 
-    def _map(self, nbytes: int, size: int) -> None:
-        """Map pages back (expandable segments), under the cap as a new segment would be."""
+    def _make_room(self, nbytes: int, size: int) -> None:
+        """At the cap, release every wholly free segment (or unmap free pages) before reserving `nbytes`
+        more for a request of `size`; run out if that is still not enough."""
         if self.cap is not None and self.reserved + nbytes > self.cap:
             self.empty_cache()
             if self.reserved + nbytes > self.cap:
                 raise OutOfMemory(f"{size} bytes requested, {self.reserved} reserved, cap {self.cap}")
+
+    def _map(self, nbytes: int, size: int) -> None:
+        """Map pages back (expandable segments), under the cap as a new segment would be."""
+        self._make_room(nbytes, size)
         self._grow(nbytes)
 
     def _grow(self, nbytes: int) -> None:
@@ -281,10 +283,7 @@ class ExpandableAllocator(CachingAllocator):
         tail = last if last is not None and last.free and last.addr + last.size == self._end[small] else None
         need = size - (tail.size if tail is not None else 0)
         mapped = page * -(-need // page)
-        if self.cap is not None and self.reserved + mapped > self.cap:
-            self.empty_cache()
-            if self.reserved + mapped > self.cap:
-                raise OutOfMemory(f"{size} bytes requested, {self.reserved} reserved, cap {self.cap}")
+        self._make_room(mapped, size)
         if tail is not None:
             self._remove(tail)
             if tail.unmapped:
