@@ -12,7 +12,6 @@ Imports torch only when a cell is first simulated.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -23,6 +22,7 @@ from pathlib import Path
 from analysis.predict.allocator import OutOfMemory, Peaks, replay
 from analysis.predict.calibration import CALIBRATION
 from analysis.predict.resolve import Prediction
+from analysis.predict.step import cap_bytes
 from bench.spec import CellSpec
 
 #: Bump when the trace or the replay changes what they produce: cached entries of other versions are ignored.
@@ -65,13 +65,6 @@ def _store(entry: dict) -> None:
         pass  # a read-only install: the result still serves this process
 
 
-def cap_bytes(spec: CellSpec) -> int | None:
-    """The harness's cap on the allocator: the budget less the CUDA context (bench.cell.measure)."""
-    if spec.budget_bytes is None:
-        return None
-    return spec.budget_bytes - int(CALIBRATION["cuda_context_bytes"])
-
-
 def is_cached(spec: CellSpec) -> bool:
     return _key(spec) in _cached()
 
@@ -85,7 +78,7 @@ def simulate(spec: CellSpec) -> dict:
 
     entry: dict = {"key": key, "model": spec.model}
     try:
-        events = _trace(dataclasses.replace(spec, budget_gb=None))
+        events = _trace(replace(spec, budget_gb=None))
     except Unsupported as err:
         entry["unsupported"] = str(err)
         _store(entry)
@@ -130,7 +123,7 @@ def refine(pred: Prediction, spec: CellSpec) -> Prediction:
         note = f"the simulated allocator runs out under the cap of {cap} bytes: {entry['oom']}"
         over = max(pred.peak_allocated_bytes, cap) + 1  # past the cap: fits_budget says no
         return replace(pred, peak_reserved_bytes=cap, nvml_process_bytes=over + context,
-                       uncapped_reserved_bytes=over, notes=(*pred.notes, note))
+                       uncapped_reserved_bytes=over, notes=(*pred.notes, note), simulated=True)
     p = Peaks(**entry["peaks"])
     outside = non_torch_bytes(spec)
     build = p.build_reserved + int(CALIBRATION["nvml_build_non_torch_bytes"])
@@ -153,4 +146,5 @@ def refine(pred: Prediction, spec: CellSpec) -> Prediction:
         outside_allocated=dict(pred.outside_allocated, allocator_slack=p.reserved - p.allocated,
                                non_torch_process=outside),
         notes=tuple(notes),
+        simulated=True,
     )

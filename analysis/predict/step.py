@@ -322,14 +322,20 @@ def allocator_slack(p: Parts) -> int:
     )
 
 
+def cap_bytes(spec) -> int | None:
+    """The harness's cap on the caching allocator, budget - CUDA context (bench.cell.measure, through
+    torch.cuda.set_per_process_memory_fraction); None without a budget."""
+    if spec.budget_bytes is None:
+        return None
+    return spec.budget_bytes - int(CALIBRATION["cuda_context_bytes"])
+
+
 def capped_reserved(st: Setup, allocated: int, slack: int) -> int:
-    """Reserved at the peak. Under a budget the harness caps the caching allocator at budget - CUDA context
-    (torch.cuda.set_per_process_memory_fraction): at the cap it frees its cached blocks and retries
+    """Reserved at the peak. Under a budget, at the cap the allocator frees its cached blocks and retries
     instead of growing, so reserved never passes the cap (while the allocated peak fits under it)."""
-    budget = st.spec.budget_bytes
-    if budget is None:
+    cap = cap_bytes(st.spec)
+    if cap is None:
         return allocated + slack
-    cap = budget - int(CALIBRATION["cuda_context_bytes"])
     return min(allocated + slack, max(allocated, cap))
 
 
