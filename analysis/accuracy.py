@@ -124,7 +124,7 @@ def evaluate(row: dict[str, Any], peaks: dict[str, int] | None = None) -> dict[s
         "measured_fit": None,
         "close_call": None,
         "calibration": row.get("cell_id") in CALIBRATION_CELL_IDS,
-        "simulated": any("caching allocator's replay" in note for note in pred.notes),
+        "simulated": pred.simulated,
     }
     if row["status"] == "ok" and row.get("peak_allocated_bytes"):
         out["measured"] = row["peak_allocated_bytes"]

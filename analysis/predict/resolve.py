@@ -33,6 +33,8 @@ class Prediction:
     notes: tuple[str, ...] = ()
     #: reserved without the budget's cap (the allocator's slack in full): what a real card of that size sees
     uncapped_reserved_bytes: int = 0
+    #: allocated, reserved and NVML come from the caching allocator's replay (analysis.predict.simulate)
+    simulated: bool = False
 
 
 @dataclass(frozen=True)
