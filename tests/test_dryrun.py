@@ -112,3 +112,22 @@ def test_a_measured_cell_has_the_simulated_peaks():
     assert pred.peak_allocated_bytes == pytest.approx(row["peak_allocated_bytes"], rel=0.002)
     assert pred.peak_reserved_bytes == pytest.approx(row["peak_reserved_bytes"], rel=0.005)
     assert pred.nvml_process_bytes == pytest.approx(row["nvml_peak_process_bytes"], rel=0.01)
+
+
+def test_cache_lines_that_are_not_simulations_are_simulated_again():
+    spec = _spec("qwen3-tiny")
+    sim.CACHE.write_text('{}\n[1, 2]\n{"key": "%s", "peaks": {"allocated": "x"}, "oom": null}\n' % sim._key(spec))
+    sim._cached.cache_clear()
+    assert sim.simulate(spec)["peaks"]["allocated"] > 0
+
+
+def test_a_trace_that_fails_unexpectedly_leaves_the_analytic_answer_with_the_reason(monkeypatch):
+    def broken(spec):
+        raise KeyError("rope_scaling")
+
+    monkeypatch.setattr("bench.model.dryrun.trace", broken)
+    spec = _spec("llama-tiny")
+    pred = predict(spec, simulate=True)
+    assert pred.peak_allocated_bytes == predict(spec).peak_allocated_bytes and not pred.simulated
+    assert any("the trace failed (KeyError" in note for note in pred.notes)
+    assert not sim.CACHE.exists()  # not cached: the next call tries again

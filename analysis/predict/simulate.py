@@ -12,6 +12,7 @@ Imports torch only when a cell is first simulated.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -50,8 +51,22 @@ def _cached() -> dict[str, dict]:
                 entry = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a torn last line: that entry is simulated again
-            out[entry["key"]] = entry
+            if _valid(entry):  # anything else (an edited or foreign line) is simulated again too
+                out[entry["key"]] = entry
     return out
+
+
+def _valid(entry) -> bool:
+    """A cache line as `simulate` writes it: a reason the cell is not simulated, or its peaks (or the OOM)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("key"), str):
+        return False
+    if "unsupported" in entry:
+        return isinstance(entry["unsupported"], str)
+    peaks = entry.get("peaks")
+    if peaks is None:
+        return isinstance(entry.get("oom"), str)
+    fields = {f.name for f in dataclasses.fields(Peaks)}
+    return isinstance(peaks, dict) and set(peaks) == fields and all(isinstance(v, int) for v in peaks.values())
 
 
 def _store(entry: dict) -> None:
@@ -83,6 +98,8 @@ def simulate(spec: CellSpec) -> dict:
         entry["unsupported"] = str(err)
         _store(entry)
         return entry
+    except Exception as err:  # noqa: BLE001 - a refinement: the analytic answer stands, with the reason
+        return {**entry, "unsupported": f"the trace failed ({type(err).__name__}: {err}); not cached"}
     # Expandable segments are simulated without the cap: pages given back inside free blocks are
     # tracked by count, not place, so squeezing under a cap is not modelled; nor is much needed there.
     cap = None if spec.expandable_segments else cap_bytes(spec)
