@@ -5,6 +5,7 @@ report's hook. The timeline of test_timeline_plot_* is constructed, not measured
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -271,6 +272,11 @@ def test_snapshot_and_profile_on_cuda(tmp_path):
     allocator_peak = max(row["first_step_peak_allocated_bytes"], row["peak_allocated_bytes"])
     assert 0 < row["profile_peak_bytes"] <= allocator_peak
     assert row["profile_categories_bytes"]["parameters"] == pytest.approx(row["param_bytes"], rel=0.01)
+    # The allocator's history runs from before the build: its trace reserves at least the build's peak.
+    with open(tmp_path / row["snapshot_file"], "rb") as f:
+        trace = pickle.load(f)["device_traces"][0]
+    reserved_in_trace = sum(e["size"] for e in trace if e["action"] == "segment_alloc")
+    assert reserved_in_trace >= row["build_peak_reserved_bytes"] > 0
 
 
 def test_tensors_the_profiler_cannot_place_are_placed_by_lifetime():

@@ -112,6 +112,9 @@ class CellRun:
         else:
             self.values["baseline_rss_bytes"] = psutil.Process().memory_info().rss
         self.clock.lap("cuda_context")
+        self.profiler = profile.for_cell(self.spec, self.device)
+        if self.profiler is not None:  # the allocator's history from the build on
+            self.profiler.record_history()
         model = self._build()
         self.clock.lap("build")
         self._train(model)
@@ -166,7 +169,6 @@ class CellRun:
         spec = self.spec
         batches = train.make_batches(spec, model.config.vocab_size, self.device)
         optimizer, stepper = self._training(model)
-        self.profiler = profile.for_cell(spec, self.device)
         if self.profiler is not None:  # warm-up steps and the first measured step
             self.profiler.start(stepper)
 

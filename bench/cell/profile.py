@@ -32,7 +32,8 @@ blocks), so its peak sits at or below max_memory_allocated. Tensors made before 
 count from the first time an op uses them (parameters, optimizer state), with the profile's start as
 their time.
 
-`snapshot` (CUDA only): torch.cuda.memory._record_memory_history over the same steps, then
+`snapshot` (CUDA only): torch.cuda.memory._record_memory_history from before the build to the end of the
+first measured step, then
 torch.cuda.memory._dump_snapshot: a pickle to drop on https://pytorch.org/memory_viz. A cell that
 runs out of memory while recording still dumps it.
 
@@ -102,10 +103,14 @@ class CellProfiler:
         self.values: dict[str, Any] = {}
 
     # -- during the steps ---------------------------------------------------------------------
-    def start(self, stepper) -> None:
+    def record_history(self) -> None:
+        """Before the build: the snapshot's trace then holds every segment the process reserves (the build's
+        upcasts and the cache emptied after them too), so a replay needs no guess at its start."""
         if self.spec.snapshot:
             torch.cuda.memory._record_memory_history(max_entries=1_000_000)
             self.recording_history = True
+
+    def start(self, stepper) -> None:
         if self.spec.profile_memory:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if self.device.type == "cuda":
