@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis.predict import CALIBRATION, CALIBRATION_CELL_IDS, fits_budget, predict
+from analysis.predict import CALIBRATION, CALIBRATION_CELL_IDS, fit_verdict, predict
 from bench.model.arch import FAMILIES, UnsupportedArchitecture
 from bench.model.registry import UnknownModelError, architecture
 from bench.store import latest_rows, read_rows
@@ -123,6 +123,7 @@ def evaluate(row: dict[str, Any], peaks: dict[str, int] | None = None) -> dict[s
         "predicted_fit": None,
         "measured_fit": None,
         "close_call": None,
+        "marginal": None,
         "calibration": row.get("cell_id") in CALIBRATION_CELL_IDS,
         "simulated": pred.simulated,
     }
@@ -133,8 +134,10 @@ def evaluate(row: dict[str, Any], peaks: dict[str, int] | None = None) -> dict[s
         out["nvml_error"] = _relative(pred.nvml_process_bytes, row.get("nvml_peak_process_bytes"))
     if budget:
         peak = (peaks or {}).get(cell_key(spec)) or out["measured"]
+        word = fit_verdict(pred, budget)
         out.update(
-            predicted_fit=fits_budget(pred, budget),
+            predicted_fit=word == "fits",
+            marginal=word == "marginal",
             measured_fit=measured_fit,
             close_call=close_call(peak, pred.peak_allocated_bytes, row, budget),
         )
@@ -167,6 +170,8 @@ def _family_stats(frame: pd.DataFrame) -> dict[str, Any]:
     err = frame["rel_error"].dropna().astype(float)
     absolute = err.abs()
     verdicts = frame[frame["budget"].notna()]
+    marginal = verdicts["marginal"].astype(bool) if "marginal" in verdicts else pd.Series(False, verdicts.index)
+    verdicts, marginal_fit = verdicts[~marginal], verdicts.loc[marginal, "measured_fit"]
     close = verdicts["close_call"].astype(bool)
     right = verdicts["predicted_fit"] == verdicts["measured_fit"]
     some = len(err) > 0
@@ -188,6 +193,8 @@ def _family_stats(frame: pd.DataFrame) -> dict[str, Any]:
         "verdicts_correct": int((right & ~close).sum()),
         "close_calls": int(close.sum()),
         "close_calls_correct": int((right & close).sum()),
+        "marginal": int(len(marginal_fit)),
+        "marginal_fit": int(marginal_fit.astype(bool).sum()),
     }
 
 
@@ -218,6 +225,8 @@ def accuracy_table(frame: pd.DataFrame) -> pd.DataFrame:
                 "verdicts_correct",
                 "close_calls",
                 "close_calls_correct",
+                "marginal",
+                "marginal_fit",
             ]
         )
     frame = _with_dist_columns(frame)
@@ -271,13 +280,14 @@ def accuracy_markdown(df: pd.DataFrame) -> str:
     reserved (median, max) and of the NVML process peak (median, p95, max); verdicts."""
     head = (
         "| family | rows | simulated | allocated: median | p95 | max | signed | reserved: median | max | "
-        "NVML: median | p95 | max | fit/OOM verdicts correct | close calls (<3%) correct |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "NVML: median | p95 | max | fit/OOM verdicts correct | close calls (<3%) correct | marginal (fit) |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     body = "".join(
         f"| {r.family} | {r.n} | {r.simulated} | {_pct(r.median)} | {_pct(r.p95)} | {_pct(r.max)} | {_pct(r.bias)} | "
         f"{_pct(r.reserved_median)} | {_pct(r.reserved_max)} | {_pct(r.nvml_median)} | {_pct(r.nvml_p95)} | "
-        f"{_pct(r.nvml_max)} | {r.verdicts_correct}/{r.n_verdicts} | {r.close_calls_correct}/{r.close_calls} |\n"
+        f"{_pct(r.nvml_max)} | {r.verdicts_correct}/{r.n_verdicts} | {r.close_calls_correct}/{r.close_calls} | "
+        f"{r.marginal} ({r.marginal_fit}) |\n"
         for r in df.itertuples()
     )
     note = (
@@ -289,7 +299,9 @@ def accuracy_markdown(df: pd.DataFrame) -> str:
         "predicted NVML process peak (allocated, the allocator's slack, the CUDA context, memory outside torch) "
         "<= the budget, against the harness's own verdict (ran under the cap and NVML stayed within the budget; "
         "an OOM did not fit). Close calls: the cell's allocated peak (measured, else predicted) plus context "
-        "within 3% of the budget.\n"
+        "within 3% of the budget. Marginal: the predictor's own refusal (analysis.predict.fit_verdict): the "
+        "allocated peak fits the budget and the allocator's uncapped slack does not, so whether the cell fits "
+        "turns on block placement at the cap; counted apart, with how many of them fit when measured.\n"
     )
     return head + body + note
 

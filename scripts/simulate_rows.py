@@ -2,6 +2,8 @@
 that reports and the accuracy table read reserved and NVML from analysis/predict/simulated.jsonl.
 
     python3 scripts/simulate_rows.py [--workers 2] [results/...jsonl ...]
+
+Afterwards the file keeps only the simulations of shipped cells at the current SIMULATION_VERSION.
 """
 
 from __future__ import annotations
@@ -50,6 +52,26 @@ def one(spec: dict) -> str:
     return f"{spec['model']} {spec['method']} s{spec['seq_len']} b{spec['batch_size']}: {status} ({time.perf_counter() - start:.1f} s)"
 
 
+def prune() -> int:
+    """Drop entries no shipped cell reads (older versions, cells since removed); returns how many are kept."""
+    from analysis.predict.resolve import as_spec
+    from analysis.predict.simulate import SHIPPED, _key
+
+    keys = {_key(as_spec(spec, None)) for spec in cells(sorted((ROOT / "results").glob("**/*.jsonl")))}
+    kept = {}
+    for line in SHIPPED.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict) and entry.get("key") in keys:
+            kept[entry["key"]] = line  # the last simulation of a cell wins, as when it is read
+    tmp = SHIPPED.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept.values()))
+    os.replace(tmp, SHIPPED)  # never a half-written file in place of the old one
+    return len(kept)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="*", type=Path)
@@ -61,6 +83,7 @@ def main() -> int:
     with ProcessPoolExecutor(args.workers) as pool:
         for i, line in enumerate(pool.map(one, todo, chunksize=8), 1):
             print(f"[{i}/{len(todo)}] {line}", flush=True)
+    print(f"{prune()} simulations kept in analysis/predict/simulated.jsonl", flush=True)
     return 0
 
 

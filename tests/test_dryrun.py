@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from analysis.predict import fits_budget, predict
+from analysis.predict import fit_verdict, fits_budget, nvml_uncapped, predict
 from analysis.predict import simulate as sim
 from bench.model.dryrun import Unsupported, trace
 from bench.spec import CellSpec
@@ -76,6 +76,21 @@ def test_a_cell_that_runs_out_under_its_cap_is_predicted_not_to_fit():
     pred = predict(spec, simulate=True)
     assert any("runs out under the cap" in n for n in pred.notes)
     assert not fits_budget(pred, spec.budget_bytes)
+    assert fit_verdict(pred, spec.budget_bytes) == "OOM"  # the allocated peak itself does not fit
+
+
+def test_a_budget_only_the_allocators_slack_misses_is_marginal_and_the_uncapped_replay_is_kept():
+    """Between the allocated peak (with the context and the memory outside torch) and the uncapped NVML
+    peak, a cell fits only through the allocator's release-and-retry at the cap: "marginal", not a guess."""
+    free = predict(_spec("llama-tiny"), simulate=True)
+    floor = free.peak_allocated_bytes + free.outside_allocated["cuda_context"] + free.outside_allocated["non_torch_process"]
+    top = nvml_uncapped(free)
+    assert floor < top
+    assert fit_verdict(free, top) == "fits"
+    assert fit_verdict(free, (floor + top) // 2) == "marginal"
+    assert fit_verdict(free, floor - 1) == "OOM"
+    capped = predict(_spec("llama-tiny", budget_gb=round(top / 1e9, 3) + 0.5), simulate=True)
+    assert capped.uncapped_reserved_bytes == free.uncapped_reserved_bytes and nvml_uncapped(capped) == top
 
 
 def test_results_are_cached_and_cells_differing_by_budget_share_one_trace(monkeypatch):

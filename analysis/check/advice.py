@@ -3,7 +3,8 @@
 A card fits when the predicted NVML process peak (`Prediction.nvml_process_bytes`, what nvidia-smi
 shows for the process) is at most the card's nvidia-smi total (bench/cards.py). Unmodelled keys make
 a verdict only as strong as their direction allows: an upper bound that fits still fits, a lower
-bound that does not fit still does not; anything else is "unknown".
+bound that does not fit still does not; anything else is "unknown". Where only the caching allocator's
+slack does not fit, the verdict is "marginal" (analysis.predict.fit_verdict).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from analysis.check.source import Unmodelled
-from analysis.predict import Prediction, predict
+from analysis.predict import Prediction, fit_verdict, predict
 from bench.cards import CARD_MIB, GIB, MIB, budget_bytes
 from bench.spec import CellSpec, SpecError
 
@@ -22,6 +23,8 @@ DEFAULT_CARDS = ("t4-16gb", "rtx4090-24gb", "a100-40gb", "l40s-48gb", "h100-80gb
 #: Within 3% of the card the call is flagged tight: the predictor's error reaches ~1.5% and the allocator's
 #: fragmentation near a full card costs a few hundred MB (README, Predictor accuracy).
 TIGHT = 0.03
+MARGINAL = ("the allocated peak fits, the allocator's slack does not: it fits or not by where its blocks lie "
+            "(analysis.predict.fit_verdict); expandable segments make it fit")
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,8 @@ def verdict(pred: Prediction, c: Card, unmodelled: list[Unmodelled]) -> Verdict:
     ok, headroom = fits(pred, c.total_bytes), c.total_bytes - pred.nvml_process_bytes
     effects = {u.effect for u in unmodelled}
     word, note = ("fits" if ok else "OOM"), ""
+    if not ok and fit_verdict(pred, c.total_bytes) == "marginal":
+        word, note = "marginal", MARGINAL
     if effects and ok and effects <= {"lower"}:
         note = "the unmodelled keys only lower memory: an upper bound fits"
     elif effects and not ok and effects <= {"higher"}:

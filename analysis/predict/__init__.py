@@ -102,6 +102,18 @@ def fits_allocated(prediction: Prediction, budget: int) -> bool:
     return prediction.peak_allocated_bytes + outside.get("cuda_context", 0) + outside.get("non_torch_process", 0) <= budget
 
 
+def fit_verdict(prediction: Prediction, budget: int) -> str:
+    """"fits", "OOM" or "marginal" on a card of `budget` bytes. Marginal: the allocated peak fits but the
+    allocator's uncapped slack does not, so the cell fits only if the allocator, at the cap, frees its
+    cached segments and then finds room in what the live blocks leave. That turns on where every block
+    lies, to the byte: cells measured on an H200 fit at one budget and ran out at a larger one
+    (results/nvidia-h200-x1/allocator-trace.jsonl), and no replay short of the GPU's own can say which.
+    Expandable segments make such cells fit."""
+    if fits_budget(prediction, budget):
+        return "fits"
+    return "marginal" if fits_allocated(prediction, budget) else "OOM"
+
+
 def nvml_uncapped(prediction: Prediction) -> int:
     """The NVML process peak the cell would reach on a card without a cap (the slack in full)."""
     outside = prediction.outside_allocated
@@ -129,6 +141,7 @@ __all__ = [
     "compute_setup",
     "decoder_weight_bytes",
     "eager_mask_bytes",
+    "fit_verdict",
     "fits_allocated",
     "fits_budget",
     "nvml_uncapped",

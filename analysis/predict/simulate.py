@@ -27,7 +27,7 @@ from analysis.predict.step import cap_bytes
 from bench.spec import CellSpec
 
 #: Bump when the trace or the replay changes what they produce: cached entries of other versions are ignored.
-SIMULATION_VERSION = 2
+SIMULATION_VERSION = 4
 #: Simulations of every shipped row's cell (scripts/simulate_rows.py writes it), read-only here.
 SHIPPED = Path(__file__).with_name("simulated.jsonl")
 #: Where new simulations are kept: the user's cache, not the package.
@@ -62,9 +62,14 @@ def _valid(entry) -> bool:
         return False
     if "unsupported" in entry:
         return isinstance(entry["unsupported"], str)
-    peaks = entry.get("peaks")
-    if peaks is None:
-        return isinstance(entry.get("oom"), str)
+    if "uncapped" not in entry or not (entry["uncapped"] is None or _peaks(entry["uncapped"])):
+        return False
+    if entry.get("peaks") is None:
+        return isinstance(entry.get("oom"), str) and entry["uncapped"] is not None
+    return _peaks(entry["peaks"])
+
+
+def _peaks(peaks) -> bool:
     fields = {f.name for f in dataclasses.fields(Peaks)}
     return isinstance(peaks, dict) and set(peaks) == fields and all(isinstance(v, int) for v in peaks.values())
 
@@ -103,8 +108,11 @@ def simulate(spec: CellSpec) -> dict:
     # Expandable segments are simulated without the cap: pages given back inside free blocks are
     # tracked by count, not place, so squeezing under a cap is not modelled; nor is much needed there.
     cap = None if spec.expandable_segments else cap_bytes(spec)
+    uncapped = asdict(replay(events, None, spec.expandable_segments))
+    entry["uncapped"] = uncapped if cap is not None else None  # what the cell holds on a card without the cap
     try:
-        entry["peaks"], entry["oom"] = asdict(replay(events, cap, spec.expandable_segments)), None
+        entry["peaks"] = uncapped if cap is None else asdict(replay(events, cap))
+        entry["oom"] = None
     except OutOfMemory as err:
         entry["peaks"], entry["oom"] = None, str(err)
     _store(entry)
@@ -128,40 +136,52 @@ def non_torch_bytes(spec: CellSpec) -> int:
 
 
 def refine(pred: Prediction, spec: CellSpec) -> Prediction:
-    """The prediction with allocated, reserved and NVML peaks from the simulated allocator; unchanged but
-    for a note where the cell cannot be simulated."""
+    """The prediction with allocated, reserved and NVML peaks from the simulated allocator (under the
+    spec's budget, and without it for `uncapped_reserved_bytes`); unchanged but for a note where the cell
+    cannot be simulated."""
     entry = simulate(spec)
     if "unsupported" in entry:
         note = f"allocator not simulated ({entry['unsupported']}): reserved and NVML from the analytic slack"
         return replace(pred, notes=(*pred.notes, note))
     context = int(CALIBRATION["cuda_context_bytes"])
-    if entry["oom"] is not None:
-        cap = cap_bytes(spec) or 0
-        note = f"the simulated allocator runs out under the cap of {cap} bytes: {entry['oom']}"
-        over = max(pred.peak_allocated_bytes, cap) + 1  # past the cap: fits_budget says no
-        return replace(pred, peak_reserved_bytes=cap, nvml_process_bytes=over + context,
-                       uncapped_reserved_bytes=over, notes=(*pred.notes, note), simulated=True)
-    p = Peaks(**entry["peaks"])
     outside = non_torch_bytes(spec)
-    build = p.build_reserved + int(CALIBRATION["nvml_build_non_torch_bytes"])
-    step = max(p.first_step_reserved, p.reserved) + outside
     paged = sum(v for k, v in pred.outside_allocated.items() if k.startswith("paged"))
+    free = Peaks(**(entry["uncapped"] or entry["peaks"]))
+    free_build, free_step = _process_reserved(free, outside)
     notes = [*pred.notes, "allocated, reserved and NVML peaks from the caching allocator's replay of the "
              "cell's allocations (build, first step, measured steps)"]
     if spec.expandable_segments:
         notes.append("expandable segments are simulated approximately (the pages they give back are counted, "
                      "not placed): reserved 0 to 5% under the measured figure on four cells, and without the cap")
-    if build > step:
-        notes.append(f"the NVML peak comes from the build: it reserves {p.build_reserved} bytes, "
-                     f"{p.build_reserved - p.reserved} more than the measured steps")
+    if free_build > free_step:
+        notes.append(f"the NVML peak comes from the build: it reserves {free.build_reserved} bytes, "
+                     f"{free.build_reserved - free.reserved} more than the measured steps")
+    common = dict(
+        peak_allocated_bytes=free.allocated,
+        uncapped_reserved_bytes=max(free_build, free_step) - outside,
+        simulated=True,
+    )
+    if entry["oom"] is not None:
+        cap = cap_bytes(spec) or 0
+        notes.append(f"the simulated allocator runs out under the cap of {cap} bytes: {entry['oom']}")
+        over = max(pred.peak_allocated_bytes, cap) + 1  # past the cap: fits_budget says no
+        return replace(pred, **common, peak_reserved_bytes=cap, nvml_process_bytes=over + context,
+                       outside_allocated=dict(pred.outside_allocated, non_torch_process=outside), notes=tuple(notes))
+    p = Peaks(**entry["peaks"])
+    build, step = _process_reserved(p, outside)
     return replace(
         pred,
-        peak_allocated_bytes=p.allocated,
+        **common,
         peak_reserved_bytes=p.reserved,
         nvml_process_bytes=max(build, step) + context + paged,
-        uncapped_reserved_bytes=max(build, step) - outside,
         outside_allocated=dict(pred.outside_allocated, allocator_slack=p.reserved - p.allocated,
                                non_torch_process=outside),
         notes=tuple(notes),
-        simulated=True,
     )
+
+
+def _process_reserved(p: Peaks, outside: int) -> tuple[int, int]:
+    """What the process holds outside the CUDA context at the build's peak and at the steps' peak: the
+    allocator's reserved bytes, with the kernel images and library state loaded by then."""
+    build = p.build_reserved + int(CALIBRATION["nvml_build_non_torch_bytes"])
+    return build, max(p.first_step_reserved, p.reserved) + outside

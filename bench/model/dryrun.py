@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
+import sys
 import weakref
 from dataclasses import dataclass, field
 
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 MIB = 2**20
 CUBLAS_WORKSPACE_BYTES = 32 * MIB
@@ -204,15 +205,21 @@ class MetaAutocast(TorchFunctionMode):
     def __enter__(self):
         # Code that asks whether autocast is on (peft's LoRA layers, transformers' RoPE) must hear yes.
         self._saved = torch.is_autocast_enabled, torch.get_autocast_dtype, torch.autocast, torch.amp.autocast
-        if self.enabled:
-            torch.is_autocast_enabled = lambda *args: True
+        if self.enabled:  # and inside a region that switches it off, no, as torch answers there
+            torch.is_autocast_enabled = lambda *args: self.enabled
             torch.get_autocast_dtype = lambda *args: self.dtype
         torch.autocast = torch.amp.autocast = self._region
+        # transformers' maybe_autocast opens no region for meta tensors, which would leave RoPE's fp32
+        # region (cos / sin of float32 frequencies) in the autocast dtype: every module's copy opens ours
+        # (a recomputation's MetaAutocast takes them over from the outer one, and gives them back).
+        self._patched = [(m, f) for m in list(sys.modules.values()) if _is_maybe_autocast(f := _module_attr(m))]
+        for module, _ in self._patched:
+            module.maybe_autocast = self._region
         return super().__enter__()
 
     def _region(self, device_type=None, dtype=None, enabled=True, cache_enabled=None):
-        """torch.autocast(...) in the modelling code (peft's expert adapters): a region with autocast
-        switched on or off for meta tensors."""
+        """torch.autocast(...) or transformers' maybe_autocast(...) in the modelling code (peft's expert
+        adapters, RoPE's fp32 frequencies): a region with autocast switched on or off for meta tensors."""
         outer = self
 
         class Region:
@@ -228,6 +235,8 @@ class MetaAutocast(TorchFunctionMode):
 
     def __exit__(self, *exc):
         torch.is_autocast_enabled, torch.get_autocast_dtype, torch.autocast, torch.amp.autocast = self._saved
+        for module, previous in self._patched:
+            module.maybe_autocast = previous
         self._cache.clear()
         return super().__exit__(*exc)
 
@@ -242,21 +251,46 @@ class MetaAutocast(TorchFunctionMode):
             self._cache[id(t)] = (t, out)
         return out
 
+    def _cast_all(self, args, kwargs, dtype):
+        """The arguments cast last to first, as torch's autocast wrappers do on CUDA (a pack of casts that
+        the compiler evaluates right to left: a linear's weight is cast before its input, on an H200 trace),
+        which orders the casts' allocations and, in backward, their gradients."""
+        leaves, layout = tree_flatten((args, kwargs))
+        leaves = [self._cast(t, dtype) for t in reversed(leaves)][::-1]
+        return tree_unflatten(leaves, layout)
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.enabled and func in LOWER:
-            args, kwargs = tree_map(lambda t: self._cast(t, self.dtype), (args, kwargs))
+            args, kwargs = self._cast_all(args, kwargs, self.dtype)
         elif self.enabled and func in FP32:
             if any(isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16) for t in args):
-                args, kwargs = tree_map(lambda t: self._cast(t, torch.float32), (args, kwargs))
+                args, kwargs = self._cast_all(args, kwargs, torch.float32)
         elif self.enabled and func in FP32_OUT and "dtype" not in kwargs:
             if isinstance(args[0], torch.Tensor) and args[0].dtype in (torch.float16, torch.bfloat16):
                 kwargs = {**kwargs, "dtype": torch.float32}
         if func is F.scaled_dot_product_attention:
-            return sdpa(*args, **kwargs)
-        if func in GROUPED_MM and args[0].dtype == torch.float32:
-            return _GroupedMM.apply(args[0], args[1])
-        return func(*args, **kwargs)
+            out = sdpa(*args, **kwargs)
+        elif func in GROUPED_MM and args[0].dtype == torch.float32:
+            out = _GroupedMM.apply(args[0], args[1])
+        else:
+            out = func(*args, **kwargs)
+        # The casts die first to last (C++ destroys the wrapper's temporaries in the reverse of their making).
+        leaves, _ = tree_flatten((args, kwargs))
+        args = kwargs = None
+        while leaves:
+            leaves.pop(0)
+        return out
+
+
+def _module_attr(module) -> object:
+    return getattr(module, "__dict__", {}).get("maybe_autocast")  # no getattr: lazy modules would import
+
+
+def _is_maybe_autocast(f) -> bool:
+    from transformers.utils import generic
+
+    return f is generic.maybe_autocast or isinstance(getattr(f, "__self__", None), MetaAutocast)
 
 
 def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):

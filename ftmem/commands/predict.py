@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from analysis.predict import Prediction, fits_allocated, fits_budget, nvml_uncapped, predict
+from analysis.predict import Prediction, fit_verdict, nvml_uncapped, predict
 from bench.cards import CARD_MIB, GIB, MIB, budget_bytes
 
 DEFAULT_VERIFY_OUT = "results/capacity-verify.jsonl"
@@ -68,13 +68,14 @@ def verdict_table(pred: Prediction, extra_budget: Any = None):
 
 def _verdict(pred: Prediction, budget: int, margin: float) -> str:
     """fits / OOM by the predicted NVML process peak, flagged tight within 3% of the budget (the reserved
-    and NVML figures are predicted less closely than allocated); an OOM whose allocated peak fits is the
-    allocator's slack, which expandable segments can save."""
-    if fits_budget(pred, budget):
-        return "[green]fits[/green]" + (" [yellow](tight)[/yellow]" if abs(margin) <= 0.03 else "")
-    if fits_allocated(pred, budget):
-        return "[red]OOM[/red] [yellow](allocated fits: try expandable segments)[/yellow]"
-    return "[red]OOM[/red]" + (" [yellow](tight)[/yellow]" if abs(margin) <= 0.03 else "")
+    and NVML figures are predicted less closely than allocated); marginal where only the allocator's slack
+    does not fit (analysis.predict.fit_verdict), which expandable segments save."""
+    word = fit_verdict(pred, budget)
+    if word == "marginal":
+        return ("[yellow]marginal[/yellow] (allocated fits, the allocator's slack does not: fits or not by where "
+                "its blocks lie; expandable segments make it fit)")
+    tight = " [yellow](tight)[/yellow]" if abs(margin) <= 0.03 else ""
+    return ("[green]fits[/green]" if word == "fits" else "[red]OOM[/red]") + tight
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

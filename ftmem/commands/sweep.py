@@ -24,7 +24,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from analysis.predict import fits_budget, predict
+from analysis.predict import fit_verdict, predict
 from bench.cards import gib
 from bench.cell.procs import terminate_as_interrupt
 from bench.cell.runner import DEFAULT_TIMEOUT_S
@@ -168,7 +168,8 @@ def print_plan(plan: Plan, console: Console) -> None:
         if prediction != "?":
             predicted = f"{gib(prediction.peak_allocated_bytes):.1f}"
             if s.budget_bytes is not None:  # the predictor's own verdict (predicted NVML peak vs the card)
-                fits = "yes" if fits_budget(prediction, s.budget_bytes) else "[red]OOM?[/red]"
+                word = fit_verdict(prediction, s.budget_bytes)
+                fits = {"fits": "yes", "marginal": "[yellow]marginal[/yellow]"}.get(word, "[red]OOM?[/red]")
             warnings.append(host_memory_warning(cell, prediction, host_total))
         table.add_row(
             cell.cell_id,
