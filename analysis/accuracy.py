@@ -124,6 +124,7 @@ def evaluate(row: dict[str, Any], peaks: dict[str, int] | None = None) -> dict[s
         "measured_fit": None,
         "close_call": None,
         "marginal": None,
+        "simulated_fit": None,
         "calibration": row.get("cell_id") in CALIBRATION_CELL_IDS,
         "simulated": pred.simulated,
     }
@@ -138,6 +139,8 @@ def evaluate(row: dict[str, Any], peaks: dict[str, int] | None = None) -> dict[s
         out.update(
             predicted_fit=word == "fits",
             marginal=word == "marginal",
+            # the simulation's own outcome under the cap, as the harness judges it (NVML within the budget)
+            simulated_fit=pred.simulated and pred.nvml_process_bytes <= budget,
             measured_fit=measured_fit,
             close_call=close_call(peak, pred.peak_allocated_bytes, row, budget),
         )
@@ -171,7 +174,9 @@ def _family_stats(frame: pd.DataFrame) -> dict[str, Any]:
     absolute = err.abs()
     verdicts = frame[frame["budget"].notna()]
     marginal = verdicts["marginal"].astype(bool) if "marginal" in verdicts else pd.Series(False, verdicts.index)
-    verdicts, marginal_fit = verdicts[~marginal], verdicts.loc[marginal, "measured_fit"]
+    band = verdicts[marginal]
+    verdicts, marginal_fit = verdicts[~marginal], band["measured_fit"]
+    lean_right = band["simulated_fit"].eq(band["measured_fit"]) if "simulated_fit" in band else pd.Series(False, band.index)
     close = verdicts["close_call"].astype(bool)
     right = verdicts["predicted_fit"] == verdicts["measured_fit"]
     some = len(err) > 0
@@ -195,6 +200,7 @@ def _family_stats(frame: pd.DataFrame) -> dict[str, Any]:
         "close_calls_correct": int((right & close).sum()),
         "marginal": int(len(marginal_fit)),
         "marginal_fit": int(marginal_fit.astype(bool).sum()),
+        "marginal_simulated_right": int(lean_right.sum()),
     }
 
 
@@ -227,6 +233,7 @@ def accuracy_table(frame: pd.DataFrame) -> pd.DataFrame:
                 "close_calls_correct",
                 "marginal",
                 "marginal_fit",
+                "marginal_simulated_right",
             ]
         )
     frame = _with_dist_columns(frame)
@@ -280,14 +287,15 @@ def accuracy_markdown(df: pd.DataFrame) -> str:
     reserved (median, max) and of the NVML process peak (median, p95, max); verdicts."""
     head = (
         "| family | rows | simulated | allocated: median | p95 | max | signed | reserved: median | max | "
-        "NVML: median | p95 | max | fit/OOM verdicts correct | close calls (<3%) correct | marginal (fit) |\n"
+        "NVML: median | p95 | max | fit/OOM verdicts correct | close calls (<3%) correct | marginal: fit / "
+        "simulated right |\n"
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     body = "".join(
         f"| {r.family} | {r.n} | {r.simulated} | {_pct(r.median)} | {_pct(r.p95)} | {_pct(r.max)} | {_pct(r.bias)} | "
         f"{_pct(r.reserved_median)} | {_pct(r.reserved_max)} | {_pct(r.nvml_median)} | {_pct(r.nvml_p95)} | "
         f"{_pct(r.nvml_max)} | {r.verdicts_correct}/{r.n_verdicts} | {r.close_calls_correct}/{r.close_calls} | "
-        f"{r.marginal} ({r.marginal_fit}) |\n"
+        f"{r.marginal}: {r.marginal_fit} / {r.marginal_simulated_right} |\n"
         for r in df.itertuples()
     )
     note = (
@@ -301,7 +309,8 @@ def accuracy_markdown(df: pd.DataFrame) -> str:
         "an OOM did not fit). Close calls: the cell's allocated peak (measured, else predicted) plus context "
         "within 3% of the budget. Marginal: the predictor's own refusal (analysis.predict.fit_verdict): the "
         "allocated peak fits the budget and the allocator's uncapped slack does not, so whether the cell fits "
-        "turns on block placement at the cap; counted apart, with how many of them fit when measured.\n"
+        "turns on block placement at the cap; counted apart, with how many of them fit when measured and how "
+        "many the simulation under the cap called right (it runs out, or NVML passes the budget).\n"
     )
     return head + body + note
 

@@ -93,6 +93,21 @@ def test_a_budget_only_the_allocators_slack_misses_is_marginal_and_the_uncapped_
     assert capped.uncapped_reserved_bytes == free.uncapped_reserved_bytes and nvml_uncapped(capped) == top
 
 
+def test_ftmem_predict_shows_a_marginal_budget_with_the_simulated_outcome_under_its_cap():
+    from rich.console import Console
+
+    from ftmem.commands.predict import verdict_table
+
+    free = predict(_spec("llama-tiny"), simulate=True)
+    floor = free.peak_allocated_bytes + free.outside_allocated["cuda_context"] + free.outside_allocated["non_torch_process"]
+    budget_gb = round((floor + nvml_uncapped(free)) / 2 / 1e9, 6)
+    capped = predict(_spec("llama-tiny", budget_gb=budget_gb), simulate=True)
+    console = Console(width=400, record=True)
+    console.print(verdict_table(capped, budget_gb))
+    row = next(line for line in console.export_text().splitlines() if "--budget-gb" in line)
+    assert "marginal" in row and "simulated under this cap it" in row
+
+
 def test_results_are_cached_and_cells_differing_by_budget_share_one_trace(monkeypatch):
     spec = _spec("llama-tiny")
     first = predict(spec, simulate=True)
@@ -102,6 +117,8 @@ def test_results_are_cached_and_cells_differing_by_budget_share_one_trace(monkey
     assert predict(spec, simulate=True) == first
     budgeted = CellSpec.create(**{**spec.to_dict(), "budget_gb": 24})
     assert predict(budgeted, simulate=True).peak_allocated_bytes == first.peak_allocated_bytes
+    expandable = predict(CellSpec.create(**{**spec.to_dict(), "expandable_segments": True}), simulate=True)
+    assert expandable.simulated and expandable.peak_allocated_bytes == first.peak_allocated_bytes
     assert predict(_spec("phi3-tiny"), simulate="cached").notes == predict(_spec("phi3-tiny")).notes
 
 

@@ -108,6 +108,13 @@ class Suggestion:
 Candidate = tuple[str, dict[str, Any]]
 
 
+def _expandable(spec: dict[str, Any]) -> Iterator[Candidate]:
+    """The caching allocator's expandable segments: no change to training, and the slack that a marginal
+    verdict misses by mostly goes (analysis.predict.fit_verdict)."""
+    if not spec["expandable_segments"]:
+        yield "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True", {**spec, "expandable_segments": True}
+
+
 def _checkpointing(spec: dict[str, Any]) -> Iterator[Candidate]:
     if not spec["gradient_checkpointing"]:
         yield "gradient checkpointing on", {**spec, "gradient_checkpointing": True, "gc_reentrant": False}
@@ -189,6 +196,7 @@ def _sequence(spec: dict[str, Any]) -> Iterator[Candidate]:
 
 #: The ladder of changes, cheapest first (the order the issue gives).
 LADDER: tuple[Callable[[dict[str, Any]], Iterator[Candidate]], ...] = (
+    _expandable,
     _checkpointing,
     _micro_batch,
     _optimizer,
@@ -198,9 +206,9 @@ LADDER: tuple[Callable[[dict[str, Any]], Iterator[Candidate]], ...] = (
 )
 
 
-def _predicted(candidate: dict[str, Any]) -> Prediction | None:
+def _predicted(candidate: dict[str, Any], simulate: bool | str = "cached") -> Prediction | None:
     try:
-        return predict(CellSpec.create(**candidate), simulate="cached")
+        return predict(CellSpec.create(**candidate), simulate=simulate)
     except (SpecError, ValueError):
         return None
 
@@ -212,7 +220,9 @@ def _diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list[Any]]:
 
 def _first_fit(spec: dict[str, Any], rung, total: int) -> tuple[str, dict[str, Any], Prediction] | None:
     for words, candidate in rung(spec):
-        pred = _predicted(candidate)
+        # the allocator's setting alone is re-simulated (the cell's trace is cached: no time); other
+        # changes read the simulation cache, else the analytic slack
+        pred = _predicted(candidate, True if rung is _expandable else "cached")
         if pred is not None and fits(pred, total):
             return words, candidate, pred
     return None

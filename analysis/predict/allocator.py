@@ -11,8 +11,12 @@ max_split_size, no power-of-two rounding, no expandable segments, one stream):
 - a block larger than the request is split when the rest is at least 512 bytes (small pool) or more than
   1 MiB (large pool); the rest stays cached in its segment;
 - a freed block merges with free neighbours of its segment; segments are released only by
-  `empty_cache` or by the retry above, and only when wholly free.
-Checked against allocation traces recorded on an H200 (tests/test_allocator.py).
+  `empty_cache` or by the retry above, and only when wholly free;
+- new segments lie below the earlier ones, as cudaMalloc placed them (placement breaks the ties above).
+Expandable segments (ExpandableAllocator) follow the same file's expandable path: pages mapped on demand
+in one virtual range per pool, a best fit that counts the range a block could grow into.
+Checked against allocation traces recorded on an H200 (tests/test_allocator.py): every one replays to
+the byte with cudaMalloc's placements, within 0.05% with the simulator's own, expandable ones to the byte.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ class Block:
     free: bool = True
     prev: Block | None = None
     next: Block | None = None
-    unmapped: int = 0  # expandable segments: bytes of this free block whose pages were given back
+    mapped: bool = True  # expandable segments: a free range whose pages are given back (or never mapped)
 
     @property
     def key(self) -> tuple[int, int]:
@@ -90,9 +94,6 @@ class CachingAllocator:
         block = self._take(small, size)
         if block is None:
             block = self._new_segment(small, size)
-        elif block.unmapped:  # expandable segments: pages given back are mapped again
-            unmapped, block.unmapped = block.unmapped, 0
-            self._map(unmapped, size)
         block.free = False
         if self._should_split(block, size):
             rest = Block(block.addr + size, block.size - size, small, True, block, block.next)
@@ -107,23 +108,21 @@ class CachingAllocator:
     def free(self, block: Block) -> None:
         self.allocated -= block.size
         block.free = True
+        self._insert(self._merge(block))
+
+    def _merge(self, block: Block) -> Block:
+        """The free block merged with its free neighbours of the same kind (mapped or not); the neighbours
+        leave their pool or list."""
         for neighbour in (block.prev, block.next):
-            if neighbour is not None and neighbour.free:
+            if neighbour is not None and neighbour.free and neighbour.mapped == block.mapped:
                 self._remove(neighbour)
-                if neighbour is block.prev:
-                    neighbour.size += block.size
-                    neighbour.unmapped += block.unmapped
-                    neighbour.next = block.next
-                    if block.next is not None:
-                        block.next.prev = neighbour
-                    block = neighbour
-                else:
-                    block.size += neighbour.size
-                    block.unmapped += neighbour.unmapped
-                    block.next = neighbour.next
-                    if neighbour.next is not None:
-                        neighbour.next.prev = block
-        self._insert(block)
+                first, second = (neighbour, block) if neighbour is block.prev else (block, neighbour)
+                first.size += second.size
+                first.next = second.next
+                if second.next is not None:
+                    second.next.prev = first
+                block = first
+        return block
 
     def empty_cache(self) -> None:
         """Release every wholly free segment (torch.cuda.empty_cache, and the allocator's retry)."""
@@ -197,11 +196,6 @@ class CachingAllocator:
             if self.reserved + nbytes > self.cap:
                 raise OutOfMemory(f"{size} bytes requested, {self.reserved} reserved, cap {self.cap}")
 
-    def _map(self, nbytes: int, size: int) -> None:
-        """Map pages back (expandable segments), under the cap as a new segment would be."""
-        self._make_room(nbytes, size)
-        self._grow(nbytes)
-
     def _grow(self, nbytes: int) -> None:
         self.reserved += nbytes
         self.peak_reserved = max(self.peak_reserved, self.reserved)
@@ -258,50 +252,78 @@ def replay(events, cap: int | None = None, expandable: bool = False, descending:
 
 
 class ExpandableAllocator(CachingAllocator):
-    """The allocator with expandable segments (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True): one
-    segment per pool whose virtual range is mapped on demand, in pages of 2 MiB (small pool) or 20 MiB
-    (large pool). A request no cached block holds extends the segment's free end (or maps a new end);
-    blocks split down to 512 bytes in both pools; `empty_cache` unmaps the pages wholly inside free
-    blocks, and a block taken later maps them again."""
+    """The allocator with expandable segments (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True), as
+    c10's try_allocate_expandable_block does it: each pool has one virtual range, mapped on demand in pages
+    of 2 MiB (small pool) or 20 MiB (large pool). A request no mapped free block holds takes the lowest
+    unmapped range that, with the free block just before it and the free ranges after, is large enough,
+    and maps the pages it needs there (merging with the free blocks beside them). Blocks split down to
+    512 bytes in both pools. `empty_cache` unmaps the pages wholly inside free blocks. At the cap the check
+    is the ordinary segment's size against reserved, with release and retry as without expandable segments."""
+
+    #: virtual range of each pool's segment (torch reserves 9/8 of the card; any range larger than the card)
+    RANGE = LARGE_BUFFER * 2**22  # a whole number of pages of either pool
 
     def __init__(self, cap: int | None = None):
         super().__init__(cap=cap)
-        self._end = {True: 0, False: 2**50}  # each pool's segment: where its mapped range ends
-        self._last: dict[bool, Block | None] = {True: None, False: None}
-
-    def _live_last(self, small: bool) -> Block | None:
-        """The segment's last block. The one remembered may since have merged into a neighbour: a merged
-        block's `prev` still leads to the block that absorbed it."""
-        block = self._last[small]
-        while block is not None and block.prev is not None and block.prev.next is not block:
-            block = block.prev
-        while block is not None and block.next is not None:
-            block = block.next
-        return block
+        self._unmapped: dict[bool, list[tuple[int, int]]] = {True: [], False: []}  # (addr, id) by address
+        self._by_key: dict[tuple[int, int], Block] = {}
 
     def _new_segment(self, small: bool, size: int) -> Block:
-        page = SMALL_BUFFER if small else LARGE_BUFFER
-        last = self._live_last(small)
-        tail = last if last is not None and last.free and last.addr + last.size == self._end[small] else None
-        need = size - (tail.size if tail is not None else 0)
-        mapped = page * -(-need // page)
-        self._make_room(mapped, size)
-        if tail is not None:
-            self._remove(tail)
-            if tail.unmapped:
-                unmapped, tail.unmapped = tail.unmapped, 0
-                self._map(unmapped, size)
-            block = tail
-        else:
-            block = Block(self._end[small], 0, small, True, last)
-            if last is not None:
-                last.next = block
-            else:
-                self._segments.append(block)
-        block.size += mapped
-        self._end[small] += mapped
-        self._last[small] = block
+        self._make_room(segment_size(size), size)
+        block = self._candidate(small, size)
+        if not block.mapped:
+            block = self._map(block, min(block.size, size))
+        while block.size < size:
+            block = self._map(block.next, min(size - block.size, block.next.size))
+        self._remove(block)
+        return block
+
+    def _take(self, small: bool, size: int) -> Block | None:
+        """Best fit, where a block's size counts the unmapped range after it (it could grow into it): from
+        the smallest block that holds the request, move on to the next larger while that one could grow
+        less (c10's get_free_block). A free block at the mapped end is thus taken last."""
+        pool = self._pools[small]
+        i = bisect.bisect_left(pool, (size, -1))
+        if i == len(pool):
+            return None
+        block = self._free[(small, *pool[i])]
+        while i + 1 < len(pool) and _growable(after := self._free[(small, *pool[i + 1])]) < _growable(block):
+            i, block = i + 1, after
+        self._remove(block)
+        return block
+
+    def _candidate(self, small: bool, size: int) -> Block:
+        """The lowest unmapped range (or the free block before it) with room for `size` from there on."""
+        for key in self._unmapped[small]:
+            block = self._by_key[key]
+            if block.prev is not None and block.prev.free and block.prev.mapped:
+                block = block.prev
+            room, b = 0, block
+            while room < size and b is not None and b.free:
+                room, b = room + b.size, b.next
+            if room >= size:
+                return block
+        block = Block(self._next_addr, self.RANGE, small, True, mapped=False)  # the pool's virtual range
+        self._next_addr += self.RANGE
+        self._segments.append(block)
+        self._insert(block)
+        return block
+
+    def _map(self, block: Block, nbytes: int) -> Block:
+        """Map the pages holding the first `nbytes` of an unmapped block; the rest stays unmapped."""
+        page = SMALL_BUFFER if block.small else LARGE_BUFFER
+        mapped = min(block.size, page * -(-nbytes // page))
+        self._remove(block)
+        if block.size > mapped:
+            rest = Block(block.addr + mapped, block.size - mapped, block.small, True, block, block.next, mapped=False)
+            if block.next is not None:
+                block.next.prev = rest
+            block.next, block.size = rest, mapped
+            self._insert(rest)
+        block.mapped = True
         self._grow(mapped)
+        block = self._merge(block)
+        self._insert(block)
         return block
 
     @staticmethod
@@ -309,13 +331,57 @@ class ExpandableAllocator(CachingAllocator):
         return block.size - size >= MIN_BLOCK
 
     def empty_cache(self) -> None:
-        for (small, _, _), block in list(self._free.items()):
-            page = SMALL_BUFFER if small else LARGE_BUFFER
+        """Unmap the pages wholly inside each mapped free block."""
+        for block in [b for b in self._free.values() if b.mapped]:
+            page = SMALL_BUFFER if block.small else LARGE_BUFFER
             start, end = page * -(-block.addr // page), page * ((block.addr + block.size) // page)
-            interior = max(0, end - start)
-            if interior > block.unmapped:
-                self.reserved -= interior - block.unmapped
-                block.unmapped = interior
+            if end <= start:
+                continue
+            self._remove(block)
+            for lo, hi in ((block.addr, start), (end, block.addr + block.size)):
+                if hi > lo:  # the mapped ends beside the pages given back stay free blocks
+                    self._insert(self._carve(block, lo, hi))
+            block.mapped = False
+            self.reserved -= end - start
+            self._insert(self._merge(block))
+
+    def _carve(self, block: Block, lo: int, hi: int) -> Block:
+        """Split [lo, hi) off the start or the end of `block` as a mapped free block of its own."""
+        piece = Block(lo, hi - lo, block.small, True)
+        if lo == block.addr:
+            piece.prev, piece.next = block.prev, block
+            if block.prev is not None:
+                block.prev.next = piece
+            elif block in self._segments:
+                self._segments[self._segments.index(block)] = piece
+            block.prev, block.addr = piece, hi
+        else:
+            piece.prev, piece.next = block, block.next
+            if block.next is not None:
+                block.next.prev = piece
+            block.next = piece
+        block.size -= hi - lo
+        return piece
+
+    # unmapped blocks are kept by address (taking the lowest first), mapped free ones in the size pools
+    def _insert(self, block: Block) -> None:
+        if block.mapped:
+            return super()._insert(block)
+        key = (block.addr, id(block))
+        bisect.insort(self._unmapped[block.small], key)
+        self._by_key[key] = block
+
+    def _remove(self, block: Block) -> None:
+        if block.mapped:
+            return super()._remove(block)
+        key = (block.addr, id(block))
+        pool = self._unmapped[block.small]
+        del pool[bisect.bisect_left(pool, key)]
+        del self._by_key[key]
+
+
+def _growable(block: Block) -> int:
+    return block.size + (block.next.size if block.next is not None and not block.next.mapped else 0)
 
 
 def allocator(cap: int | None = None, expandable: bool = False, descending: bool = True) -> CachingAllocator:
@@ -354,13 +420,19 @@ def replay_snapshot(
 ) -> tuple[int, int]:
     """(traced, simulated) peak reserved bytes over a snapshot's trace. The cache is emptied where the
     harness empties it (before the first measured step's annotation) and, without a cap, where the trace
-    released a segment (only empty_cache does then). `cuda_addresses` places new
-    segments where cudaMalloc placed them (ties between equal blocks then break as they did on the GPU)."""
+    released a segment or unmapped pages (only empty_cache does then). `cuda_addresses` places new
+    segments where cudaMalloc placed them (ties between equal blocks then break as they did on the GPU).
+    A trace of expandable segments (pages mapped and unmapped) is replayed by ExpandableAllocator, from an
+    empty process: such traces are recorded from before the build."""
     trace = snapshot["device_traces"][0]
-    segments, used = _start_state(snapshot)
-    sim, blocks = CachingAllocator(cap=cap, descending=descending), {}
-    for addr, size in sorted(segments.items()):
-        blocks.update(sim.adopt_segment(addr, size, [(a, s) for a, s in used.items() if addr <= a < addr + size]))
+    expandable = any(e["action"] == "segment_map" for e in trace)
+    if expandable:
+        sim, blocks = ExpandableAllocator(cap), {}
+    else:
+        segments, used = _start_state(snapshot)
+        sim, blocks = CachingAllocator(cap=cap, descending=descending), {}
+        for addr, size in sorted(segments.items()):
+            blocks.update(sim.adopt_segment(addr, size, [(a, s) for a, s in used.items() if addr <= a < addr + size]))
     sim.peak_reserved = traced = peak = sim.reserved
     if cuda_addresses:
         sim.addresses = iter([e["addr"] for e in trace if e["action"] == "segment_alloc"])
@@ -374,10 +446,10 @@ def replay_snapshot(
             blocks[e["addr"]] = sim.malloc(e["size"])
         elif e["action"] == "free_completed":
             sim.free(blocks.pop(e["addr"]))
-        elif e["action"] == "segment_alloc":
+        elif e["action"] in ("segment_alloc", "segment_map"):
             traced += e["size"]
             peak = max(peak, traced)
-        elif e["action"] == "segment_free":
+        elif e["action"] in ("segment_free", "segment_unmap"):
             traced -= e["size"]
             if cap is None:  # uncapped, only empty_cache releases (peft's after a k-bit upcast, in a build)
                 sim.empty_cache()

@@ -27,7 +27,9 @@ from analysis.predict.step import cap_bytes
 from bench.spec import CellSpec
 
 #: Bump when the trace or the replay changes what they produce: cached entries of other versions are ignored.
-SIMULATION_VERSION = 4
+SIMULATION_VERSION = 5
+#: Likewise for cells with expandable segments (analysis.predict.allocator.ExpandableAllocator).
+EXPANDABLE_VERSION = 2
 #: Simulations of every shipped row's cell (scripts/simulate_rows.py writes it), read-only here.
 SHIPPED = Path(__file__).with_name("simulated.jsonl")
 #: Where new simulations are kept: the user's cache, not the package.
@@ -36,7 +38,10 @@ CACHE = Path(os.environ.get("FTMEM_SIMULATION_CACHE") or Path.home() / ".cache" 
 
 def _key(spec: CellSpec) -> str:
     fields = {k: v for k, v in spec.to_dict().items() if k not in ("profile_memory", "snapshot")}
-    text = json.dumps({"spec": fields, "version": SIMULATION_VERSION}, sort_keys=True)
+    version = {"version": SIMULATION_VERSION}
+    if spec.expandable_segments:  # its own model: a change there leaves the other cells' entries valid
+        version["expandable"] = EXPANDABLE_VERSION
+    text = json.dumps({"spec": fields, **version}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
@@ -98,20 +103,18 @@ def simulate(spec: CellSpec) -> dict:
 
     entry: dict = {"key": key, "model": spec.model}
     try:
-        events = _trace(replace(spec, budget_gb=None))
+        events = _trace(replace(spec, budget_gb=None, expandable_segments=False))  # the allocator's own settings
     except Unsupported as err:
         entry["unsupported"] = str(err)
         _store(entry)
         return entry
     except Exception as err:  # noqa: BLE001 - a refinement: the analytic answer stands, with the reason
         return {**entry, "unsupported": f"the trace failed ({type(err).__name__}: {err}); not cached"}
-    # Expandable segments are simulated without the cap: pages given back inside free blocks are
-    # tracked by count, not place, so squeezing under a cap is not modelled; nor is much needed there.
-    cap = None if spec.expandable_segments else cap_bytes(spec)
+    cap = cap_bytes(spec)
     uncapped = asdict(replay(events, None, spec.expandable_segments))
     entry["uncapped"] = uncapped if cap is not None else None  # what the cell holds on a card without the cap
     try:
-        entry["peaks"] = uncapped if cap is None else asdict(replay(events, cap))
+        entry["peaks"] = uncapped if cap is None else asdict(replay(events, cap, spec.expandable_segments))
         entry["oom"] = None
     except OutOfMemory as err:
         entry["peaks"], entry["oom"] = None, str(err)
@@ -121,7 +124,8 @@ def simulate(spec: CellSpec) -> dict:
 
 @lru_cache(maxsize=2)
 def _trace(spec: CellSpec) -> list:
-    """The cell's events; a budget does not change them (cells differing only by budget share one trace)."""
+    """The cell's events; a budget or the allocator's settings do not change them (cells differing only by
+    those share one trace)."""
     from bench.model.dryrun import trace
 
     return trace(spec).items
@@ -150,9 +154,6 @@ def refine(pred: Prediction, spec: CellSpec) -> Prediction:
     free_build, free_step = _process_reserved(free, outside)
     notes = [*pred.notes, "allocated, reserved and NVML peaks from the caching allocator's replay of the "
              "cell's allocations (build, first step, measured steps)"]
-    if spec.expandable_segments:
-        notes.append("expandable segments are simulated approximately (the pages they give back are counted, "
-                     "not placed): reserved 0 to 5% under the measured figure on four cells, and without the cap")
     if free_build > free_step:
         notes.append(f"the NVML peak comes from the build: it reserves {free.build_reserved} bytes, "
                      f"{free.build_reserved - free.reserved} more than the measured steps")

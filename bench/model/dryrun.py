@@ -5,10 +5,11 @@ layers) with meta tensors, so no memory is touched and any size runs on a CPU. E
 makes is an allocation and its death a free, in the order the real step makes them. What the meta
 device does not do as CUDA does is done here:
 - autocast (absent on meta) is emulated above autograd, as torch does it: matmuls and attention in the
-  autocast dtype, the fp32 list in fp32, casts of trainable leaves cached until the forward ends;
+  autocast dtype, the fp32 list in fp32, casts of trainable leaves cached until the forward ends, a
+  kernel's arguments cast last to first, transformers' maybe_autocast regions opened on meta too;
 - SDPA runs the kernel CUDA would pick (FlashAttention without a mask, memory-efficient with one);
-- kernels' own workspaces are allocated around them: cuBLAS's (32 MiB per thread, kept) and
-  FlashAttention's fp32 dq accumulator in backward;
+- kernels' own workspaces are allocated around them: cuBLAS's (32 MiB per thread, kept, after the output
+  of the thread's first gemm) and FlashAttention's fp32 dq accumulator in backward;
 - bitsandbytes' 4-bit weights are packed as they are on the GPU (the meta device cannot quantize);
 - the optimizer runs foreach, as it does on CUDA by default.
 The events feed analysis.predict.allocator, which replays them through the caching allocator's rules.
@@ -90,9 +91,8 @@ class StorageRecorder(TorchDispatchMode):
             return _scalar_answer(args[0])
         name = func.__name__
         in_backward = torch._C._current_autograd_node() is not None
-        if name.split(".")[0] in ("mm", "addmm", "bmm", "baddbmm", "_grouped_mm") and in_backward not in self._cublas_threads:
-            self._cublas_threads.add(in_backward)  # cuBLAS's workspace of this thread's handle, kept
-            self.events.alloc(CUBLAS_WORKSPACE_BYTES)
+        # cuBLAS's workspace of this thread's handle, made at its first gemm once the output exists; kept
+        cublas = name.split(".")[0] in ("mm", "addmm", "bmm", "baddbmm", "_grouped_mm") and in_backward not in self._cublas_threads
         before = func is not torch.ops.aten._scaled_dot_product_cudnn_attention_backward.default
         workspace = self._workspace(func, args) if before else None
         out = func(*args, **kwargs)
@@ -100,6 +100,9 @@ class StorageRecorder(TorchDispatchMode):
             if self._take_over(args, out):
                 return out
         tree_map(self._record, out)
+        if cublas:
+            self._cublas_threads.add(in_backward)
+            self.events.alloc(CUBLAS_WORKSPACE_BYTES)
         if in_backward and isinstance(torch._C._current_autograd_node(), torch.autograd.function.BackwardCFunction):
             tree_map(lambda t: self._from_python.add(t.untyped_storage()) if isinstance(t, torch.Tensor) else t, out)
         if not before:  # cuDNN's backward takes its workspace once dq, dk and dv exist

@@ -62,7 +62,11 @@ def verdict_table(pred: Prediction, extra_budget: Any = None):
     peak = nvml_uncapped(pred)
     for name, total in budgets.items():
         margin = total - peak
-        table.add_row(name, _gib(total), _verdict(pred, total, margin / total), _gib(margin))
+        word = _verdict(pred, total, margin / total)
+        if name.startswith("--budget-gb") and word.startswith("[yellow]marginal") and pred.simulated:
+            # the prediction was simulated under this very cap: its outcome, as a lean, not a verdict
+            word += "; simulated under this cap it " + ("fits" if pred.nvml_process_bytes <= total else "does not")
+        table.add_row(name, _gib(total), word, _gib(margin))
     return table
 
 
