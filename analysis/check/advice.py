@@ -244,16 +244,19 @@ def _suggestion(c: Card, rank: int, spec: dict[str, Any], found) -> Suggestion:
 
 def _combined(spec: dict[str, Any], c: Card) -> Suggestion | None:
     """No single change fits: apply the rungs one after the other until the card fits. A rung with a
-    step that fits ends it there (its cheapest such step); otherwise its most saving step is kept."""
+    step that fits ends it there (its cheapest such step); otherwise its most saving step is kept, if it
+    saves anything."""
     current, steps = dict(spec), []
+    now = _predicted(current)
     for rung in LADDER:
         hit = _first_fit(current, rung, c.total_bytes)
         if hit:
             words, candidate, pred = hit
             return _suggestion(c, len(LADDER), spec, (" + ".join(steps + [words]), candidate, pred))
         options = [(w, cand, p) for w, cand in rung(current) if (p := _predicted(cand)) is not None]
-        if options:
-            words, current, _ = min(options, key=lambda option: option[2].nvml_process_bytes)
+        best = min(options, key=lambda option: option[2].nvml_process_bytes, default=None)
+        if best is not None and (now is None or best[2].nvml_process_bytes < now.nvml_process_bytes):
+            words, current, now = best  # a step that saves nothing is not kept
             steps.append(words)
     return None
 
