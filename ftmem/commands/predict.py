@@ -58,7 +58,7 @@ def verdict_table(pred: Prediction, extra_budget: Any = None):
         budgets = {f"--budget-gb {extra_budget}": budget_bytes(extra_budget), **budgets}
     table = Table(title="Fits? (predicted nvidia-smi process peak <= the card's total; GiB = 2^30 bytes)")
     for col in ("budget", "GiB", "verdict", "margin GiB"):
-        table.add_column(col, justify="left" if col == "budget" else "right")
+        table.add_column(col, justify="left" if col in ("budget", "verdict") else "right")
     peak = nvml_uncapped(pred)
     for name, total in budgets.items():
         margin = total - peak
