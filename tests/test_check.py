@@ -9,7 +9,6 @@ TRL LoRA and QLoRA, HF TrainingArguments full fine-tuning beside an accelerate F
 from __future__ import annotations
 
 import dataclasses
-
 import json
 from pathlib import Path
 

@@ -148,7 +148,8 @@ def test_a_measured_cell_has_the_simulated_peaks():
 
 def test_cache_lines_that_are_not_simulations_are_simulated_again():
     spec = _spec("qwen3-tiny")
-    sim.CACHE.write_text('{}\n[1, 2]\n{"key": "%s", "peaks": {"allocated": "x"}, "oom": null}\n' % sim._key(spec))
+    foreign = json.dumps({"key": sim._key(spec), "peaks": {"allocated": "x"}, "oom": None})
+    sim.CACHE.write_text("{}\n[1, 2]\n" + foreign + "\n")
     sim._cached.cache_clear()
     assert sim.simulate(spec)["peaks"]["allocated"] > 0
 

@@ -168,9 +168,13 @@ class CachingAllocator:
         i = bisect.bisect_left(pool, (size, -1))
         if i == len(pool):
             return None
-        block = self._free[(small, *pool[i])]
+        block = self._best(small, i)
         self._remove(block)
         return block
+
+    def _best(self, small: bool, i: int) -> Block:
+        """The block taken from the pool's i-th smallest on (the smallest that holds the request)."""
+        return self._free[(small, *self._pools[small][i])]
 
     def _new_segment(self, small: bool, size: int) -> Block:
         want = segment_size(size)
@@ -278,18 +282,14 @@ class ExpandableAllocator(CachingAllocator):
         self._remove(block)
         return block
 
-    def _take(self, small: bool, size: int) -> Block | None:
+    def _best(self, small: bool, i: int) -> Block:
         """Best fit, where a block's size counts the unmapped range after it (it could grow into it): from
         the smallest block that holds the request, move on to the next larger while that one could grow
         less (c10's get_free_block). A free block at the mapped end is thus taken last."""
         pool = self._pools[small]
-        i = bisect.bisect_left(pool, (size, -1))
-        if i == len(pool):
-            return None
         block = self._free[(small, *pool[i])]
         while i + 1 < len(pool) and _growable(after := self._free[(small, *pool[i + 1])]) < _growable(block):
             i, block = i + 1, after
-        self._remove(block)
         return block
 
     def _candidate(self, small: bool, size: int) -> Block:
