@@ -24,11 +24,13 @@ os.environ["FTMEM_SIMULATION_CACHE"] = str(ROOT / "analysis" / "predict" / "simu
 
 def cells(paths: list[Path]) -> list[dict]:
     from analysis.accuracy import model_family
+    from bench.store import read_rows
 
     seen, out = set(), []
     for path in paths:
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
+        if not path.is_file():
+            raise SystemExit(f"simulate_rows: {path}: no such results file (give results/**/*.jsonl files)")
+        for row in read_rows(path):  # a bad line raises bench.store's error naming the file and line
             spec = row.get("spec") or {}
             if spec.get("device") != "cuda" or (spec.get("gpus") or 1) > 1 or spec.get("dist", "none") != "none":
                 continue
@@ -78,7 +80,12 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     paths = args.paths or sorted(Path("results").glob("**/*.jsonl"))
-    todo = cells(paths)
+    from bench.store import ResultsError
+
+    try:
+        todo = cells(paths)
+    except ResultsError as err:
+        raise SystemExit(f"simulate_rows: {err}") from None
     print(f"{len(todo)} cells", flush=True)
     with ProcessPoolExecutor(args.workers) as pool:
         for i, line in enumerate(pool.map(one, todo, chunksize=8), 1):
